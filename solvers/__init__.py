@@ -1,0 +1,14 @@
+"""stride's inference core: schedules, parameterisations, grids, coefficient tables, the executor."""
+from .analytic import GaussianMixture
+from .builders import SOLVERS, build, make_table, theoretical_order
+from .executor import Stepper, sample, seeded_noise
+from .grids import make_grid
+from .param import PARAMS, convert
+from .schedules import EDMSchedule, FlowSchedule, Schedule, VPLinearSchedule, VPSchedule, schedule_from_json
+from .table import Table
+
+__all__ = [
+    "EDMSchedule", "FlowSchedule", "GaussianMixture", "PARAMS", "SOLVERS", "Schedule", "Stepper", "Table",
+    "VPLinearSchedule", "VPSchedule", "build", "convert", "make_grid", "make_table", "sample", "schedule_from_json", "seeded_noise",
+    "theoretical_order",
+]

@@ -1,0 +1,78 @@
+"""The fused per-step update as one Triton kernel (semantics: `solvers.update`).
+
+The update is memory-bound: done as separate torch ops it reads and writes the state several
+times. Here each program owns one sample and one block of its row; it reads y, the D (and U) row
+and the W-1 older history entries once, and writes the new history entry and y once.
+Coefficients are per sample, so requests on different solvers or steps share one launch.
+On CPU it runs only under TRITON_INTERPRET=1 (set before this module is imported), for tests.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = triton.knobs.runtime.interpret  # triton.jit decides at decoration time
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+@triton.jit
+def _update_kernel(y_ptr, d_ptr, uncond_ptr, w_ptr, hx_ptr, hd_ptr, c_ptr, b_ptr, hist_ptr, slot_ptr,
+                   D, W: tl.constexpr, BLOCK: tl.constexpr, F: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64)
+    off = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = off < D
+    y = tl.load(y_ptr + i * D + off, mask=m).to(F)
+    g = tl.load(d_ptr + i * D + off, mask=m).to(F)
+    u = tl.load(uncond_ptr + i)
+    if u >= 0:  # per-sample guidance; U is not read otherwise
+        du = tl.load(d_ptr + u * D + off, mask=m).to(F)
+        g = du + tl.load(w_ptr + i) * (g - du)
+    h = tl.load(hx_ptr + i) * y + tl.load(hd_ptr + i) * g
+    s = (tl.load(slot_ptr + i) % W + W) % W
+    row = hist_ptr + i * W * D
+    tl.store(row + s * D + off, h.to(hist_ptr.dtype.element_ty), mask=m)
+    acc = tl.load(c_ptr + i) * y + tl.load(b_ptr + i * W) * h  # j = 0: the fresh entry, from registers
+    for j in tl.static_range(1, W):
+        acc += tl.load(b_ptr + i * W + j) * tl.load(row + ((s + W - j) % W) * D + off, mask=m).to(F)
+    tl.store(y_ptr + i * D + off, acc.to(y_ptr.dtype.element_ty), mask=m)
+
+
+def fused_update_triton(y, d, uncond, w, hx, hd, c, b, hist, slot, *, block=1024, num_warps=4):
+    """In place on `y` and `hist`; see `solvers.update` for shapes and semantics.
+
+    `uncond[i] < len(d)` is the caller's contract (not checked: checking would sync the device).
+    """
+    if y.dim() != 2 or b.dim() != 2:
+        raise ValueError(f"y must be [B, D] and b [B, W], got {tuple(y.shape)} and {tuple(b.shape)}")
+    B, D = y.shape
+    W = b.shape[1]
+    if b.shape[0] != B or W < 1:
+        raise ValueError(f"b must be [B={B}, W>=1], got {tuple(b.shape)}")
+    if d.dim() != 2 or d.shape[0] < B or d.shape[1] != D:
+        raise ValueError(f"d must be [R>={B}, {D}], got {tuple(d.shape)}")
+    if tuple(hist.shape) != (B, W, D):
+        raise ValueError(f"hist must be [{B}, {W}, {D}], got {tuple(hist.shape)}")
+    if y.dtype not in _FLOATS or d.dtype not in _FLOATS:
+        raise ValueError(f"y and d must be float32/bfloat16/float16/float64, got {y.dtype} and {d.dtype}")
+    if hist.dtype != y.dtype:
+        raise ValueError(f"hist dtype {hist.dtype} must match y dtype {y.dtype}")
+    for name, t, dt in (("uncond", uncond, torch.int64), ("slot", slot, torch.int64), ("w", w, torch.float32),
+                        ("hx", hx, torch.float32), ("hd", hd, torch.float32), ("c", c, torch.float32)):
+        if tuple(t.shape) != (B,) or t.dtype != dt:
+            raise ValueError(f"{name} must be [{B}] {dt}, got {tuple(t.shape)} {t.dtype}")
+    if b.dtype != torch.float32:
+        raise ValueError(f"b must be float32, got {b.dtype}")
+    if not (y.is_contiguous() and d.is_contiguous() and hist.is_contiguous()):
+        raise ValueError("y, d and hist must be contiguous")
+    tensors = (y, d, uncond, w, hx, hd, c, b, hist, slot)
+    if any(t.device != y.device for t in tensors):
+        raise ValueError(f"all tensors must be on {y.device}, got {sorted({str(t.device) for t in tensors})}")
+    if not y.is_cuda and not _INTERPRET:
+        raise ValueError("CPU tensors need TRITON_INTERPRET=1 set before importing solvers.triton_update")
+    if B == 0 or D == 0:
+        return
+    uncond, w, hx, hd, c, b, slot = (t.contiguous() for t in (uncond, w, hx, hd, c, b, slot))
+    F = tl.float64 if y.dtype == torch.float64 else tl.float32
+    _update_kernel[(B, triton.cdiv(D, block))](y, d, uncond, w, hx, hd, c, b, hist, slot, D,
+                                               W=W, BLOCK=block, F=F, num_warps=num_warps)

@@ -1,0 +1,107 @@
+"""The Triton update under TRITON_INTERPRET=1 (CPU) against the torch reference."""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: triton.jit picks the interpreter then
+
+import importlib
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from solvers.update import fused_update_torch  # noqa: E402
+
+if "solvers.triton_update" in sys.modules:  # imported earlier without the interpreter: decorate again
+    importlib.reload(sys.modules["solvers.triton_update"])
+from solvers.triton_update import fused_update_triton  # noqa: E402
+
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+
+
+def make(B, D, W, dtype, ddtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    uncond = torch.tensor([B + 1, -1, B, -1, B + 2, B + 3, -1][:B], dtype=torch.int64)  # some guided
+    return dict(  # d: B cond rows, then the uncond rows (one unused)
+        y=r(B, D).to(dtype), d=r(B + 4, D).to(ddtype), uncond=uncond,
+        w=1 + 3 * torch.rand(B, generator=g), hx=r(B), hd=r(B), c=r(B), b=r(B, W),
+        hist=r(B, W, D).to(dtype), slot=torch.randint(0, W, (B,), generator=g))
+
+
+def run_both(a, **kw):
+    t = {k: v.clone() for k, v in a.items()}
+    fused_update_triton(**t, **kw)
+    r = {k: v.clone() for k, v in a.items()}
+    fused_update_torch(**r)
+    return t, r
+
+
+def check(t, r, dtype):
+    # fp32: the same operations in the same order. bf16: the interpreter converts float32 -> bfloat16 by
+    # truncation where torch (and the GPU) round to nearest, so stores may differ by one bf16 ulp (2^-7 rel).
+    tol = dict(rtol=2 ** -7, atol=1e-6) if dtype == BF16 else dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(t["hist"], r["hist"], **tol)
+    torch.testing.assert_close(t["y"], r["y"], **tol)
+
+
+@pytest.mark.parametrize("W", [1, 2, 4])
+@pytest.mark.parametrize("D,block", [(1000, 1024), (3 * 17 * 19, 256)])  # one masked block; several + a tail
+@pytest.mark.parametrize("dtype,ddtype", [(F32, F32), (BF16, BF16), (F32, BF16), (F16, F32)])
+def test_matches_torch(W, D, block, dtype, ddtype):
+    a = make(5, D, W, dtype, ddtype, seed=W)
+    t, r = run_both(a, block=block)
+    check(t, r, dtype)
+    assert torch.equal(t["d"], a["d"])
+
+
+def test_ring_over_steps():
+    W, steps = 3, 5
+    a = make(4, 300, W, F32, F32)
+    a["slot"] = torch.tensor([0, 1, 2, 0])
+    t = {k: v.clone() for k, v in a.items()}
+    r = {k: v.clone() for k, v in a.items()}
+    for k in range(steps):
+        for s in (t, r):
+            s["d"] = torch.randn_like(s["d"], generator=torch.Generator().manual_seed(k))
+            s["slot"] = (a["slot"] + k) % W
+        fused_update_triton(**t, block=128)
+        fused_update_torch(**r)
+    check(t, r, F32)
+
+
+def test_negative_slots():  # indexed as python does: slot - W .. W - 1
+    a = make(4, 100, 3, F32, F32)
+    a["slot"] = torch.tensor([-1, -3, 2, -2])
+    check(*run_both(a), F32)
+
+
+def test_float64_state():
+    a = make(3, 200, 2, torch.float64, torch.float64)
+    t, r = run_both(a)
+    torch.testing.assert_close(t["y"], r["y"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(t["hist"], r["hist"], rtol=1e-12, atol=1e-12)
+
+
+def test_empty_batch():
+    a = make(0, 64, 2, F32, F32)
+    fused_update_triton(**a)
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda a: a.update(hist=a["hist"].to(BF16)), "hist dtype"),
+    (lambda a: a.update(d=a["d"][:, :-1].contiguous()), "d must be"),
+    (lambda a: a.update(d=a["d"][:2]), "d must be"),
+    (lambda a: a.update(b=a["b"][:, :1]), "hist must be"),
+    (lambda a: a.update(slot=a["slot"].int()), "slot must be"),
+    (lambda a: a.update(w=a["w"].double()), "w must be"),
+    (lambda a: a.update(c=a["c"][:2]), "c must be"),
+    (lambda a: a.update(y=a["y"].t().contiguous().t()), "contiguous"),
+    (lambda a: a.update(y=a["y"].int(), hist=a["hist"].int()), "y and d must be"),
+])
+def test_validation(change, match):
+    a = make(4, 64, 2, F32, F32)
+    change(a)
+    with pytest.raises(ValueError, match=match):
+        fused_update_triton(**a)
