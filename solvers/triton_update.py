@@ -12,7 +12,6 @@ import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = triton.knobs.runtime.interpret  # triton.jit decides at decoration time
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -38,8 +37,11 @@ def _update_kernel(y_ptr, d_ptr, uncond_ptr, w_ptr, hx_ptr, hd_ptr, c_ptr, b_ptr
     tl.store(y_ptr + i * D + off, acc.to(y_ptr.dtype.element_ty), mask=m)
 
 
+_INTERPRET = not isinstance(_update_kernel, triton.runtime.JITFunction)  # triton.jit chose at import
+
+
 def fused_update_triton(y, d, uncond, w, hx, hd, c, b, hist, slot, *, block=1024, num_warps=4):
-    """In place on `y` and `hist`; see `solvers.update` for shapes and semantics.
+    """In place on `y` and `hist`; shapes and semantics as `solvers.update` (float64 state: float64 math).
 
     `uncond[i] < len(d)` is the caller's contract (not checked: checking would sync the device).
     """
