@@ -1,0 +1,340 @@
+"""Load benchmark of `stride serve`: throughput and latency per step count and concurrency, in the
+embedded and the Redis modes, against the ceiling of the same model making the same images in
+offline batches with the executor directly. The result is a ratio: service images/s / ceiling.
+
+Closed loop: `c` clients over loopback (httpx, one HTTP/1.1 keep-alive connection each), each
+sending its next request when the last one returns (n = 1, class i mod K, seed i). Every run is bounded in time and in
+requests. The servers run as subprocesses; CPU seconds per image of every process are read from
+/proc, so the report can say where the time goes.
+
+    python benchmarks/load.py --out benchmarks/results/load_cpu.md        # artifacts/digits if present
+    python benchmarks/load.py --test-model gmm --steps 4 --concurrency 1,8 --duration 3   # quick look
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import httpx
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from service.models import ModelEntry, analytic_entry
+from solvers.executor import sample, seeded_noise
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU of a process (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def main_thread_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/task/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def self_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def wait_ready(url: str, procs, timeout=180):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        for p in procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"{p.args} exited with {p.returncode}")
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError("server not ready")
+
+
+# -- the ceiling -------------------------------------------------------------------------------------
+
+def ceiling(entry: ModelEntry, steps: int, batch: int, seconds: float) -> float:
+    """Images/s of the executor alone: batches of `batch` images, the auto sampler, no guidance."""
+    tab = entry.table(entry.resolve(steps), steps)
+    K = entry.num_classes
+    done, i, t0 = 0, 0, time.perf_counter()
+    with torch.inference_mode():
+        sample(entry.model, tab, seeded_noise(range(batch), entry.shape), torch.arange(batch) % K)  # warm
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < seconds or done < 3 * batch:
+            seeds = range(i, i + batch)
+            sample(entry.model, tab, seeded_noise(seeds, entry.shape), torch.tensor([s % K for s in seeds]))
+            done, i = done + batch, i + batch
+    return done / (time.perf_counter() - t0)
+
+
+# -- one load run ------------------------------------------------------------------------------------
+
+async def load(url: str, steps: int, c: int, warmup: float, duration: float, max_requests: int, K: int):
+    """`c` users, each its own client with one keep-alive connection (httpx's shared pool costs
+    O(connections) CPU per request: 4 ms a request at 32 connections here, more than the server)."""
+    recs = []
+    clients = [httpx.AsyncClient(limits=httpx.Limits(max_connections=1, max_keepalive_connections=1), timeout=120)
+               for _ in range(c)]
+    start = time.perf_counter()
+    stop_at = start + warmup + duration
+
+    async def user(u, client):
+        i = u
+        while time.perf_counter() < stop_at and len(recs) < max_requests:
+            t0 = time.perf_counter()
+            r = await client.post(url + "/generate", params={"class_label": i % K, "seed": i, "steps": steps})
+            t1 = time.perf_counter()
+            h = r.headers
+            recs.append((t0, t1, r.status_code, float(h.get("x-stride-queue-ms", "nan")),
+                         float(h.get("x-stride-compute-ms", "nan")), h.get("x-stride-solver", "")))
+            i += c
+
+    try:
+        await asyncio.gather(*(user(u, cl) for u, cl in enumerate(clients)))
+    finally:
+        for cl in clients:
+            await cl.aclose()
+    lo, hi = start + warmup, stop_at
+    win = [r for r in recs if lo <= r[1] <= hi]
+    return win, hi - lo, len(recs)
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    k = min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))
+    return xs[k]
+
+
+def scrape(url: str, name: str) -> float:
+    try:
+        text = httpx.get(url, timeout=5).text
+    except httpx.HTTPError:
+        return float("nan")
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith((name + "{", name + " ")))
+
+
+class Servers:
+    """The service in one mode, as subprocesses."""
+
+    def __init__(self, mode: str, model_args: list, max_batch: int, threads: int | None, steps: list[int]):
+        self.mode, self.procs, self.port = mode, [], free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+        common = [*model_args, "--max-batch", str(max_batch), "--steps", ",".join(map(str, steps)),
+                  "--log-level", "warning", "--queue-limit", "1024"]
+        if threads:
+            common += ["--threads", str(threads)]
+        cli = [sys.executable, "-m", "service.cli", "serve"]
+        if mode == "embedded":
+            self.procs.append(subprocess.Popen([*cli, *common, "--port", str(self.port)], cwd=ROOT, env=env))
+            self.metrics_url, self.compute_pid = self.url + "/metrics", None
+        else:
+            rport = free_port()
+            self.redis = subprocess.Popen(["redis-server", "--port", str(rport), "--save", "", "--appendonly", "no"],
+                                          stdout=subprocess.DEVNULL)
+            time.sleep(0.3)
+            redis_url = f"redis://127.0.0.1:{rport}/0"
+            mport = free_port()
+            self.procs.append(subprocess.Popen([*cli, *common, "--role", "api", "--port", str(self.port),
+                                                "--redis-url", redis_url], cwd=ROOT, env=env))
+            self.procs.append(subprocess.Popen([*cli, *common, "--role", "worker", "--redis-url", redis_url,
+                                                "--metrics-port", str(mport), "--worker-id", "bench-1"],
+                                               cwd=ROOT, env=env))
+            self.metrics_url = f"http://127.0.0.1:{mport}/metrics"
+        wait_ready(self.url, self.procs)
+
+    def pids(self) -> dict:
+        out = {("server" if self.mode == "embedded" else ("api", "worker")[i]): p.pid for i, p in enumerate(self.procs)}
+        if self.mode == "redis":
+            out["redis"] = self.redis.pid
+        return out
+
+    def stop(self):
+        for p in self.procs:
+            p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        if self.mode == "redis":
+            self.redis.terminate()
+            self.redis.wait(10)
+
+
+def machine() -> str:
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python "
+            f"{platform.python_version()}, torch {torch.__version__}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--artifact", default="artifacts/digits")
+    ap.add_argument("--test-model", help="benchmark the analytic model instead (e.g. gmm)")
+    ap.add_argument("--modes", default="embedded,redis")
+    ap.add_argument("--steps", default="1,4,8")
+    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--duration", type=float, default=6.0, help="measured seconds per run")
+    ap.add_argument("--warmup", type=float, default=1.5, help="unmeasured seconds at the start of each run")
+    ap.add_argument("--max-requests", type=int, default=4000, help="per run")
+    ap.add_argument("--ceiling-seconds", type=float, default=3.0)
+    ap.add_argument("--max-batch", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads of the service's worker (0: the service's default)")
+    ap.add_argument("--ceiling-threads", default="1,all",
+                    help="torch thread counts to measure the ceiling with; the ratio uses the best")
+    ap.add_argument("--out", help="markdown report (a .json beside it holds the raw numbers)")
+    a = ap.parse_args(argv)
+    steps = [int(s) for s in a.steps.split(",")]
+    concs = [int(c) for c in a.concurrency.split(",")]
+    modes = a.modes.split(",")
+    if "redis" in modes and not shutil.which("redis-server"):
+        sys.exit("redis-server not found")
+
+    have_artifact = not a.test_model and os.path.exists(os.path.join(a.artifact, "model.safetensors"))
+    if have_artifact:
+        entry, model_args, what = ModelEntry.from_artifact(a.artifact), ["--artifacts", a.artifact], \
+            f"trained artifact `{a.artifact}`"
+    else:
+        spec = a.test_model or "gmm"
+        entry, model_args = analytic_entry(spec), ["--test-model", spec]
+        what = f"analytic Gaussian-mixture test model `{spec}` (10 classes, 1x8x8)" + \
+               ("" if a.test_model else f" — `{a.artifact}/model.safetensors` did not exist")
+    all_threads = torch.get_num_threads()
+    ceiling_threads = sorted({all_threads if t == "all" else int(t) for t in a.ceiling_threads.split(",")})
+    threads = (a.threads or "service default", ceiling_threads)
+    print(f"model: {what}; torch threads: worker {threads[0]}, ceiling {ceiling_threads}", flush=True)
+
+    load_avg = os.getloadavg()
+    ceil, ceil_by = {}, {}
+    for s in steps:
+        for b in sorted(set(concs + [a.max_batch])):
+            for t in ceiling_threads:
+                torch.set_num_threads(t)
+                ceil_by[(s, b, t)] = ceiling(entry, s, min(b, a.max_batch), a.ceiling_seconds)
+                print(f"ceiling steps {s} batch {b} threads {t}: {ceil_by[(s, b, t)]:.1f} img/s", flush=True)
+            ceil[(s, b)] = max(ceil_by[(s, b, t)] for t in ceiling_threads)
+    torch.set_num_threads(all_threads)
+
+    rows = []
+    for mode in modes:
+        srv = Servers(mode, model_args, a.max_batch, a.threads, steps)
+        try:
+            for s in steps:
+                for c in concs:
+                    pids = srv.pids()
+                    cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
+                    main0 = main_thread_seconds(pids["server"]) if mode == "embedded" else None
+                    me0, calls0 = self_cpu(), scrape(srv.metrics_url, "stride_model_calls_total")
+                    rows0 = scrape(srv.metrics_url, "stride_batch_rows_sum")
+                    win, span, total = asyncio.run(load(srv.url, s, c, a.warmup, a.duration, a.max_requests,
+                                                        entry.num_classes))
+                    me1 = self_cpu()
+                    cpu1 = {k: cpu_seconds(p) for k, p in pids.items()}
+                    calls = scrape(srv.metrics_url, "stride_model_calls_total") - calls0
+                    brows = scrape(srv.metrics_url, "stride_batch_rows_sum") - rows0
+                    ok = [r for r in win if r[2] == 200]
+                    lat = [1e3 * (r[1] - r[0]) for r in ok]
+                    n_all = max(1, total)  # CPU is over the whole run (warm-up included): per request sent
+                    row = {
+                        "mode": mode, "steps": s, "concurrency": c, "solver": ok[0][5] if ok else "",
+                        "images_per_s": len(ok) / span, "errors": len(win) - len(ok), "measured": len(ok),
+                        "p50_ms": pct(lat, 50), "p95_ms": pct(lat, 95), "p99_ms": pct(lat, 99),
+                        "queue_ms": statistics.fmean(r[3] for r in ok) if ok else float("nan"),
+                        "compute_ms": statistics.fmean(r[4] for r in ok) if ok else float("nan"),
+                        "batch_rows": brows / calls if calls else float("nan"),
+                        "ceiling": ceil[(s, c)], "ceiling_max_batch": ceil[(s, a.max_batch)],
+                        "ceiling_by_threads": {t: ceil_by[(s, c, t)] for t in ceiling_threads},
+                        "cpu_ms_per_image": {k: 1e3 * (cpu1[k] - cpu0[k]) / n_all for k in pids} |
+                                            {"client": 1e3 * (me1 - me0) / n_all},
+                    }
+                    if main0 is not None:
+                        row["cpu_ms_per_image"]["server_event_loop"] = 1e3 * (main_thread_seconds(pids["server"]) - main0) / n_all
+                    row["ratio"] = row["images_per_s"] / row["ceiling"]
+                    rows.append(row)
+                    print(f"{mode:>8} steps {s:>2} c {c:>2}: {row['images_per_s']:7.1f} img/s  p50 {row['p50_ms']:7.1f}  "
+                          f"p95 {row['p95_ms']:7.1f}  p99 {row['p99_ms']:7.1f} ms  rows/call {row['batch_rows']:5.1f}  "
+                          f"ratio {row['ratio']:.2f}  errors {row['errors']}  cpu/img "
+                          + " ".join(f"{k} {v:.2f}" for k, v in row["cpu_ms_per_image"].items()), flush=True)
+        finally:
+            srv.stop()
+
+    report = render(rows, what, threads, load_avg, a)
+    print(report)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(report)
+        with open(os.path.splitext(a.out)[0] + ".json", "w") as f:
+            json.dump({"model": what, "machine": machine(), "threads": threads, "rows": rows,
+                       "ceiling": {f"steps {s} batch {b} threads {t}": v for (s, b, t), v in ceil_by.items()},
+                       "args": vars(a)}, f, indent=1)
+
+
+def render(rows, what, threads, load_avg, a) -> str:
+    out = ["# Load benchmark: `stride serve` on the CPU", "",
+           f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+           f"- machine: {machine()}; load average before the run {load_avg[0]:.2f}",
+           f"- model: {what}",
+           f"- torch threads: worker {threads[0]}, ceiling the best of {threads[1]}; max batch {a.max_batch} rows; {a.duration:g} s measured "
+           f"per run after {a.warmup:g} s warm-up; closed loop, n = 1 per request, no guidance, solver auto",
+           f"- command: `python benchmarks/load.py {' '.join(sys.argv[1:])}`", "",
+           "Ceiling = the executor alone (`solvers.executor.sample`) on the same model, sampler and seeds, in offline "
+           "batches of `concurrency` images (the most a closed loop of that many clients can put in one batch), with "
+           "the faster of the torch thread counts listed. ratio = service images/s / ceiling.", "",
+           "| mode | steps | solver | conc. | img/s | p50 ms | p95 ms | p99 ms | queue ms | compute ms | rows/call "
+           "| " + " | ".join(f"ceiling {t} thr." for t in threads[1]) + " | ratio | errors |",
+           "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(threads[1]) + "---:|---:|"]
+    for r in rows:
+        cb = r["ceiling_by_threads"]
+        out.append(f"| {r['mode']} | {r['steps']} | {r['solver']} | {r['concurrency']} | {r['images_per_s']:.1f} | "
+                   f"{r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['queue_ms']:.1f} | "
+                   f"{r['compute_ms']:.1f} | {r['batch_rows']:.1f} | " + " | ".join(f"{cb[t]:.1f}" for t in threads[1])
+                   + f" | {r['ratio']:.2f} | {r['errors']} |")
+    out += ["", "CPU milliseconds per image, by process (over the whole run, warm-up included):", "",
+            "| mode | steps | conc. | " + " | ".join(sorted({k for r in rows for k in r['cpu_ms_per_image']})) + " |"]
+    keys = sorted({k for r in rows for k in r["cpu_ms_per_image"]})
+    out.append("|---|---:|---:|" + "---:|" * len(keys))
+    for r in rows:
+        out.append(f"| {r['mode']} | {r['steps']} | {r['concurrency']} | " +
+                   " | ".join(f"{r['cpu_ms_per_image'][k]:.2f}" if k in r["cpu_ms_per_image"] else "" for k in keys)
+                   + " |")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Offline tools: train demo models, fit classifiers, evaluate samplers; they write artifacts."""

@@ -1,0 +1,103 @@
+"""`stride offline ...`: train a demo model, train its classifier, evaluate its samplers."""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+
+
+def _floats(s):
+    return [float(v) for v in s.split(",") if v]
+
+
+def _ints(s):
+    return [int(v) for v in s.split(",") if v]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stride offline", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", help="train a class-conditional denoiser and write an artifact")
+    t.add_argument("--data", default="digits", help="'digits' or a folder of class sub-folders")
+    t.add_argument("--image-size", type=int, default=16)
+    t.add_argument("--channels", type=int, default=1, choices=[1, 3], help="folder data: 1 grayscale, 3 RGB")
+    t.add_argument("--schedule", default="flow", choices=["flow", "vp"])
+    t.add_argument("--param", default=None, choices=["flow", "eps", "x0", "v"],
+                   help="network output (default: flow for --schedule flow, eps for vp)")
+    t.add_argument("--out", required=True, help="artifact directory, e.g. artifacts/digits")
+    t.add_argument("--steps", type=int, default=4000)
+    t.add_argument("--batch", type=int, default=128)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--ema", type=float, default=0.999)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--t-dist", default="uniform", choices=["uniform", "logit-normal"])
+    t.add_argument("--label-dropout", type=float, default=0.1)
+    t.add_argument("--config", default="small", help="preset (tiny, small), json object or json file")
+    t.add_argument("--ckpt-dir", default=None, help="checkpoints (default runs/<artifact name>)")
+    t.add_argument("--ckpt-every", type=int, default=500)
+    t.add_argument("--log-every", type=int, default=50)
+    t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --ckpt-dir")
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    t.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="stored weights")
+
+    c = sub.add_parser("train-classifier", help="train the quality classifier into an artifact")
+    c.add_argument("artifact")
+    c.add_argument("--epochs", type=int, default=40)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--threads", type=int, default=None)
+    c.add_argument("--min-acc", type=float, default=0.95)
+
+    e = sub.add_parser("eval", help="quality per sampler x NFE -> eval.json, eval.md, plots")
+    e.add_argument("artifact")
+    e.add_argument("--solvers", default="euler,heun,ddim,dpmpp-2m,dpmpp-3m,unipc,ipndm")
+    e.add_argument("--nfe", type=_ints, default=[1, 2, 3, 4, 5, 6, 8, 10, 16, 32])
+    e.add_argument("--n", type=int, default=500, help="samples per seed set")
+    e.add_argument("--seed-sets", type=int, default=3)
+    e.add_argument("--seeds", type=_ints, default=None,
+                   help="first seed of each set (default 10_000_000 + 1_000_000 j)")
+    e.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the artifact's default)")
+    e.add_argument("--sweep", type=_floats, default=None,
+                   help="also measure these guidance scales (with --sweep-with)")
+    e.add_argument("--sweep-with", default="dpmpp-3m:32", help="solver:nfe for the guidance sweep")
+    e.add_argument("--reference", default="dpmpp-3m:128", help="solver:nfe of the converged reference")
+    e.add_argument("--cache", default=".cache/stride/eval")
+    e.add_argument("--batch", type=int, default=1000)
+    e.add_argument("--threads", type=int, default=None)
+    e.add_argument("--no-images", action="store_true", help="skip plots and sample grids")
+    e.add_argument("--no-learned", action="store_true", help="skip the learned solvers in <artifact>/solvers")
+    return p
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = parser().parse_args(argv)
+    command = "stride offline " + shlex.join(argv)
+    if a.cmd == "train":
+        from offline.data import load_data
+        from offline.train import Settings, train
+
+        param = a.param or {"flow": "flow", "vp": "eps"}[a.schedule]
+        st = Settings(schedule=a.schedule, param=param, steps=a.steps, batch=a.batch, lr=a.lr, ema=a.ema,
+                      seed=a.seed, t_dist=a.t_dist, label_dropout=a.label_dropout, ckpt_every=a.ckpt_every,
+                      log_every=a.log_every)
+        data = load_data(a.data, a.image_size, a.channels)
+        out = train(data, a.out, st, a.config, a.ckpt_dir, a.resume, a.threads, a.dtype, command=command)
+        print(f"wrote {out}")
+    elif a.cmd == "train-classifier":
+        from offline.train import train_classifier
+
+        m = train_classifier(a.artifact, epochs=a.epochs, seed=a.seed, threads=a.threads, min_acc=a.min_acc)
+        print(f"wrote {a.artifact}/classifier.json (held-out accuracy {m['heldout_accuracy']:.4f})")
+    elif a.cmd == "eval":
+        from offline.evaluate import evaluate
+
+        res = evaluate(a.artifact, solvers=a.solvers.split(","), nfes=a.nfe, n=a.n, seed_sets=a.seed_sets,
+                       seeds=a.seeds, guidance=a.guidance, sweep=a.sweep, sweep_with=a.sweep_with,
+                       reference=a.reference, cache=a.cache,
+                       batch=a.batch, threads=a.threads, images=not a.no_images,
+                       learned=not a.no_learned, command=command)
+        print(json.dumps({k: res[k] for k in ("guidance", "floor", "reference")}, indent=1))
+    return 0

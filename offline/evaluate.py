@@ -1,0 +1,324 @@
+"""Quality of every sampler x NFE on held-out noise (DESIGN.md section 7).
+
+For each seed set (seeds 10_000_000 + 1_000_000 j + i, never used by any fitting; classes i mod K,
+so balanced) every sampler is scored by
+  rmse   against a converged reference solve of the same ODE from the same noise and class,
+  fd     Fréchet distance in the artifact classifier's penultimate features vs held-out real images,
+  acc    the fraction classified as the requested class,
+and reported as mean ± std over the seed sets, FD also as a ratio to the reference's own FD. The
+floor is the FD of as many real *train* images against the held-out ones (same sample sizes, so
+the same estimator bias).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from offline.data import data_from_source
+from solvers.artifact import EVAL_FORMAT, default_guidance, load_artifact, write_json
+from solvers.builders import make_table
+from solvers.executor import sample, seeded_noise
+
+SEED_BASE, SET_STRIDE = 10_000_000, 1_000_000
+F64 = torch.float64
+
+
+# -- Fréchet distance ----------------------------------------------------------------------------
+
+def sqrtm_psd(c: torch.Tensor) -> torch.Tensor:
+    """Square root of a symmetric PSD matrix by float64 eigendecomposition."""
+    c = c.to(F64)
+    w, v = torch.linalg.eigh((c + c.T) / 2)
+    return (v * w.clamp(min=0).sqrt()) @ v.T
+
+
+def frechet_distance(mu1, cov1, mu2, cov2) -> float:
+    """||mu1 - mu2||^2 + tr(C1 + C2 - 2 (C1^1/2 C2 C1^1/2)^1/2); the symmetric form keeps the
+    inner matrix PSD, so its root's trace is the sum of root eigenvalues."""
+    mu1, mu2, cov1, cov2 = (torch.as_tensor(a, dtype=F64) for a in (mu1, mu2, cov1, cov2))
+    s1 = sqrtm_psd(cov1)
+    m = s1 @ cov2 @ s1
+    tr_sqrt = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
+    return float((mu1 - mu2).pow(2).sum() + torch.trace(cov1) + torch.trace(cov2) - 2 * tr_sqrt)
+
+
+def feature_stats(f: torch.Tensor):
+    f = f.to(F64)
+    return f.mean(0), torch.cov(f.T)
+
+
+def fd_features(f1, f2) -> float:
+    return frechet_distance(*feature_stats(f1), *feature_stats(f2))
+
+
+# -- sampling ------------------------------------------------------------------------------------
+
+def make_seed_sets(n: int, sets: int, firsts=None) -> list:
+    firsts = firsts or [SEED_BASE + SET_STRIDE * j for j in range(sets)]
+    return [list(range(f, f + n)) for f in firsts]
+
+
+def run(model, table, noise, labels, guidance, batch) -> torch.Tensor:
+    return torch.cat([sample(model, table, noise[i:i + batch], labels[i:i + batch], guidance)
+                      for i in range(0, len(noise), batch)])
+
+
+def _key(**kw) -> str:
+    return hashlib.sha256(json.dumps(kw, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def cached_run(cache: Path | None, key: dict, fn) -> torch.Tensor:
+    """Reference solves are the expensive part; keyed by model sha256, solver, seeds and guidance."""
+    if cache is None:
+        return fn()
+    f = Path(cache) / f"{_key(**key)}.safetensors"
+    if f.exists():
+        return load_file(str(f))["x"]
+    x = fn()
+    f.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"x": x.contiguous()}, str(f), metadata={"key": json.dumps(key, sort_keys=True)})
+    return x
+
+
+@torch.no_grad()
+def features(clf, x, batch=1000):
+    return torch.cat([clf.features(x[i:i + batch].clamp(-1, 1)) for i in range(0, len(x), batch)])
+
+
+@torch.no_grad()
+def predict(clf, x, batch=1000):
+    return torch.cat([clf(x[i:i + batch].clamp(-1, 1)).argmax(1) for i in range(0, len(x), batch)])
+
+
+def _ms(v):
+    t = torch.tensor(v, dtype=F64)
+    return float(t.mean()), float(t.std(unbiased=True)) if len(v) > 1 else 0.0
+
+
+# -- the evaluation --------------------------------------------------------------------------------
+
+def evaluate(artifact, solvers=("euler", "heun", "ddim", "dpmpp-2m", "dpmpp-3m", "unipc", "ipndm"),
+             nfes=(1, 2, 3, 4, 5, 6, 8, 10, 16, 32), n=500, seed_sets=3, seeds=None, guidance=None,
+             sweep=None, reference="dpmpp-3m:128", sweep_with="dpmpp-3m:32", cache=".cache/stride/eval",
+             batch=1000, threads=None, images=True, learned=True, command=None, log=sys.stderr) -> dict:
+    if threads:
+        torch.set_num_threads(threads)
+    t_start = time.time()
+    art = load_artifact(artifact)
+    if art.classifier is None:
+        raise ValueError(f"{art.path} has no classifier.json; "
+                         f"run `stride offline train-classifier {art.path}` first")
+    model, clf, K = art.model, art.classifier, art.model.num_classes
+    g = default_guidance(art) if guidance is None else float(guidance)
+    data = data_from_source(art.meta["data"]["source"])
+    f_real = features(clf, data.test_x)
+    sets = make_seed_sets(n, seed_sets, seeds)
+    S = len(sets)
+    labels = torch.arange(n) % K
+    noise = torch.cat([seeded_noise(s, model.shape) for s in sets])
+    lab = labels.repeat(S)
+    cache = Path(cache) if cache else None
+    say = lambda *a: print(*a, file=log, flush=True)  # noqa: E731
+
+    def score(x, ref=None):
+        """Per-set (rmse, fd, acc) of samples x [S * n, ...]."""
+        out = []
+        for j in range(S):
+            xs = x[j * n:(j + 1) * n]
+            rmse = None if ref is None else float((xs - ref[j * n:(j + 1) * n]).to(F64).pow(2).mean().sqrt())
+            acc = float((predict(clf, xs) == labels).to(F64).mean())
+            out.append((rmse, fd_features(features(clf, xs), f_real), acc))
+        return out
+
+    # the floor: real train images vs held-out, the same n as the generated sets
+    floor_fd = []
+    for j in range(S):
+        gj = torch.Generator().manual_seed(j)
+        idx = torch.randperm(len(data.train_x), generator=gj)[:n]
+        floor_fd.append(fd_features(features(clf, data.train_x[idx]), f_real))
+    real_acc = float((predict(clf, data.test_x) == data.test_y).to(F64).mean())
+
+    # the reference, and its convergence check against half its steps on the first set
+    ref_solver, ref_nfe = reference.split(":")
+    ref_nfe = int(ref_nfe)
+
+    def ref_run(nfe, noise_, lab_, gg, seeds_desc):
+        tab = make_table(ref_solver, model.schedule, model.param, nfe)
+        key = {"model": art.sha256, "solver": ref_solver, "nfe": nfe, "guidance": gg, "seeds": seeds_desc,
+               "labels": f"i mod {K}", "shape": list(model.shape), "v": 1}
+        t0 = time.time()
+        x = cached_run(cache, key, lambda: run(model, tab, noise_, lab_, gg, batch))
+        say(f"reference {ref_solver}@{nfe} g={gg}: {time.time() - t0:.0f}s")
+        return x
+
+    desc = lambda ss: [[s[0], len(s)] for s in ss]  # noqa: E731
+    x_ref = ref_run(ref_nfe, noise, lab, g, desc(sets))
+    x_half = ref_run(ref_nfe // 2, noise[:n], labels, g, desc(sets[:1]))
+    conv = float((x_half - x_ref[:n]).to(F64).pow(2).mean().sqrt())
+    ref_scores = score(x_ref)
+    ref_fd = [s[1] for s in ref_scores]
+
+    def row(name, nfe, sc, extra=None):
+        r = {"solver": name, "nfe": nfe}
+        for i, k in enumerate(("rmse", "fd", "acc")):
+            vals = [s[i] for s in sc]
+            r[k], r[k + "_std"] = (None, None) if vals[0] is None else _ms(vals)
+        r["fd_ratio"], r["fd_ratio_std"] = _ms([s[1] / f for s, f in zip(sc, ref_fd)])
+        return {**r, **(extra or {})}
+
+    def tables():
+        for solver in solvers:
+            for nfe in nfes:
+                try:
+                    yield solver, nfe, make_table(solver, model.schedule, model.param, nfe)
+                except ValueError as e:  # a combination the builder cannot make
+                    say(f"skip {solver}@{nfe}: {e}")
+        for name, tab in sorted(art.solvers.items()) if learned else ():  # learned solvers in the artifact
+            yield name, tab.nfe, tab
+
+    rows, grids = [], {}
+    for solver, nfe, tab in tables():
+        t0 = time.time()
+        x = run(model, tab, noise, lab, g, batch)
+        dt = time.time() - t0
+        r = row(solver, nfe, score(x, x_ref), {"grid": tab.meta.get("grid"), "table": tab.name,
+                                               "learned": solver in art.solvers, "seconds": round(dt, 1)})
+        rows.append(r)
+        grids.setdefault(solver, []).append((nfe, x[:K].clone()))
+        say(f"{solver:>9} nfe {nfe:>3}  rmse {r['rmse']:.4f}  fd {r['fd']:.3f}±{r['fd_std']:.3f}  "
+            f"ratio {r['fd_ratio']:.2f}  acc {r['acc']:.3f}  ({dt:.0f}s)")
+
+    sweep_rows = []
+    sw_solver, sw_nfe = sweep_with.split(":")
+    for gs in sweep or []:
+        x = run(model, make_table(sw_solver, model.schedule, model.param, int(sw_nfe)), noise, lab, gs, batch)
+        sc = score(x)
+        fd, fd_std = _ms([s[1] for s in sc])
+        acc, acc_std = _ms([s[2] for s in sc])
+        sweep_rows.append({"guidance": gs, "solver": sw_solver, "nfe": int(sw_nfe),
+                           "fd": fd, "fd_std": fd_std, "acc": acc, "acc_std": acc_std})
+        say(f"sweep g={gs}: fd {fd:.3f}±{fd_std:.3f} acc {acc:.3f}")
+
+    best = {}
+    for r in rows:
+        b = best.get(str(r["nfe"]))
+        if b is None or r["fd"] < b["fd"]:
+            best[str(r["nfe"])] = {"solver": r["solver"], "fd": r["fd"], "rmse": r["rmse"], "acc": r["acc"]}
+    ref_row = row(ref_solver, ref_nfe, ref_scores)
+    ref_row["fd_ratio"], ref_row["fd_ratio_std"] = 1.0, 0.0
+    floor_mean, floor_std = _ms(floor_fd)
+    ev = {
+        "format": EVAL_FORMAT,
+        "model": art.name,
+        "model_sha256": art.sha256,
+        "classifier_sha256": art.classifier_meta["weights"]["sha256"],
+        "guidance": g,
+        "default_guidance": g,
+        "n": n,
+        "seed_sets": [{"first_seed": s[0], "count": len(s)} for s in sets],
+        "labels": f"seed index i -> class i mod {K} (balanced)",
+        "metrics": {"rmse": "RMSE vs the reference solve, pixels in [-1, 1]",
+                    "fd": "Fréchet distance, classifier penultimate features, vs held-out real images",
+                    "fd_ratio": "fd / the reference's fd on the same seed set",
+                    "acc": "fraction classified as the requested class", "std": "over seed sets"},
+        "reference": {"solver": ref_solver, "nfe": ref_nfe,
+                      "grid": make_table(ref_solver, model.schedule, model.param, 2).meta["grid"],
+                      "converged_rmse": conv,
+                      "converged_check": f"RMSE vs {ref_solver}@{ref_nfe // 2} on the first seed set"},
+        "teacher": ref_row,
+        "floor": {"fd": floor_mean, "fd_std": floor_std, "fd_ratio": floor_mean / _ms(ref_fd)[0],
+                  "acc": real_acc, "what": f"{n} real train images vs the {len(data.test_x)} held-out ones; "
+                                            "acc: classifier on the held-out images"},
+        "rows": rows,
+        "best": best,
+        "best_criterion": "lowest mean fd at that NFE",
+        "guidance_sweep": sweep_rows,
+        "wall_time_s": round(time.time() - t_start, 1),
+        "threads": torch.get_num_threads(),
+        "command": command,
+    }
+    write_json(art.path / "eval.json", ev)
+    (art.path / "eval.md").write_text(markdown(ev))
+    if images:
+        figures(art.path / "eval", ev, grids, x_ref[:K], art.class_names)
+    say(f"wrote {art.path / 'eval.json'} ({ev['wall_time_s']:.0f}s)")
+    return ev
+
+
+# -- reports -----------------------------------------------------------------------------------------
+
+def _pm(m, s, p=3):
+    return "–" if m is None else f"{m:.{p}f} ± {s:.{p}f}"
+
+
+def markdown(ev: dict) -> str:
+    rows = ev["rows"]
+    solvers = list(dict.fromkeys(r["solver"] for r in rows))
+    nfes = sorted({r["nfe"] for r in rows})
+    at = {(r["solver"], r["nfe"]): r for r in rows}
+    ref, fl, te = ev["reference"], ev["floor"], ev["teacher"]
+    sets = len(ev["seed_sets"])
+    out = [f"# Sampler quality: {ev['model']}", "",
+           f"Guidance {ev['guidance']:g} (the default); {ev['n']} samples x {sets} seed sets "
+           f"(first seeds {', '.join(str(s['first_seed']) for s in ev['seed_sets'])}), classes balanced; "
+           "mean ± std over the seed sets.", "",
+           f"- reference (teacher): {ref['solver']} at {ref['nfe']} NFE ({ref['grid']} grid); "
+           f"RMSE to {ref['solver']} at {ref['nfe'] // 2} NFE: {ref['converged_rmse']:.2e}",
+           f"- teacher FD {_pm(te['fd'], te['fd_std'])}, accuracy {_pm(te['acc'], te['acc_std'])}",
+           f"- floor (real train vs held-out) FD {_pm(fl['fd'], fl['fd_std'])} "
+           f"(ratio {fl['fd_ratio']:.2f}); classifier accuracy on held-out real {fl['acc']:.3f}", ""]
+    for key, title, p in (("fd_ratio", "FD / teacher FD", 2), ("fd", "FD", 2),
+                          ("rmse", "RMSE vs reference", 3), ("acc", "class accuracy", 3)):
+        out += [f"## {title}", "", "| NFE | " + " | ".join(solvers) + " |", "|---:|" + "---:|" * len(solvers)]
+        for nfe in nfes:
+            cells = []
+            for s in solvers:
+                r = at.get((s, nfe))
+                cells.append("" if r is None else _pm(r[key], r[key + "_std"], p))
+            out.append(f"| {nfe} | " + " | ".join(cells) + " |")
+        out.append("")
+    out += ["## Best sampler per NFE (lowest FD)", "",
+            "| NFE | sampler | FD | RMSE | acc |", "|---:|---|---:|---:|---:|"]
+    for nfe, b in sorted(ev["best"].items(), key=lambda kv: int(kv[0])):
+        out.append(f"| {nfe} | {b['solver']} | {b['fd']:.2f} | {b['rmse']:.3f} | {b['acc']:.3f} |")
+    if ev.get("guidance_sweep"):
+        sw = ev["guidance_sweep"][0]
+        out += ["", f"## Guidance sweep ({sw['solver']} at {sw['nfe']} NFE)", "",
+                "| guidance | FD | acc |", "|---:|---:|---:|"]
+        for r in ev["guidance_sweep"]:
+            out.append(f"| {r['guidance']:g} | {_pm(r['fd'], r['fd_std'], 2)} | {_pm(r['acc'], r['acc_std'])} |")
+    out += ["", "Plots: eval/rmse.png, eval/fd.png, eval/fd_ratio.png, eval/acc.png; "
+            "samples: eval/samples-<solver>.png", ""]
+    return "\n".join(out)
+
+
+def figures(d: Path, ev: dict, grids: dict, x_ref, class_names):
+    from offline.plot import image_grid, line_plot
+
+    d.mkdir(parents=True, exist_ok=True)
+    by = {}
+    for r in ev["rows"]:
+        by.setdefault(r["solver"], []).append(r)
+    te, fl = ev["teacher"], ev["floor"]
+    specs = [("rmse", "RMSE vs reference", True, {}),
+             ("fd", "Frechet distance (classifier features)", True,
+              {"teacher": te["fd"], "real floor": fl["fd"]}),
+             ("fd_ratio", "FD / teacher FD", True, {"teacher": 1.0}),
+             ("acc", "class accuracy", False, {"teacher": te["acc"], "real": fl["acc"]})]
+    for key, title, logy, h in specs:
+        series = {s: [(r["nfe"], r[key], r[key + "_std"]) for r in rs] for s, rs in by.items()}
+        line_plot(d / f"{key}.png", series, f"{ev['model']}: {title} (guidance {ev['guidance']:g})",
+                  "NFE", key, logy=logy, hlines=h)
+    ref = ev["reference"]
+    for solver, rs in grids.items():
+        rows = [x for _, x in rs] + [x_ref]
+        labels = [f"NFE {nfe}" for nfe, _ in rs] + [f"ref {ref['nfe']}"]
+        image_grid(d / f"samples-{solver}.png", rows, labels,
+                   title=f"{ev['model']} · {solver} · classes {' '.join(class_names[: len(x_ref)])}")

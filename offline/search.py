@@ -1,0 +1,464 @@
+"""`stride offline search`: differentiable solver search (Wang et al. 2025, arXiv 2505.21114).
+
+Per NFE the learned parameters are step logits r (steps = softmax(r) * (t_max - t_min)) and the
+strictly-lower part of a coefficient matrix whose rows sum to one (solvers.learned). Each iteration
+draws fresh noise and classes, runs a fine teacher once (shared by every NFE searched), unrolls each
+student through the frozen network and back-propagates into r and M:
+
+    loss = sum_i mean |x_i - X(t_i)|^2  +  w * huber_delta(x_N - X(t_min)) / delta
+
+X is the teacher trajectory interpolated at the student's own (learned) times, not rounded to a
+teacher index, so the target moves with the time grid. Huber / delta with a small delta is an L1
+term on the final sample, as the paper's 1000 * Huber(1e-3). CFG is off while searching (the
+paper); metrics are also reported with CFG on. The iterate kept is the one with the lowest held-out
+trajectory error: RMSE of the final sample to a converged reference, on seeds 20_000_000 + i
+(disjoint from evaluation's 10_000_000 + i and from the training stream).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from solvers import SOLVERS, make_table, sample, seeded_noise
+from solvers.learned import (
+    FORMS, absolute, coef_matrix, default_form, grid_from_logits, logits_from_grid, restriction_mask,
+    searched_coeffs, searched_from_table, searched_spec, searched_table, solver_to_json, table_from_coeffs,
+    write_solver,
+)
+from solvers.schedules import F64
+
+VAL_SEED = 20_000_000  # held-out selection seeds; evaluation uses 10_000_000 +
+TRAIN_SEED = 1234  # a generator stream, not per-sample seeds
+
+
+# --- shared by search and dode ----------------------------------------------------------------------
+
+
+def _vec(v, n, dtype):
+    v = torch.as_tensor(v)
+    return (v.expand(n) if v.ndim == 0 else v).to(dtype)
+
+
+def model_call(model, y, t, s, labels, guidance=1.0):
+    """One (guided) model output for flat states y [B, D]; t, s scalars or [B] (may carry grad)."""
+    B = y.shape[0]
+    t, s, x = _vec(t, B, y.dtype), _vec(s, B, y.dtype), y.reshape(B, *model.shape)
+    if guidance == 1:
+        return model(x, t, s, labels).reshape(B, -1).to(y.dtype)
+    null = torch.full_like(labels, model.num_classes)  # both CFG branches in one call, as the executor
+    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([s, s]), torch.cat([labels, null]))
+    out = out.reshape(2 * B, -1)
+    d, u = out[:B].to(y.dtype), out[B:].to(y.dtype)
+    return u + guidance * (d - u)
+
+
+def coeffs_of(table) -> dict:
+    """A Table as the absolute-index coefficient dict `unroll` takes."""
+    return {"tau": table.tau, "s": table.s, "hx": table.hx, "hd": table.hd, "c": table.c,
+            "B": absolute(table), "init": torch.tensor(table.init, dtype=F64)}
+
+
+def unroll(model, co: dict, noise, labels, guidance=1.0, states=False):
+    """The table algebra of solvers.executor as plain (differentiable) torch ops: gradients reach
+    every coefficient and, through the network's time input, the evaluation times."""
+    Bn = noise.shape[0]
+    dt = noise.dtype
+    y = co["init"].to(dt) * noise.reshape(Bn, -1)
+    hs, ys = [], [y]
+    Bm, dense = co["B"], co["B"].requires_grad  # a learned B keeps its zeros in the graph
+    for k in range(len(co["tau"])):
+        d = model_call(model, y, co["tau"][k], co["s"][k], labels, guidance)
+        hs.append(co["hx"][k].to(dt) * y + co["hd"][k].to(dt) * d)
+        acc = [Bm[k, j].to(dt) * hs[j] for j in range(k + 1) if dense or Bm[k, j] != 0]
+        y = co["c"][k].to(dt) * y + sum(acc)
+        ys.append(y)
+    return ys if states else y
+
+
+def trajectory(model, table, noise, labels, guidance=1.0):
+    """(times [M], states [M, B, D]) of a classic table: the start and every distinct landing time
+    (for a time visited twice, as Heun's predictor and corrector, the later state)."""
+    with torch.no_grad():
+        ys = unroll(model, coeffs_of(table), noise, labels, guidance, states=True)
+    times, out = [float(table.tau[0])], [ys[0]]
+    for k, s in enumerate(table.s.tolist()):
+        if s == times[-1]:
+            out[-1] = ys[k + 1]
+        else:
+            times.append(s), out.append(ys[k + 1])
+    return torch.tensor(times, dtype=F64), torch.stack(out)
+
+
+def interp(times, states, t):
+    """The trajectory at time t (a scalar tensor, possibly with grad), linear between nodes."""
+    with torch.no_grad():
+        i = int(torch.searchsorted(-times, -t.detach().reshape(1), right=True).clamp(1, len(times) - 1))
+    t0, t1 = times[i - 1], times[i]
+    w = ((t0 - t.to(F64)) / (t0 - t1)).to(states.dtype)
+    return states[i - 1] + w * (states[i] - states[i - 1])
+
+
+def rmse(a, b) -> float:
+    d = a.reshape(a.shape[0], -1).double() - b.reshape(b.shape[0], -1).double()
+    return float(d.pow(2).mean().sqrt())
+
+
+def heldout(model, n: int, guidance=1.0, seed0=VAL_SEED, dtype=torch.float32):
+    noise = seeded_noise(range(seed0, seed0 + n), model.shape, dtype=dtype)
+    labels = torch.arange(n) % model.num_classes  # uniform classes
+    return noise, labels
+
+
+def reference(model, noise, labels, guidance=1.0, solver="dpmpp-3m", nfe=128):
+    """A converged solution of the same ODE from the same noise (check with --ref-nfe x 2)."""
+    return sample(model, make_table(solver, model.schedule, model.param, nfe), noise, labels, guidance)
+
+
+class Progress:
+    """One plain stderr line, rewritten in place; a newline only at the end."""
+
+    def __init__(self, prefix: str):
+        self.prefix, self.t0, self.tty = prefix, time.time(), sys.stderr.isatty()
+        self.last = 0.0
+
+    def __call__(self, msg: str, final=False):
+        now = time.time()
+        if not final and not self.tty and now - self.last < 10:
+            return  # logs: one line every 10 s, not a carriage-return soup
+        self.last = now
+        line = f"{self.prefix} {msg} [{now - self.t0:.0f}s]"
+        sys.stderr.write(("\r" + line + "\x1b[K") if self.tty else line + "\n")
+        if final and self.tty:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def load_model(path):
+    """(model, sha256 of its weights, artifact) via solvers.artifact (the network comes frozen)."""
+    from solvers.artifact import load_artifact
+
+    art = load_artifact(str(path))
+    return art.model, art.sha256, art
+
+
+def cfg_scale(art, cfg=None) -> float:
+    """The CFG-on metrics' scale: --cfg, else the artifact's default guidance, else 2."""
+    if cfg is not None:
+        return float(cfg)
+    from solvers.artifact import default_guidance
+
+    g = default_guidance(art)
+    return g if g != 1 else 2.0
+
+
+def cpu_s() -> float:
+    return time.process_time()
+
+
+class Lion:
+    """Lion (Chen et al. 2023), the paper's optimiser: the sign of an interpolated momentum. A plain
+    class: torch.optim.Optimizer imports torch._dynamo (seconds) for a handful of scalars."""
+
+    def __init__(self, params, lr=1e-2, betas=(0.9, 0.99)):
+        self.params, self.lr, self.betas = list(params), lr, betas
+        self.m = [torch.zeros_like(p) for p in self.params]
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self):
+        b1, b2 = self.betas
+        for p, m in zip(self.params, self.m):
+            if p.grad is not None:
+                p.add_(torch.sign(b1 * m + (1 - b1) * p.grad), alpha=-self.lr)
+                m.mul_(b2).add_(p.grad, alpha=1 - b2)
+
+
+# --- the search -------------------------------------------------------------------------------------
+
+
+class Student:
+    """One NFE's learnable solver."""
+
+    def __init__(self, model, n, form, grid, M, restrict=False, init=""):
+        self.model, self.n, self.form, self.init = model, n, form, init
+        sch = model.schedule
+        self.t_max, self.t_min = float(grid[0]), float(grid[-1])
+        self.logits = logits_from_grid(grid).clone().requires_grad_(True)
+        self.mask = restriction_mask(n, restrict)
+        self.lower = (torch.tril(torch.as_tensor(M, dtype=F64), -1) * self.mask).clone().requires_grad_(True)
+        self.sch = sch
+        self.best = (math.inf, None, -1)  # (held-out rmse, (grid, M), iteration)
+        self.cpu = 0.0
+
+    def params(self):
+        grid = grid_from_logits(self.logits, self.t_max, self.t_min)
+        return grid, coef_matrix(self.lower, self.mask)
+
+    def coeffs(self):
+        grid, M = self.params()
+        return searched_coeffs(self.sch, self.model.param, self.form, grid, M)
+
+    def table(self, name="searched"):
+        with torch.no_grad():
+            return table_from_coeffs(self.coeffs(), name)
+
+    def snapshot(self):
+        with torch.no_grad():
+            g, M = self.params()
+        return g.detach().clone(), M.detach().clone()
+
+
+def loss_fn(ys, co, T, X, final_weight, delta):
+    traj = sum(((ys[i + 1] - interp(T, X, co["s"][i])) ** 2).mean() for i in range(len(ys) - 1))
+    fin = torch.nn.functional.huber_loss(ys[-1], X[-1], delta=delta) / delta
+    return traj + final_weight * fin, traj, fin
+
+
+def candidate_tables(model, n, form):
+    """Classic tables expressible in `form` (for --init best): x0-based multistep solvers or Euler."""
+    from solvers.grids import GRIDS
+
+    names = ["euler"] if form == "velocity" else ["ddim", "dpmpp-2m", "dpmpp-3m", "unipc"]
+    out = {}
+    for s in names:
+        for g in GRIDS:
+            tab = make_table(f"{s}/{g}", model.schedule, model.param, n)
+            try:
+                out[f"{s}/{g}"] = (tab, searched_from_table(tab, model.schedule, model.param, form))
+            except ValueError:
+                pass
+    return out
+
+
+def classic_rmse(model, n, noise, labels, ref, names=None, guidance=1.0):
+    names = names or SOLVERS
+    tabs = {s: make_table(s, model.schedule, model.param, n) for s in names}
+    return {s: rmse(sample(model, t, noise, labels, guidance), ref) for s, t in tabs.items()}
+
+
+def search(model, nfes, *, form=None, init="euler", restrict=False, iters=200, batch=16, lr=1e-2,
+           final_weight=1.0, delta=1e-3, teacher="dpmpp-2m/logsnr", teacher_nfe=64, val=64, val_every=10,
+           ref=None, seed=TRAIN_SEED, log=None):
+    """Search every NFE in `nfes` jointly (one teacher run per iteration serves all). Returns
+    {n: dict(grid, M, form, init, best_rmse, best_iter, init_rmse, curve, cpu_s)}."""
+    form = form or default_form(model.schedule)
+    if form not in FORMS:
+        raise ValueError(f"unknown form {form!r}; allowed: {list(FORMS)}")
+    log = log or Progress("search")
+    sch = model.schedule
+    vn, vl = heldout(model, val)
+    ref = reference(model, vn, vl) if ref is None else ref
+    students = {}
+    for n in nfes:
+        t0 = cpu_s()
+        if init == "euler":  # the paper: M = I on a uniform grid in t (Euler / DDIM)
+            grid = torch.linspace(sch.t_max, sch.t_min, n + 1, dtype=F64)
+            M, name = torch.eye(n, dtype=F64), ("euler" if form == "velocity" else "ddim") + "/uniform"
+        elif init == "best":  # the classic table of this form with the lowest held-out error
+            cands = candidate_tables(model, n, form)
+            errs = {k: rmse(sample(model, tab, vn, vl), ref) for k, (tab, _) in cands.items()}
+            name = min(errs, key=errs.get)
+            grid, M = cands[name][1]
+        else:
+            raise ValueError(f"unknown init {init!r}; allowed: 'euler', 'best'")
+        st = Student(model, n, form, grid, M, restrict, name)
+        st.opt = Lion([st.logits, st.lower], lr=lr)
+        st.curve = []
+        st.cpu += cpu_s() - t0
+        students[n] = st
+    teach = make_table(teacher, sch, model.param, teacher_nfe)
+    gen = torch.Generator().manual_seed(seed)
+    t_share = 0.0
+
+    def validate(it):
+        msg = []
+        for n, st in students.items():
+            t0 = cpu_s()
+            e = rmse(sample(model, st.table(), vn, vl), ref)
+            if e < st.best[0]:
+                st.best = (e, st.snapshot(), it)
+            st.curve.append((it, e))
+            st.cpu += cpu_s() - t0
+            msg.append(f"{n}:{e:.4f}")
+        return " ".join(msg)
+
+    vmsg = validate(0)
+    for st in students.values():
+        st.init_rmse = st.best[0]
+    lmsg = ""
+    for it in range(1, iters + 1):
+        t0 = cpu_s()
+        noise = torch.randn(batch, *model.shape, generator=gen)
+        labels = torch.randint(0, model.num_classes, (batch,), generator=gen)
+        T, X = trajectory(model, teach, noise, labels)  # CFG off while searching
+        t_share += (cpu_s() - t0) / len(students)
+        losses = []
+        for n, st in students.items():
+            t0 = cpu_s()
+            co = st.coeffs()
+            ys = unroll(model, co, noise, labels, states=True)
+            loss, _, fin = loss_fn(ys, co, T, X, final_weight, delta)
+            st.opt.zero_grad()
+            loss.backward()
+            st.opt.step()
+            st.cpu += cpu_s() - t0
+            losses.append(f"{n}:{loss.item():.3g}")
+        lmsg = " ".join(losses)
+        if it % val_every == 0 or it == iters:
+            vmsg = validate(it)
+        log(f"it {it}/{iters} loss {lmsg} | held-out rmse {vmsg}")
+    log(f"done: loss {lmsg} | held-out rmse {vmsg}", final=True)
+    out = {}
+    for n, st in students.items():
+        e, (grid, M), it = st.best
+        out[n] = {"grid": grid, "M": M, "form": form, "init": st.init, "best_rmse": e, "best_iter": it,
+                  "init_rmse": st.init_rmse, "curve": st.curve, "cpu_s": st.cpu + t_share}
+    return out
+
+
+# --- CLI --------------------------------------------------------------------------------------------
+
+
+def _ints(s):
+    return [int(v) for v in str(s).split(",") if v.strip()]
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser("search", help="differentiable solver search: learned time grid + coefficients",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("artifact", help="artifact directory (writes ARTIFACT/solvers/searched-nfeN.json)")
+    p.add_argument("--nfe", type=_ints, default=[3, 4, 5, 6, 8, 10], help="comma list (default 3,4,5,6,8,10)")
+    p.add_argument("--form", choices=FORMS, default=None,
+                   help="velocity (Euler-like, default for flow models) or x0 (DDIM-like, default otherwise)")
+    p.add_argument("--init", choices=("euler", "best"), default="euler",
+                   help="euler: M = I on a uniform grid (the paper); best: the classic table of this form "
+                        "with the lowest held-out error")
+    p.add_argument("--restrict", action="store_true",
+                   help="the paper's rule for NFE <= 6: the last two steps only use the previous output")
+    p.add_argument("--iters", type=int, default=100)
+    p.add_argument("--batch", type=int, default=12, help="fresh noise samples per iteration")
+    p.add_argument("--lr", type=float, default=1e-2, help="Lion learning rate (paper: 1e-2)")
+    p.add_argument("--final-weight", type=float, default=1.0, help="weight of the Huber (~L1) final term")
+    p.add_argument("--delta", type=float, default=1e-3, help="Huber delta (paper: 1e-3)")
+    p.add_argument("--teacher", default="dpmpp-2m/logsnr")
+    p.add_argument("--teacher-nfe", type=int, default=64)
+    p.add_argument("--ref", default="dpmpp-3m", help="converged reference solver (as offline eval's)")
+    p.add_argument("--ref-nfe", type=int, default=128)
+    p.add_argument("--val", type=int, default=64, help="held-out samples (seeds 20_000_000 + i)")
+    p.add_argument("--val-every", type=int, default=10)
+    p.add_argument("--cfg", type=float, default=None,
+                   help="guidance of the CFG-on metrics (default: the artifact's, else 2); search: CFG off")
+    p.add_argument("--seed", type=int, default=TRAIN_SEED, help="training noise stream")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--dry-run", action="store_true", help="do not write solver files")
+    p.add_argument("--keep-better", action="store_true",
+                   help="keep an existing file whose held-out error (same seeds, same reference) is lower")
+    p.set_defaults(func=run)
+    return p
+
+
+def metrics_for(model, tab, vn, vl, ref, ref_cfg, cfg, classic=None, classic_cfg=None) -> dict:
+    """Held-out trajectory error of `tab` (CFG off and on) and, optionally, of the classic solvers."""
+    m = {"heldout_rmse": rmse(sample(model, tab, vn, vl), ref),
+         f"heldout_rmse_cfg{cfg:g}": rmse(sample(model, tab, vn, vl, cfg), ref_cfg),
+         "heldout_seeds": f"{VAL_SEED}..{VAL_SEED + len(vn) - 1}", "heldout_labels": "i mod num_classes"}
+    if classic:
+        best = min(classic, key=classic.get)
+        m.update(classic=classic, best_classic=best, best_classic_rmse=classic[best])
+    if classic_cfg:
+        m[f"classic_cfg{cfg:g}"] = classic_cfg
+    return m
+
+
+def references(model, args):
+    """(noise, labels, ref, ref with CFG, ref vs its half-NFE solve) on the held-out seeds."""
+    vn, vl = heldout(model, args.val)
+    ref = reference(model, vn, vl, 1.0, args.ref, args.ref_nfe)
+    ref_cfg = reference(model, vn, vl, args.cfg, args.ref, args.ref_nfe)
+    conv = rmse(reference(model, vn, vl, 1.0, args.ref, args.ref_nfe // 2), ref)
+    return vn, vl, ref, ref_cfg, conv
+
+
+def run(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, sha, art = load_model(args.artifact)
+    args.cfg = cfg_scale(art, args.cfg)
+    t_wall, t_cpu = time.time(), cpu_s()
+    vn, vl, ref, ref_cfg, conv = references(model, args)
+    ref_cpu = (cpu_s() - t_cpu) / len(args.nfe)
+    res = search(model, args.nfe, form=args.form, init=args.init, restrict=args.restrict, iters=args.iters,
+                 batch=args.batch, lr=args.lr, final_weight=args.final_weight, delta=args.delta,
+                 teacher=args.teacher, teacher_nfe=args.teacher_nfe, val=args.val, val_every=args.val_every,
+                 ref=ref, seed=args.seed, log=Progress(f"search {Path(args.artifact).name}"))
+    files = {}
+    for n, r in res.items():
+        t0 = cpu_s()
+        name = f"searched-nfe{n}"
+        spec = searched_spec(model.schedule, model.param, r["form"], r["grid"], r["M"], r["init"])
+        tab = searched_table(model.schedule, model.param, r["form"], r["grid"], r["M"], name)
+        classic = classic_rmse(model, n, vn, vl, ref)
+        classic_cfg = classic_rmse(model, n, vn, vl, ref_cfg, guidance=args.cfg)
+        met = metrics_for(model, tab, vn, vl, ref, ref_cfg, args.cfg, classic, classic_cfg)
+        met.update(init_rmse=r["init_rmse"], best_iter=r["best_iter"], curve=r["curve"])
+        fit = {"method": "differentiable solver search (arXiv 2505.21114)", "form": r["form"],
+               "init": r["init"],
+               "restrict_nfe_le_6": args.restrict, "iters": args.iters, "batch": args.batch,
+               "optimizer": f"lion lr {args.lr:g}", "final_weight": args.final_weight,
+               "huber_delta": args.delta,
+               "teacher": f"{args.teacher} x{args.teacher_nfe}, interpolated at the student's times",
+               "reference": f"{args.ref} x{args.ref_nfe}", "reference_vs_half_nfe_rmse": conv,
+               "guidance": 1.0, "train_stream_seed": args.seed, "selection": "lowest held-out rmse",
+               "cpu_minutes": round((r["cpu_s"] + ref_cpu + cpu_s() - t0) / 60, 3),
+               "cpu_minutes_note": "this NFE's share of one joint run (teacher and references split evenly)",
+               "torch_threads": torch.get_num_threads(), "nfes_in_run": list(args.nfe)}
+        files[name] = solver_to_json(spec, sha, name, fit, met)
+        cf = met[f"classic_cfg{args.cfg:g}"]
+        print(f"nfe {n:>2}: searched {met['heldout_rmse']:.4f} (init {r['init']} {r['init_rmse']:.4f}; "
+              f"best classic {met['best_classic']} {met['best_classic_rmse']:.4f}) | cfg {args.cfg:g}: "
+              f"{met[f'heldout_rmse_cfg{args.cfg:g}']:.4f} (best classic {min(cf.values()):.4f})")
+    wall = time.time() - t_wall
+    written = []
+    for name, d in files.items():
+        d["fit"]["wall_seconds_run"] = round(wall, 1)
+        path = Path(args.artifact) / "solvers" / f"{name}.json"
+        if args.dry_run or (args.keep_better and _better_on_disk(path, d)):
+            continue
+        write_solver(path, d)
+        written.append(name)
+    print(json.dumps({"cpu_minutes_total": round((cpu_s() - t_cpu) / 60, 2), "wall_seconds": round(wall, 1),
+                      "written": sorted(written)}))
+    return 0
+
+
+def _better_on_disk(path: Path, new: dict) -> bool:
+    """An existing file for the same model, held-out seeds and reference with a lower held-out error."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    same = (old.get("model_sha256") == new["model_sha256"]
+            and old.get("metrics", {}).get("heldout_seeds") == new["metrics"]["heldout_seeds"]
+            and old.get("fit", {}).get("reference") == new["fit"]["reference"])
+    keep = same and old["metrics"].get("heldout_rmse", float("inf")) <= new["metrics"]["heldout_rmse"]
+    if keep:
+        print(f"kept {path} (held-out rmse {old['metrics']['heldout_rmse']:.4f} <= "
+              f"{new['metrics']['heldout_rmse']:.4f})")
+    return keep
+
+
+def add_parsers(subparsers):
+    """offline/cli.py: `add_parsers(sub)` registers `search` and `dode`; dispatch with `a.func(a)`."""
+    from . import dode
+
+    add_parser(subparsers)
+    dode.add_parser(subparsers)

@@ -1,0 +1,405 @@
+"""`stride offline secant ARTIFACT`: turn a flow model into a secant model (Liu & Yue 2025,
+arXiv 2505.14502; /work/shared/research/secant.md) and measure it.
+
+stride's time runs the other way from the paper's code: t = 1 is noise, t = 0 data,
+x_t = (1 - t) x0 + t eps, u = eps - x0 is the per-sample dx/dt, and a generation step goes from t to
+s < t. f = f_theta(x, t, s, y[, w]) is the average dx/dt over [t, s]; sg = stop-gradient.
+
+    sdei  x_r^ = x_t + (r - t) sg f(x_t, t, r)    target = teacher^w(x_r^, r)     pred = f(x_t, t, s)
+    sdee  x_t^ = x_r + (t - r) sg f(x_r, r, t)    target = teacher^w(x_r, r)      pred = f(x_t^, t, s)
+    stee  x_t^ = x_r + (t - r) sg f(x_r, r, t)    target = u                      pred = f(x_t^, t, s)
+    stei  x_r^ = x_t + (r - t) sg f(x_t, t, r)    target = sg f(x_r^, r, r)       pred = f(x_t, t, s)
+          + lambda |f(x_tau, tau, tau) - u|^2     (teacher-free, as the paper's notes describe it; the
+          released code uses the frozen teacher for this target)
+
+Gradients reach only the final f call (and STEI's tangent term); the Picard estimate and the
+teacher are computed without a graph. (t, s): d ~ U[0, 1/N) with N drawn per sample from --steps,
+t on the N-step grid {1, 1 - 1/N, ..., 1/N} (the reported best) or continuous, s = t - d; the EE
+losses also train the reversed pair (s, t) with probability 1/2, since their Picard estimate asks
+for the data -> noise secant f(x_r, r, t). r = t + U(0, 1) (s - t). The distillation losses with a
+guidance input draw w ~ U[1, w_max] per sample and distil the guided teacher (labels never dropped);
+without it, and for the training losses, labels drop to the null class with p = 0.1 and CFG is
+applied at inference with two branches.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from solvers.artifact import load_artifact, read_json, write_json
+from solvers.executor import sample, seeded_noise
+from solvers.secant import LOSSES, SecantUNet, load_secant, save_secant, secant_names, secant_table
+
+F64 = torch.float64
+
+
+# -- the losses ------------------------------------------------------------------------------------
+
+def _b(v, x):
+    return v.to(x.dtype).reshape(-1, *[1] * (x.ndim - 1))
+
+
+def interp(x0, eps, t):
+    return (1 - _b(t, x0)) * x0 + _b(t, x0) * eps
+
+
+def sdei(f, teacher, x0, eps, y, w, t, s, r, **_):
+    xt = interp(x0, eps, t)
+    with torch.no_grad():
+        xr = xt + _b(r - t, xt) * f(xt, t, r, y, w)  # Picard estimate of the interior point
+        target = teacher(xr, r, y, w)
+    return F.mse_loss(f(xt, t, s, y, w), target)
+
+
+def sdee(f, teacher, x0, eps, y, w, t, s, r, **_):
+    xr = interp(x0, eps, r)
+    with torch.no_grad():
+        xt = xr + _b(t - r, xr) * f(xr, r, t, y, w)  # Picard estimate of the start point
+        target = teacher(xr, r, y, w)
+    return F.mse_loss(f(xt, t, s, y, w), target)
+
+
+def stee(f, teacher, x0, eps, y, w, t, s, r, **_):
+    xr = interp(x0, eps, r)
+    with torch.no_grad():
+        xt = xr + _b(t - r, xr) * f(xr, r, t, y, w)
+    return F.mse_loss(f(xt, t, s, y, w), eps - x0)  # E[u | x_r] = v(x_r, r): same minimiser
+
+
+def stei(f, teacher, x0, eps, y, w, t, s, r, tau, lam=1.0, **_):
+    xt = interp(x0, eps, t)
+    with torch.no_grad():
+        xr = xt + _b(r - t, xt) * f(xt, t, r, y, w)
+        target = f(xr, r, r, y, w)  # the student's own tangent
+    xtau = interp(x0, eps, tau)
+    return F.mse_loss(f(xt, t, s, y, w), target) + lam * F.mse_loss(f(xtau, tau, tau, y, w), eps - x0)
+
+
+LOSS_FNS = {"sdei": sdei, "stee": stee, "sdee": sdee, "stei": stei}
+assert tuple(LOSS_FNS) == LOSSES
+
+
+def sample_times(B: int, steps, g: torch.Generator, both: bool = False, grid: bool = True) -> dict:
+    """t, s, r (and STEI's tau) for B samples; see the module docstring."""
+    u = lambda: torch.rand(B, generator=g, dtype=F64)  # noqa: E731
+    N = torch.as_tensor(list(steps), dtype=F64)[torch.randint(len(steps), (B,), generator=g)]
+    d = u() / N
+    t = 1 - (u() * N).floor() / N if grid else d + (1 - d) * u()  # grid: uniform over the N start points
+    s = t - d
+    if both:
+        flip = u() < 0.5
+        t, s = torch.where(flip, s, t), torch.where(flip, t, s)
+    r = t + u() * (s - t)
+    return {"t": t.float(), "s": s.float(), "r": r.float(), "tau": u().float()}
+
+
+def teacher_velocity(model):
+    """A flow-parameterised teacher (out = dx/dt) as v(x, t, y, w): CFG in one doubled batch."""
+    def v(x, t, y, w=None):
+        if w is None:
+            return model(x, t, t, y)
+        null = torch.full_like(y, model.num_classes)
+        c, uc = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
+        return uc + _b(w, x) * (c - uc)
+    return v
+
+
+def student(net):
+    return lambda x, t, s, y, w: net(x, t, y, s, w)
+
+
+# -- training ----------------------------------------------------------------------------------------
+
+@dataclass
+class Settings:
+    loss: str = "sdei"
+    n_steps: list = field(default_factory=lambda: [1, 2, 4, 8])  # sampling step counts trained for
+    steps: int = 3000  # optimiser steps
+    batch: int = 64
+    lr: float = 2e-4
+    warmup: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema: float = 0.999
+    seed: int = 0
+    start: str = "grid"  # grid | continuous
+    guidance_input: bool = True  # distillation only
+    w_max: float = 4.0
+    label_dropout: float = 0.1
+    stei_lambda: float = 1.0
+    teacher_sha256: str = ""
+    ckpt_every: int = 250
+    log_every: int = 50
+
+
+def check_settings(st: Settings) -> None:
+    if st.loss not in LOSSES:
+        raise ValueError(f"unknown secant loss {st.loss!r}; allowed: {list(LOSSES)}")
+    if st.start not in ("grid", "continuous"):
+        raise ValueError(f"--start must be 'grid' or 'continuous', got {st.start!r}")
+    if not st.n_steps or min(st.n_steps) < 1:
+        raise ValueError(f"--steps must list step counts >= 1, got {st.n_steps}")
+    if st.guidance_input and st.loss.startswith("st"):
+        raise ValueError(f"{st.loss} trains from data without a teacher, so it has no guided target; use CFG at "
+                         "inference (--no-guidance-input) or a distillation loss (sdei, sdee)")
+    if st.guidance_input and not st.w_max > 1:
+        raise ValueError(f"--w-max must be > 1, got {st.w_max}")
+
+
+def train_secant(artifact, st: Settings, name: str = "secant", ckpt_dir=None, resume=False, threads=None,
+                 dtype="float16", command=None, log=sys.stderr) -> dict:
+    from offline.data import data_from_source
+    from offline.train import Progress, load_ckpt, save_ckpt
+
+    if threads:
+        torch.set_num_threads(threads)
+    art = load_artifact(artifact)
+    m = art.model
+    if m.schedule.name != "flow" or m.param != "flow":
+        raise ValueError(f"{art.path}: secant conversion needs a flow-schedule model with 'flow' output (its weights "
+                         f"become the secant net's tangent); this one is {m.schedule.name}/{m.param}")
+    st.teacher_sha256 = art.sha256
+    check_settings(st)
+    data = data_from_source(art.meta["data"]["source"])
+    torch.manual_seed(st.seed)
+    net = SecantUNet.from_teacher(m.net, (1.0, st.w_max) if st.guidance_input else None).train()
+    ema = copy.deepcopy(net).requires_grad_(False)
+    opt = torch.optim.AdamW(net.parameters(), lr=st.lr, betas=(0.9, 0.99), weight_decay=st.weight_decay)
+    g = torch.Generator().manual_seed(st.seed)
+    ckpt_dir = Path(ckpt_dir) if ckpt_dir else Path("runs") / f"{art.name}-{name}"
+    step, wall, cpu, loss_avg = 0, 0.0, 0.0, None
+    if resume and (ckpt_dir / "state.json").exists():
+        step, wall, loss_avg = load_ckpt(ckpt_dir, net, ema, opt, g, st, net.config)
+        cpu = read_json(ckpt_dir / "cpu.json")["cpu_s"]
+        print(f"resumed from {ckpt_dir} at step {step}", file=log)
+    loss_fn, f, v = LOSS_FNS[st.loss], student(net), teacher_velocity(m)
+    both, K = st.loss.endswith("ee"), m.num_classes
+    x_all, y_all = data.train_x, data.train_y
+    bar = Progress(st.steps, st.log_every, st.batch, log)
+    t0, c0, seen = time.time(), time.process_time(), 0
+    while step < st.steps:
+        idx = torch.randint(0, len(x_all), (st.batch,), generator=g)
+        x0, y = x_all[idx], y_all[idx]
+        eps = torch.randn(x0.shape, generator=g)
+        tm = sample_times(st.batch, st.n_steps, g, both, st.start == "grid")
+        if st.guidance_input:  # distil the guided ODE at a per-sample scale; no label dropout
+            w = 1 + (st.w_max - 1) * torch.rand(st.batch, generator=g)
+        else:
+            w = None
+            drop = torch.rand(st.batch, generator=g) < st.label_dropout
+            y = torch.where(drop, torch.full_like(y, K), y)
+        for grp in opt.param_groups:
+            grp["lr"] = st.lr * min(1.0, (step + 1) / max(1, st.warmup))
+        loss = loss_fn(f, v, x0, eps, y, w, lam=st.stei_lambda, **tm)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), st.grad_clip)
+        opt.step()
+        decay = min(st.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), net.parameters()):
+                pe.lerp_(p, 1 - decay)
+        step += 1
+        loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
+        seen += st.batch
+        bar(step, loss_avg, seen / max(time.time() - t0, 1e-9), done=step == st.steps)
+        if step % st.ckpt_every == 0 or step == st.steps:
+            save_ckpt(ckpt_dir, step, net, ema, opt, g, st, net.config, wall + time.time() - t0, loss_avg)
+            write_json(ckpt_dir / "cpu.json", {"cpu_s": cpu + time.process_time() - c0})
+    wall, cpu = wall + time.time() - t0, cpu + time.process_time() - c0
+    s = asdict(st)
+    for k in ("ckpt_every", "log_every", "teacher_sha256"):
+        s.pop(k)
+    s["iterations"], s["steps"] = s.pop("steps"), s.pop("n_steps")  # the file's names: no clash with 'steps'
+    info = {"loss": st.loss, "steps": sorted(st.n_steps), "iterations": st.steps, "settings": s,
+            "optimizer": "AdamW(betas=(0.9, 0.99)) from the teacher's weights, linear warm-up, constant",
+            "weights_saved": "EMA", "final_loss_ema": loss_avg, "wall_time_s": round(wall, 1),
+            "cpu_minutes": round(cpu / 60, 2), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "command": command}
+    meta = save_secant(art.path, name, ema, m.shape, K, art.sha256, info, dtype)
+    print(f"wrote {art.path / name}.json ({wall / 60:.1f} min wall, {cpu / 60:.1f} CPU min)", file=log)
+    return meta
+
+
+# -- evaluation ----------------------------------------------------------------------------------------
+
+def nfe_of(model, steps: int, guidance: float, interval=None) -> int:
+    """Network evaluations per sample, CFG rows included (a guided two-branch step costs 2)."""
+    if getattr(model, "guidance_input", False) or guidance == 1:
+        return steps
+    tab = secant_table(steps)
+    inside = [(interval is None or interval[0] <= float(t) <= interval[1]) for t in tab.tau]
+    return steps + sum(inside)
+
+
+def secant_rows(art, noise, labels, guidance, batch, score, row, interval=None, steps=(1, 2, 4, 8),
+                names=None, log=None) -> list:
+    """eval rows for every secant file in `art` (the hook offline/evaluate.py calls). `score(x)` ->
+    per-set (rmse, fd, acc) and `row(name, nfe, scores, extra)` are evaluate()'s own."""
+    rows = []
+    for name in names or secant_names(art.path):
+        model = load_secant(art.path, art.sha256, name=name)
+        for n in steps:
+            t0 = time.time()
+            x = torch.cat([sample(model, secant_table(n), noise[i:i + batch], labels[i:i + batch], guidance,
+                                  guidance_interval=interval) for i in range(0, len(noise), batch)])
+            e = nfe_of(model, n, guidance, interval)
+            r = row(name, n, score(x), {"grid": "uniform", "table": "secant", "steps": n, "evaluations": e,
+                                        "guidance_input": model.guidance_input, "loss": model.meta.get("loss"),
+                                        "trained_steps": model.steps, "guidance_interval": interval,
+                                        "seconds": round(time.time() - t0, 1)})
+            rows.append(r)
+            if log:
+                print(f"{name:>12} steps {n}  evals {e:>2}  rmse {r['rmse']:.4f}  fd {r['fd']:.3f}±{r['fd_std']:.3f}  "
+                      f"ratio {r['fd_ratio']:.2f}  acc {r['acc']:.3f}", file=log, flush=True)
+    return rows
+
+
+def evaluate_secant(artifact, names=None, steps=(1, 2, 4, 8), compare=(), compare_nfe=(1, 2, 4, 8), n=500,
+                    seed_sets=3, guidance=None, interval=None, reference="dpmpp-3m:128", cache=".cache/stride/eval",
+                    batch=500, write=True, log=sys.stderr) -> dict:
+    """The secant rows with offline/evaluate.py's protocol (same seeds, classes, classifier, cached
+    reference), optionally beside classic solvers; writes them into each <name>.json under 'eval'."""
+    from offline.data import data_from_source
+    from offline.evaluate import _ms, cached_run, fd_features, features, make_seed_sets, predict, run
+    from solvers.artifact import default_guidance
+    from solvers.builders import make_table
+
+    art = load_artifact(artifact)
+    if art.classifier is None:
+        raise ValueError(f"{art.path} has no classifier.json; run `stride offline train-classifier {art.path}` first")
+    model, clf, K = art.model, art.classifier, art.model.num_classes
+    g = default_guidance(art) if guidance is None else float(guidance)
+    data = data_from_source(art.meta["data"]["source"])
+    f_real = features(clf, data.test_x)
+    sets = make_seed_sets(n, seed_sets)
+    S, labels = len(sets), torch.arange(n) % K
+    noise, lab = torch.cat([seeded_noise(s, model.shape) for s in sets]), labels.repeat(S)
+    ref_solver, ref_nfe = reference.split(":")
+    desc = [[s[0], len(s)] for s in sets]
+    key = {"model": art.sha256, "solver": ref_solver, "nfe": int(ref_nfe), "guidance": g, "seeds": desc,
+           "labels": f"i mod {K}", "shape": list(model.shape), "v": 1}  # evaluate()'s key: shares its cache
+    x_ref = cached_run(Path(cache) if cache else None, key,
+                       lambda: run(model, make_table(ref_solver, model.schedule, model.param, int(ref_nfe)), noise, lab,
+                                   g, batch))
+
+    def score(x, ref=x_ref):
+        out = []
+        for j in range(S):
+            xs = x[j * n:(j + 1) * n]
+            rmse = float((xs - ref[j * n:(j + 1) * n]).to(F64).pow(2).mean().sqrt())
+            out.append((rmse, fd_features(features(clf, xs), f_real), float((predict(clf, xs) == labels).to(F64).mean())))
+        return out
+
+    ref_fd = [s[1] for s in score(x_ref)]
+
+    def row(name, nfe, sc, extra=None):
+        r = {"solver": name, "nfe": nfe}
+        for i, k in enumerate(("rmse", "fd", "acc")):
+            r[k], r[k + "_std"] = _ms([s[i] for s in sc])
+        r["fd_ratio"], r["fd_ratio_std"] = _ms([s[1] / f for s, f in zip(sc, ref_fd)])
+        return {**r, **(extra or {})}
+
+    rows = secant_rows(art, noise, lab, g, batch, score, row, interval, steps, names, log)
+    classic = []
+    for solver in compare:
+        for k in compare_nfe:
+            t0 = time.time()
+            x = run(model, make_table(solver, model.schedule, model.param, k), noise, lab, g, batch)
+            r = row(solver, k, score(x), {"evaluations": k * (1 if g == 1 else 2), "seconds": round(time.time() - t0, 1)})
+            classic.append(r)
+            print(f"{solver:>12} nfe {k:>2}  evals {r['evaluations']:>2}  rmse {r['rmse']:.4f}  fd {r['fd']:.3f}"
+                  f"±{r['fd_std']:.3f}  ratio {r['fd_ratio']:.2f}  acc {r['acc']:.3f}", file=log, flush=True)
+    ref_mean, ref_std = _ms(ref_fd)
+    ev = {"guidance": g, "guidance_interval": interval, "n": n, "seed_sets": [{"first_seed": s[0], "count": len(s)} for s in sets],
+          "labels": f"seed index i -> class i mod {K} (balanced)",
+          "reference": {"solver": ref_solver, "nfe": int(ref_nfe), "fd": ref_mean, "fd_std": ref_std,
+                        "note": "the teacher's converged solve on FlowSchedule() (t 0.999 -> 0.001); secant runs 1 -> 0"},
+          "model_sha256": art.sha256, "classifier_sha256": art.classifier_meta["weights"]["sha256"]}
+    if write:
+        for name in {r["solver"] for r in rows}:
+            p = art.path / f"{name}.json"
+            d = read_json(p)
+            d["eval"] = {**ev, "rows": [r for r in rows if r["solver"] == name]}
+            write_json(p, d)
+    return {**ev, "rows": rows, "classic": classic}
+
+
+# -- CLI ---------------------------------------------------------------------------------------------
+
+def _ints(s):
+    return [int(v) for v in s.split(",") if v]
+
+
+def _interval(s):
+    lo, hi = (float(v) for v in s.split(","))
+    return (lo, hi)
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser("secant", help="convert a flow model into a secant model (few-step sampler)",
+                              description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    p.add_argument("artifact")
+    p.add_argument("--loss", default="sdei", choices=list(LOSSES))
+    p.add_argument("--steps", type=_ints, default=[1, 2, 4, 8], help="sampling step counts to train for, e.g. 4 or 1,2,4,8")
+    p.add_argument("--name", default=None, help="file stem in the artifact (default: secant for sdei, secant-<loss> otherwise)")
+    p.add_argument("--iters", type=int, default=3000, help="optimiser steps")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--start", default="grid", choices=["grid", "continuous"], help="start times on the N-step grid or anywhere")
+    gi = p.add_mutually_exclusive_group()
+    gi.add_argument("--guidance-input", dest="guidance_input", action="store_true", default=None,
+                    help="learn the guided secant for w in [1, --w-max] (1 evaluation per step; sdei/sdee; default there)")
+    gi.add_argument("--no-guidance-input", dest="guidance_input", action="store_false", help="CFG at inference (2 per step)")
+    p.add_argument("--w-max", type=float, default=4.0)
+    p.add_argument("--label-dropout", type=float, default=0.1)
+    p.add_argument("--stei-lambda", type=float, default=1.0)
+    p.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"], help="stored weights")
+    p.add_argument("--ckpt-dir", default=None, help="checkpoints (default runs/<artifact>-<name>)")
+    p.add_argument("--ckpt-every", type=int, default=250)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    e = p.add_argument_group("evaluation (after training, or alone with --eval-only)")
+    e.add_argument("--no-eval", action="store_true")
+    e.add_argument("--eval-only", action="store_true", help="measure the existing secant files; no training")
+    e.add_argument("--eval-steps", type=_ints, default=[1, 2, 4, 8])
+    e.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the artifact's default)")
+    e.add_argument("--guidance-interval", type=_interval, default=None, help="lo,hi: guide only for lo <= t <= hi")
+    e.add_argument("--compare", default="", help="classic solvers to measure beside it, e.g. euler,dpmpp-2m")
+    e.add_argument("--compare-nfe", type=_ints, default=[1, 2, 4, 8])
+    e.add_argument("--n", type=int, default=500)
+    e.add_argument("--seed-sets", type=int, default=3)
+    e.add_argument("--reference", default="dpmpp-3m:128", help="solver:nfe of the teacher's converged solve")
+    e.add_argument("--cache", default=".cache/stride/eval")
+    e.add_argument("--report", default=None, help="also write the measured rows to this json file")
+    return p
+
+
+def run(a, command=None) -> int:
+    name = a.name or ("secant" if a.loss == "sdei" else f"secant-{a.loss}")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if not a.eval_only:
+        gi = a.loss.startswith("sd") if a.guidance_input is None else a.guidance_input
+        st = Settings(loss=a.loss, n_steps=a.steps, steps=a.iters, batch=a.batch, lr=a.lr, ema=a.ema, seed=a.seed,
+                      start=a.start, guidance_input=gi, w_max=a.w_max, label_dropout=a.label_dropout,
+                      stei_lambda=a.stei_lambda, ckpt_every=a.ckpt_every, log_every=a.log_every)
+        train_secant(a.artifact, st, name, a.ckpt_dir, a.resume, a.threads, a.dtype, command)
+    if not a.no_eval:
+        res = evaluate_secant(a.artifact, [name] if not a.eval_only or a.name else None, a.eval_steps,
+                              [s for s in a.compare.split(",") if s], a.compare_nfe, a.n, a.seed_sets, a.guidance,
+                              a.guidance_interval, a.reference, a.cache)
+        if a.report:
+            Path(a.report).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.report).write_text(json.dumps(res, indent=1) + "\n")
+    return 0

@@ -1,0 +1,68 @@
+"""Prometheus metrics, one registry per process role.
+
+Labels come only from bounded sets: model (the served models), solver (classic + learned names),
+steps (the offered list), reason/code (fixed strings). Never the seed, class or request id.
+The API owns request-level series (it sees every outcome); the worker owns the compute series.
+In embedded mode one process holds both.
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+
+# 1 ms resolution at the bottom (a few-step sample of a small model), tens of seconds at the top.
+LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.35, 0.5, 0.75, 1.0, 1.5, 2.5,
+           5.0, 10.0, 30.0, 60.0)
+STEP = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+ROWS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512)
+
+REQ = ("model", "solver", "steps")
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None, process: bool = True):
+        r = self.registry = registry or CollectorRegistry()
+        if process:
+            ProcessCollector(registry=r)
+        # API side
+        self.request_seconds = Histogram("stride_request_duration_seconds", "End-to-end latency of successful "
+                                         "/generate requests", REQ, buckets=LATENCY, registry=r)
+        self.queue_seconds = Histogram("stride_queue_wait_seconds", "Accepted to first step (queue wait)", REQ,
+                                       buckets=LATENCY, registry=r)
+        self.compute_seconds = Histogram("stride_compute_seconds", "First step to last image sampled", REQ,
+                                         buckets=LATENCY, registry=r)
+        self.responses = Counter("stride_responses_total", "API responses by status code (/generate, and 401s anywhere)", ["code"], registry=r)
+        self.rejected = Counter("stride_rejected_total", "Requests refused or failed, by reason", ["reason"],
+                                registry=r)
+        self.queue_depth = Gauge("stride_queue_depth", "Requests queued or running", ["model"], registry=r)
+        self.workers_live = Gauge("stride_workers_live", "Workers with a live heartbeat (ready ones)", ["model"],
+                                  registry=r)
+        # worker side
+        self.images = Counter("stride_images_total", "Images generated", REQ, registry=r)
+        self.evaluations = Counter("stride_model_evaluations_total", "Model rows evaluated (CFG rows count twice)",
+                                   ["model"], registry=r)
+        self.model_calls = Counter("stride_model_calls_total", "Batched model calls (steps)", ["model"], registry=r)
+        self.batch_rows = Histogram("stride_batch_rows", "Rows per model call", ["model"], buckets=ROWS, registry=r)
+        self.step_seconds = Histogram("stride_step_duration_seconds", "One model call + fused update", ["model"],
+                                      buckets=STEP, registry=r)
+        self.worker_ready = Gauge("stride_worker_ready", "1 once this process's worker has warmed up", registry=r)
+        self.rows_in_flight = Gauge("stride_worker_rows", "Rows running in this worker's batch", registry=r)
+        self.redelivered = Counter("stride_redelivered_total", "Queue entries re-claimed from a dead worker",
+                                   registry=r)
+        self.dead_letters = Counter("stride_dead_letters_total", "Entries moved to the dead-letter stream",
+                                    registry=r)
+        self.worker_results = Counter("stride_worker_results_total", "Results written by this worker, by status",
+                                      ["code"], registry=r)
+
+    def init_labels(self, registry, steps):
+        """Create every bounded series up front so dashboards show zeros, not gaps."""
+        for e in registry:
+            self.queue_depth.labels(e.name).set(0)
+            self.workers_live.labels(e.name).set(0)
+            self.evaluations.labels(e.name)
+            self.model_calls.labels(e.name)
+        for reason in REASONS:
+            self.rejected.labels(reason)
+
+
+REASONS = ("invalid", "unknown_model", "unauthorized", "queue_full", "no_worker", "queue_unavailable", "deadline",
+           "lost", "dead_letter", "error")

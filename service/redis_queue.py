@@ -1,0 +1,468 @@
+"""Redis Streams transport: the API side (`RedisQueue`) and the worker side (`RedisWorkerTransport`).
+
+Keys, with P the key prefix (default 'stride'):
+  P:requests:<model>   stream, consumer group 'workers'; an entry is one Job (field 'job')
+  P:result:<id>        the Result, SET ... EX result_ttl (idempotent: a re-run overwrites the same answer)
+  P:done:<api id>      pub/sub channel on which workers wake the API instance that waits for <id>
+  P:worker:<id>        heartbeat, SET ... EX 3 x heartbeat; P:workers is the set of ids to look them up
+  P:dead               dead-letter stream: entries delivered more than max_deliveries times
+
+Delivery is at least once. An entry is deleted (XACK + XDEL in one MULTI, after the SET) once its
+result is stored, so XLEN is exactly "queued or running" and bounds admission. Workers refresh
+ownership of what they hold (XCLAIM JUSTID) every heartbeat, so XAUTOCLAIM's min idle time only
+fires for entries of a worker that stopped heartbeating.
+
+Why pub/sub rather than a BLPOP list per request for the wake-up: one subscriber connection per
+API process serves every waiting request, where BLPOP would hold one connection per waiting
+request. Pub/sub is at most once, so it is only a wake-up: the result itself is the SET key,
+which the API also polls, and a lost message costs at most one poll interval, never the result.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import RedisError, ResponseError
+
+from .jobs import Job, Result
+from .queue import WAIT_GRACE_S, Rejected
+
+log = logging.getLogger("stride.redis")
+GROUP = "workers"
+POLL_S = 0.5  # API: re-read the result key this often even without a wake-up
+DOWN_GRACE_S = 2.0  # API: how long Redis may be unreachable while a request waits before a 503
+DLQ_MAXLEN = 10000
+LONG_BLOCK_S = 0.2  # waits shorter than this are not left to Redis's blocking timeout (see fetch)
+
+# Admission in one round trip and atomically: refuse when the stream already holds `limit` entries.
+ADMIT = """
+local n = redis.call('XLEN', KEYS[1])
+if n >= tonumber(ARGV[1]) then return {0, n} end
+return {1, redis.call('XADD', KEYS[1], '*', 'job', ARGV[2])}
+"""
+
+
+def connect(settings) -> aioredis.Redis:
+    """Fail fast: one quick retry (a pooled connection gone stale after a Redis restart), no
+    multi-second backoff; timeouts above the longest blocking read."""
+    kw = dict(socket_timeout=5.0, socket_connect_timeout=2.0, retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1))
+    if settings.redis_url.startswith("rediss://") and settings.redis_ca_cert:
+        kw["ssl_ca_certs"] = settings.redis_ca_cert
+    return aioredis.from_url(settings.redis_url, **kw)
+
+
+class Keys:
+    def __init__(self, prefix: str):
+        self.p = prefix
+
+    def stream(self, model: str) -> str:
+        return f"{self.p}:requests:{model}"
+
+    def result(self, job_id: str) -> str:
+        return f"{self.p}:result:{job_id}"
+
+    def channel(self, api_id: str) -> str:
+        return f"{self.p}:done:{api_id}"
+
+    def worker(self, worker_id: str) -> str:
+        return f"{self.p}:worker:{worker_id}"
+
+    @property
+    def workers(self) -> str:
+        return f"{self.p}:workers"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.p}:dead"
+
+
+def _s(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+class RedisQueue:
+    """API side: admit (XADD), wait for the result, know which workers are alive."""
+
+    def __init__(self, settings, models: list[str]):
+        self.settings, self.models, self.keys = settings, list(models), Keys(settings.key_prefix)
+        self.r = connect(settings)
+        self.api_id = uuid.uuid4().hex[:12]
+        self.channel = self.keys.channel(self.api_id)
+        self.waiters: dict[str, asyncio.Event] = {}
+        self.live: dict[str, int] = {m: 0 for m in models}
+        self.depths: dict[str, int] = {m: 0 for m in models}
+        self.redis_ok = False
+        self._admit = self.r.register_script(ADMIT)
+        self._tasks: list[asyncio.Task] = []
+        self._closed = False
+        self._listening = asyncio.Event()
+
+    async def start(self):
+        await self._refresh_once()
+        self._tasks = [asyncio.create_task(self._listen()), asyncio.create_task(self._refresh())]
+        try:
+            await asyncio.wait_for(self._listening.wait(), 2.0)
+        except asyncio.TimeoutError:
+            log.warning("not subscribed to %s yet (Redis unreachable?); results will be polled", self.channel)
+
+    async def close(self):
+        self._closed = True
+        await _stop(self._tasks)
+        await self.r.aclose()
+
+    async def submit(self, job: Job):
+        if self.live.get(job.model, 0) == 0:
+            raise Rejected("no_worker", f"no live worker serves model {job.model!r}" +
+                           ("" if self.redis_ok else " (Redis unreachable)"))
+        job.reply = self.channel
+        self.waiters[job.id] = asyncio.Event()  # before XADD: the answer may come back at once
+        try:
+            ok, val = await self._admit(keys=[self.keys.stream(job.model)],
+                                        args=[self.settings.queue_limit, job.dumps()])
+        except (RedisError, OSError) as e:
+            self.waiters.pop(job.id, None)
+            raise Rejected("queue_unavailable", f"queue unavailable: {type(e).__name__}: {e}") from None
+        if not ok:
+            self.waiters.pop(job.id, None)
+            raise Rejected("queue_full", f"queue full ({int(val)} requests queued or running for {job.model!r}, "
+                                         f"limit {self.settings.queue_limit})")
+        job.entry, job.stream = _s(val), self.keys.stream(job.model)
+
+    async def wait(self, job: Job) -> Result:
+        ev = self.waiters.setdefault(job.id, asyncio.Event())
+        key, hard, down_since = self.keys.result(job.id), job.deadline + WAIT_GRACE_S, None
+        try:
+            while True:
+                remaining = hard - time.time()
+                if remaining <= 0:
+                    return Result(job.id, 504, "deadline passed while waiting for a worker")
+                try:
+                    await asyncio.wait_for(ev.wait(), min(POLL_S if down_since is None else 0.2, remaining))
+                except asyncio.TimeoutError:
+                    pass
+                ev.clear()
+                try:
+                    raw = await self.r.get(key)
+                    if raw is None and not await self.r.xrange(job.stream, job.entry, job.entry):
+                        # entry gone: either done a moment ago (the SET precedes XDEL) or lost with Redis
+                        raw = await self.r.get(key)
+                        if raw is None:
+                            return Result(job.id, 503, "the queue lost this request (Redis restarted without "
+                                                       "persistence?); it was not computed, retry")
+                    if raw is not None:
+                        try:
+                            await self.r.delete(key)
+                        except (RedisError, OSError):
+                            pass  # the TTL cleans up
+                        return Result.loads(raw)
+                    down_since = None
+                except (RedisError, OSError) as e:
+                    down_since = down_since or time.monotonic()
+                    if time.monotonic() - down_since > DOWN_GRACE_S:
+                        return Result(job.id, 503, f"lost contact with the queue while waiting ({type(e).__name__}); "
+                                                   f"the request may not have run, retry")
+        finally:
+            self.waiters.pop(job.id, None)
+
+    async def status(self) -> dict:
+        return {"redis": self.redis_ok, "workers": dict(self.live), "depth": dict(self.depths)}
+
+    async def _listen(self):
+        while not self._closed:
+            ps = self.r.pubsub()
+            try:
+                await ps.subscribe(self.channel)
+                self._listening.set()
+                for ev in list(self.waiters.values()):  # anything finished while we were away
+                    ev.set()
+                while not self._closed:
+                    msg = await ps.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if msg and msg.get("type") == "message":
+                        ev = self.waiters.get(_s(msg["data"]))
+                        if ev:
+                            ev.set()
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError):
+                self._listening.clear()
+                await asyncio.sleep(0.2)
+            finally:
+                try:
+                    await ps.aclose()
+                except Exception:
+                    pass
+
+    async def _refresh_once(self):
+        k = self.keys
+        try:
+            ids = [_s(i) for i in await self.r.smembers(k.workers)]
+            vals = await self.r.mget([k.worker(i) for i in ids]) if ids else []
+            live = {m: 0 for m in self.models}
+            for i, v in zip(ids, vals):
+                if v is None:
+                    await self.r.srem(k.workers, i)
+                    continue
+                info = json.loads(v)
+                if info.get("ready"):
+                    for m in info.get("models", []):
+                        if m in live:
+                            live[m] += 1
+            pipe = self.r.pipeline(transaction=False)
+            for m in self.models:
+                pipe.xlen(k.stream(m))
+            self.depths = dict(zip(self.models, map(int, await pipe.execute())))
+            self.live, self.redis_ok = live, True
+        except (RedisError, OSError, ValueError):
+            self.live, self.redis_ok = {m: 0 for m in self.models}, False
+
+    async def _refresh(self):
+        while not self._closed:
+            await asyncio.sleep(min(0.5, self.settings.heartbeat_s))
+            await self._refresh_once()
+
+
+class RedisWorkerTransport:
+    """Worker side: read (XREADGROUP), re-claim dead workers' entries (XAUTOCLAIM), answer, heartbeat."""
+
+    def __init__(self, settings, models: list[str], metrics, worker=None):
+        self.settings, self.models, self.metrics, self.worker = settings, list(models), metrics, worker
+        self.keys = Keys(settings.key_prefix)
+        self.streams = [self.keys.stream(m) for m in self.models]
+        self.consumer = settings.worker_id
+        self.r = connect(settings)
+        self.backlog: list[Job] = []  # own pending entries after a restart, and re-claimed ones
+        self._tasks: list[asyncio.Task] = []
+        self._closed = False
+
+    async def start(self):
+        await self._ensure_groups(retry=True)
+        for s in self.streams:  # our own unfinished entries from a previous life under the same id
+            resp = await self.r.xreadgroup(GROUP, self.consumer, {s: "0"}, count=10000)
+            await self._take(s, _entries(resp), reclaimed=True)
+        self._tasks = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._reclaim())]
+
+    async def close(self):
+        self._closed = True
+        await _stop(self._tasks)
+        try:
+            await self.r.delete(self.keys.worker(self.consumer))
+            await self.r.srem(self.keys.workers, self.consumer)
+        except (RedisError, OSError):
+            pass
+        await self.r.aclose()
+
+    async def _ensure_groups(self, retry=False):
+        while True:
+            try:
+                for s in self.streams:
+                    try:
+                        await self.r.xgroup_create(s, GROUP, id="0", mkstream=True)
+                    except ResponseError as e:
+                        if "BUSYGROUP" not in str(e):
+                            raise
+                return
+            except (RedisError, OSError) as e:
+                if not retry:
+                    raise
+                log.warning("Redis not reachable (%s); retrying", e)
+                await asyncio.sleep(0.5)
+
+    # -- reading --------------------------------------------------------------------------------
+    async def fetch(self, count: int, timeout: float) -> list[Job]:
+        if self.backlog:
+            out, self.backlog = self.backlog[:count], self.backlog[count:]
+            return out
+        # Redis times blocked clients out on its cron tick (hz 10: up to 100 ms late), so a short wait
+        # (the policy's few-ms batch fill) is a read, a local sleep and a second read; only an idle
+        # worker blocks in Redis, where a new entry wakes it at once. Never BLOCK 0: that is forever.
+        if 0 < timeout < LONG_BLOCK_S:
+            jobs = await self._read(count, None)
+            if jobs:
+                return jobs
+            await asyncio.sleep(timeout)
+            timeout = 0
+        return await self._read(count, int(min(timeout, 1.0) * 1000) if timeout > 0 else None)
+
+    async def _read(self, count: int, block: int | None) -> list[Job]:
+        try:
+            resp = await self.r.xreadgroup(GROUP, self.consumer, {s: ">" for s in self.streams}, count=count,
+                                           block=block)
+        except ResponseError as e:
+            if "NOGROUP" in str(e):  # Redis restarted without persistence: the group is gone
+                await self._ensure_groups()
+                return []
+            raise
+        except (RedisError, OSError) as e:
+            log.warning("read failed (%s); retrying", e)
+            await asyncio.sleep(0.2)
+            return []
+        jobs = []
+        for stream, entries in _by_stream(resp):
+            jobs += await self._take(stream, entries, reclaimed=False)
+        return jobs
+
+    async def _take(self, stream: str, entries, reclaimed: bool) -> list[Job]:
+        out = []
+        for eid, fields in entries:
+            eid = _s(eid)
+            raw = fields.get(b"job") if fields else None
+            if raw is None:  # payload trimmed away: nothing to run, nobody to answer
+                await self._ack(stream, eid)
+                continue
+            try:
+                job = Job.loads(raw)
+            except Exception as e:
+                await self._dead_letter(stream, eid, raw, None, f"unreadable job: {e}")
+                continue
+            job.entry, job.stream = eid, stream
+            if reclaimed:
+                n = await self._deliveries(stream, eid)
+                job.deliveries = n
+                if await self.r.exists(self.keys.result(job.id)):  # answered, but died before XACK
+                    await self._ack(stream, eid)
+                    continue
+                if n > self.settings.max_deliveries:
+                    await self._dead_letter(stream, eid, raw, job, f"delivered {n} times without completing "
+                                            f"(more than max_deliveries={self.settings.max_deliveries}); the workers "
+                                            f"running it died")
+                    continue
+                self.metrics.redelivered.inc()
+            out.append(job)
+        if reclaimed:
+            self.backlog += out
+        return out
+
+    async def _deliveries(self, stream: str, eid: str) -> int:
+        p = await self.r.xpending_range(stream, GROUP, eid, eid, 1)
+        return int(p[0]["times_delivered"]) if p else 1
+
+    async def _reclaim(self):
+        idle = self.settings.claim_idle_ms
+        while not self._closed:
+            await asyncio.sleep(max(0.05, min(1.0, idle / 2e3)))
+            try:
+                room = self.worker.capacity() if self.worker else 1
+                if room <= 0 or self.backlog:
+                    continue
+                for s in self.streams:
+                    _, claimed, *_ = await self.r.xautoclaim(s, GROUP, self.consumer, idle, "0-0", count=room)
+                    if claimed:
+                        log.warning("re-claimed %d entries idle > %d ms from %s", len(claimed), idle, s)
+                        await self._take(s, claimed, reclaimed=True)
+            except ResponseError as e:
+                if "NOGROUP" in str(e):
+                    await self._ensure_groups()
+            except (RedisError, OSError):
+                pass
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("reclaim failed")
+
+    # -- answering --------------------------------------------------------------------------------
+    async def complete(self, job: Job, result: Result):
+        """SET the result, wake the API, then XACK + XDEL: the entry is released only once the
+        answer is stored. Retried while Redis is down, up to a minute past the deadline."""
+        give_up = job.deadline + 60
+        delay = 0.05
+        while True:
+            try:
+                pipe = self.r.pipeline(transaction=True)
+                pipe.set(self.keys.result(job.id), result.dumps(), ex=self.settings.result_ttl_s)
+                if job.reply:
+                    pipe.publish(job.reply, job.id)
+                if job.entry:
+                    pipe.xack(job.stream, GROUP, job.entry)
+                    pipe.xdel(job.stream, job.entry)
+                await pipe.execute(raise_on_error=False)
+                return
+            except (RedisError, OSError) as e:
+                if time.time() > give_up:
+                    log.error("giving up on storing the result of %s: %s", job.id, e)
+                    return
+                await asyncio.sleep(delay)
+                delay = min(1.0, delay * 2)
+
+    async def _ack(self, stream: str, eid: str):
+        pipe = self.r.pipeline(transaction=True)
+        pipe.xack(stream, GROUP, eid)
+        pipe.xdel(stream, eid)
+        await pipe.execute(raise_on_error=False)
+
+    async def _dead_letter(self, stream, eid, raw, job: Job | None, error: str):
+        log.error("dead-letter %s %s: %s", stream, eid, error)
+        self.metrics.dead_letters.inc()
+        pipe = self.r.pipeline(transaction=True)
+        pipe.xadd(self.keys.dead, {"job": raw, "error": error, "stream": stream, "entry": eid,
+                                   "worker": self.consumer, "time": str(time.time())},
+                  maxlen=DLQ_MAXLEN, approximate=True)
+        if job is not None:
+            res = Result(job.id, 500, f"request failed and was moved to the dead-letter stream {self.keys.dead!r}: "
+                                      f"{error}", worker=self.consumer)
+            pipe.set(self.keys.result(job.id), res.dumps(), ex=self.settings.result_ttl_s)
+            if job.reply:
+                pipe.publish(job.reply, job.id)
+        pipe.xack(stream, GROUP, eid)
+        pipe.xdel(stream, eid)
+        await pipe.execute(raise_on_error=False)
+
+    # -- liveness ---------------------------------------------------------------------------------
+    async def _heartbeat(self):
+        hb = self.settings.heartbeat_s
+        while not self._closed:
+            try:
+                info = self.worker.status() if self.worker else {"ready": True, "models": self.models}
+                await self.r.set(self.keys.worker(self.consumer), json.dumps({**info, "time": time.time()}),
+                                 px=int(max(3 * hb, 1.0) * 1000))
+                await self.r.sadd(self.keys.workers, self.consumer)
+                await self._refresh_ownership()
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError):
+                pass
+            except Exception:
+                log.exception("heartbeat failed")
+            await asyncio.sleep(hb)
+
+    async def _refresh_ownership(self):
+        """Reset the idle time of the entries we hold and still own, so XAUTOCLAIM leaves them be."""
+        held = {}
+        for j in (self.worker.held() if self.worker else []) + self.backlog:
+            if j.entry:
+                held.setdefault(j.stream, set()).add(j.entry)
+        for s, ids in held.items():
+            mine = await self.r.xpending_range(s, GROUP, "-", "+", 10000, consumername=self.consumer)
+            ids = [i for i in (_s(p["message_id"]) for p in mine) if i in ids]
+            if ids:
+                await self.r.xclaim(s, GROUP, self.consumer, 0, ids, justid=True)
+
+
+async def _stop(tasks):
+    """Cancel background loops. redis-py can swallow a cancellation that lands inside a command
+    (it resets the connection), so cancel again if one is still running; loops also check _closed."""
+    for _ in range(3):
+        tasks = [t for t in tasks if not t.done()]
+        if not tasks:
+            return
+        for t in tasks:
+            t.cancel()
+        await asyncio.wait(tasks, timeout=1.0)
+
+
+def _by_stream(resp):
+    """XREADGROUP's reply as [(stream, [(id, fields)])] (RESP2 list or RESP3 dict shape)."""
+    if not resp:
+        return []
+    if isinstance(resp, dict):
+        return [(_s(k), v[0] if v and isinstance(v[0], list) else v) for k, v in resp.items()]
+    return [(_s(stream), entries) for stream, entries in resp]
+
+
+def _entries(resp):
+    return [e for _, entries in _by_stream(resp) for e in entries]

@@ -1,0 +1,261 @@
+"""The worker loop: take jobs from a transport, batch them with the policy, step the engine, answer.
+
+The same loop runs over the in-process queue (embedded mode) and over Redis Streams. Compute runs
+on one dedicated thread (the engine is not thread-safe), PNG encoding on another pool, so the event
+loop stays free for intake, heartbeats and results while the model runs.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from solvers.executor import Stepper, sample, seeded_noise
+
+from . import images
+from .engine import Engine
+from .jobs import Job, Result
+from .metrics import Metrics
+from .models import Registry
+from .policy import Waiting, plan
+
+log = logging.getLogger("stride.worker")
+IDLE_BLOCK_S = 0.5  # longest blocking read when idle; well under the Redis socket timeout
+
+
+def buckets(max_batch: int) -> list[int]:
+    out, b = [], 1
+    while b < max_batch:
+        out.append(b)
+        b *= 2
+    return out + [max_batch]
+
+
+@dataclass
+class Task:
+    job: Job
+    table: object
+    rows_per_image: int
+    next: int = 0  # images admitted so far
+    done: dict = field(default_factory=dict)  # index -> sample
+    started: float | None = None
+    answered: bool = False
+
+
+class Worker:
+    def __init__(self, registry: Registry, settings, transport, metrics: Metrics, name: str = "worker"):
+        self.registry, self.settings, self.transport, self.metrics, self.name = registry, settings, transport, metrics, name
+        self.engine: Engine | None = None
+        self.tasks: dict[str, Task] = {}
+        self.ready = False
+        self.stopping = False
+        self.wake: float | None = None
+        self.compute = ThreadPoolExecutor(1, thread_name_prefix="stride-compute")
+        self.encoder = ThreadPoolExecutor(2, thread_name_prefix="stride-png")
+        self._pending: set[asyncio.Task] = set()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def warm_up(self):
+        """Every batch bucket through the model once, every offered step count through a full
+        sample, before reporting ready: no request pays for first-call allocation or a bad table."""
+        s = self.settings
+        if s.threads:
+            torch.set_num_threads(s.threads)
+        elif s.device == "cpu" and s.role == "all":
+            # API, PNG encoding and (on a laptop) the client share the machine: leave them a core, or
+            # torch's threads get preempted inside parallel regions and every step stalls
+            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - 1))
+        self.engine = Engine(self.registry, s.steps, s.device, self.metrics)
+        if not s.warmup:
+            return
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for e in self.registry:
+                for variant in ["", *e.variants]:  # the base network, then each secant network
+                    model, key = e.model_for(variant), e.stepper_key(variant)
+                    for b in buckets(s.max_batch):  # one model call per batch size the engine may form
+                        st = Stepper(model, self.engine.steppers[key].window, s.device)
+                        st.add([self._warm_table(e, variant, s.steps[-1])] * b,
+                               seeded_noise(range(b), e.shape, device=s.device), [0] * b, 1.0)
+                        st.step()
+                    for n in s.steps:  # and every step count's table, end to end
+                        sample(model, self._warm_table(e, variant, n), seeded_noise([0], e.shape, device=s.device),
+                               torch.zeros(1, dtype=torch.long))
+        log.info("warm-up done in %.1f s (buckets %s, steps %s)", time.perf_counter() - t0, buckets(s.max_batch), s.steps)
+
+    @staticmethod
+    def _warm_table(e, variant: str, n: int):
+        if variant:
+            return e.table(variant, n)
+        auto = e.resolve(n)
+        return e.table(e.default_solver(n) if auto in e.variants else auto, n)
+
+    def status(self) -> dict:
+        return {"id": self.name, "ready": self.ready, "models": self.registry.names(), "steps": self.settings.steps,
+                "rows": self.engine.rows if self.engine else 0, "max_batch": self.settings.max_batch,
+                "tasks": len(self.tasks)}
+
+    def capacity(self) -> int:
+        """Rows free for more work (what the transport may take on without starving other workers)."""
+        if self.engine is None or not self.ready or self.stopping:
+            return 0
+        return self.settings.max_batch - self.engine.rows - self._waiting_rows()
+
+    def held(self) -> list[Job]:
+        """Jobs this worker owns (for the transport's ownership refresh)."""
+        return [t.job for t in self.tasks.values()]
+
+    def stop(self):
+        self.stopping = True
+
+    async def run(self):
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.compute, self.warm_up)
+        self.ready = True
+        log.info("worker %s ready", self.name)
+        try:
+            while not (self.stopping and not self.tasks):
+                if self.engine.busy:
+                    await self._step()
+                    await self._intake(0)
+                elif not self.stopping:
+                    await self._intake(self._idle_timeout())
+                else:
+                    await asyncio.sleep(0.01)  # draining: answers still being written
+                self._schedule()
+        finally:
+            if self._pending:
+                await asyncio.gather(*self._pending, return_exceptions=True)
+            self.ready = False
+            self.compute.shutdown(wait=False)
+            self.encoder.shutdown(wait=False)
+
+    # -- the loop -----------------------------------------------------------------------------
+    def _idle_timeout(self) -> float:
+        if self.wake is not None:
+            return max(0.0, self.wake - time.time())
+        return IDLE_BLOCK_S
+
+    def _waiting_rows(self) -> int:
+        return sum(t.rows_per_image * (t.job.n - t.next) for t in self.tasks.values() if not t.answered)
+
+    async def _intake(self, timeout: float):
+        free = self.settings.max_batch - self.engine.rows - self._waiting_rows()
+        if free <= 0 or self.stopping:
+            if timeout > 0:
+                await asyncio.sleep(min(timeout, 0.01))
+            return
+        for job in await self.transport.fetch(free, timeout):
+            self._accept(job)
+
+    def _accept(self, job: Job):
+        if job.id in self.tasks:  # redelivered to us while we still hold it
+            self.tasks[job.id].job.entry = job.entry or self.tasks[job.id].job.entry
+            return
+        try:
+            entry = self.registry[job.model]
+            table = entry.table(job.solver, job.steps)
+        except Exception as e:  # API and worker disagree on models/solvers: a configuration error
+            self._answer(Task(job, None, 1), Result(job.id, 500, f"worker {self.name} cannot run this request: {e}"))
+            return
+        rows = entry.rows_per_guided_image(job.solver) if job.guidance != 1 else 1
+        self.tasks[job.id] = Task(job, table, rows)
+
+    def _schedule(self):
+        now = time.time()
+        for t in list(self.tasks.values()):  # running requests: the deadline is checked before every step
+            if not t.answered and t.next > 0 and now >= t.job.deadline:
+                self._expire(t, now)
+        waiting = [Waiting(t.job.id, t.rows_per_image, t.job.n - t.next, t.job.deadline, t.job.enqueued)
+                   for t in self.tasks.values() if not t.answered and t.next < t.job.n]
+        p = plan(waiting, self.settings.max_batch - self.engine.rows, self.engine.busy, self.settings.max_batch,
+                 self.settings.max_wait_ms / 1e3, now)
+        for jid in p.expired:
+            self._expire(self.tasks[jid], now)
+        for jid, k in p.admit:
+            t = self.tasks[jid]
+            self.engine.add(t.job, t.table, t.next, k, t.rows_per_image)
+            t.next += k
+            if t.started is None:
+                t.started = now
+        self.wake = p.wake
+        self.metrics.rows_in_flight.set(self.engine.rows)
+
+    def _expire(self, t: Task, now: float):
+        self.engine.drop(t.job.id)
+        where = "before it was started" if t.next == 0 else f"after {len(t.done)} of {t.job.n} images"
+        self._answer(t, Result(t.job.id, 504, f"deadline passed {where}; the request was dropped, not finished",
+                               worker=self.name, queue_ms=1e3 * ((t.started or now) - t.job.enqueued)))
+
+    async def _step(self):
+        loop = asyncio.get_running_loop()
+        try:
+            done = await loop.run_in_executor(self.compute, self.engine.step)
+        except Exception as e:  # a failed model call fails the requests in it, not the worker
+            log.exception("step failed")
+            for jid in list(self.engine.jobs):
+                self._answer(self.tasks[jid], Result(jid, 500, f"model call failed: {type(e).__name__}: {e}",
+                                                     worker=self.name))
+            self.engine.reset()
+            return
+        finished = []
+        for jid, i, y in done:
+            t = self.tasks.get(jid)
+            if t is None or t.answered:
+                continue
+            t.done[i] = y
+            if len(t.done) == t.job.n:
+                t.answered = True
+                finished.append(t)
+        if finished:
+            self._spawn(self._finish(finished, time.time()))
+
+    async def _finish(self, tasks: list[Task], end: float):
+        """Encode the PNGs of every request a step finished in one trip to the encoder pool."""
+        loop = asyncio.get_running_loop()
+        try:
+            pngs = await loop.run_in_executor(self.encoder, self._encode_all, tasks)
+        except Exception as e:
+            log.exception("encoding failed")
+            for t in tasks:
+                self._spawn(self._deliver(t, Result(t.job.id, 500, f"encoding failed: {type(e).__name__}: {e}",
+                                                    worker=self.name)))
+            return
+        for t, images_ in zip(tasks, pngs):
+            job = t.job
+            self.metrics.images.labels(job.model, job.solver, str(job.steps)).inc(job.n)
+            self._spawn(self._deliver(t, Result(job.id, 200, "", job.solver, job.steps,
+                                                1e3 * (t.started - job.enqueued), 1e3 * (end - t.started), images_,
+                                                self.name)))
+
+    def _encode_all(self, tasks: list[Task]) -> list[list[bytes]]:
+        out = []
+        for t in tasks:
+            entry = self.registry[t.job.model]
+            out.append(images.encode([t.done[i] for i in range(t.job.n)], entry.data_range, self.settings.png_scale,
+                                     t.job.format == "png"))
+        return out
+
+    def _answer(self, t: Task, result: Result):
+        t.answered = True
+        self.tasks.setdefault(t.job.id, t)
+        self._spawn(self._deliver(t, result))
+
+    async def _deliver(self, t: Task, result: Result):
+        try:
+            await self.transport.complete(t.job, result)
+            self.metrics.worker_results.labels(str(result.status)).inc()
+        except Exception:
+            log.exception("could not deliver the result of %s", t.job.id)
+        finally:
+            self.tasks.pop(t.job.id, None)
+
+    def _spawn(self, coro):
+        task = asyncio.create_task(coro)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)

@@ -1,0 +1,291 @@
+"""Artifacts: a directory of json + safetensors that offline writes and the service reads.
+
+    model.json / model.safetensors            the denoiser (format stride.model/1)
+    classifier.json / classifier.safetensors  the quality classifier (stride.classifier/1), optional
+    solvers/<name>.json                       learned solvers, optional (see SOLVER_LOADERS)
+    eval.json                                 quality per sampler x NFE (stride.eval/1), optional
+
+Loading never unpickles; it checks every file's format version, the sha256 of every weights file
+and every tensor's shape, and refuses with a ValueError that names what it found and expected.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import learned
+from .nets import build_net
+from .param import check_param
+from .schedules import Schedule, schedule_from_json
+from .table import FORMAT as TABLE_FORMAT
+from .table import Table
+
+MODEL_FORMAT = "stride.model/1"
+CLASSIFIER_FORMAT = "stride.classifier/1"
+EVAL_FORMAT = "stride.eval/1"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_json(path, obj):
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)  # readers never see half a file
+
+
+def read_json(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path} is missing")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} must hold a JSON object, found {type(d).__name__}")
+    return d
+
+
+def check_format(d: dict, expected: str, where) -> None:
+    if d.get("format") != expected:
+        raise ValueError(f"{where}: format {d.get('format')!r} is not supported; expected {expected!r}")
+
+
+# -- weights -------------------------------------------------------------------------------------
+
+def write_weights(path, state_dict: dict, dtype: str = "float32") -> dict:
+    """Save tensors (floating ones cast to `dtype`) and return the json record of the file."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown weights dtype {dtype!r}; allowed: {sorted(DTYPES)}")
+    sd = {k: (v.detach().to(DTYPES[dtype]) if v.is_floating_point() else v.detach()).contiguous().cpu()
+          for k, v in state_dict.items()}
+    path = Path(path)
+    save_file(sd, str(path))
+    return {"file": path.name, "sha256": sha256_file(path), "dtype": dtype,
+            "params": int(sum(v.numel() for v in sd.values())), "bytes": path.stat().st_size}
+
+
+def read_net(directory: Path, meta: dict, where: str, device="cpu") -> torch.nn.Module:
+    """Build the net that `meta['architecture']` describes and load its checked weights."""
+    arch, rec = meta.get("architecture"), meta.get("weights")
+    if not isinstance(arch, dict) or "kind" not in arch or "config" not in arch:
+        raise ValueError(f"{where}: 'architecture' must be {{'kind': ..., 'config': {{...}}}}, "
+                         f"found {arch!r}")
+    if not isinstance(rec, dict) or "file" not in rec or "sha256" not in rec:
+        raise ValueError(f"{where}: 'weights' must name the file and its sha256, found {rec!r}")
+    wpath = directory / rec["file"]
+    if not wpath.is_file():
+        raise ValueError(f"{where}: weights file {wpath} is missing")
+    digest = sha256_file(wpath)
+    if digest != rec["sha256"]:
+        raise ValueError(f"{wpath}: sha256 is {digest}, but {where} expects {rec['sha256']} "
+                         "(the weights were changed or replaced after the json was written)")
+    net = build_net(arch["kind"], arch["config"])
+    try:
+        sd = load_file(str(wpath), device=str(device))
+    except Exception as e:  # safetensors raises its own error types
+        raise ValueError(f"{wpath}: not a readable safetensors file: {e}") from e
+    want = net.state_dict()
+    missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
+    if missing or unexpected:
+        raise ValueError(f"{wpath} does not match the architecture in {where}: "
+                         f"missing tensors {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                         f"unexpected tensors {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    for k, v in want.items():
+        if tuple(sd[k].shape) != tuple(v.shape):
+            raise ValueError(f"{wpath}: tensor {k!r} has shape {tuple(sd[k].shape)}, "
+                             f"but the architecture in {where} expects {tuple(v.shape)}")
+    net.load_state_dict({k: v.to(want[k].dtype) for k, v in sd.items()}, strict=True)
+    return net.to(device).eval().requires_grad_(False)
+
+
+# -- the model protocol ----------------------------------------------------------------------------
+
+class Denoiser:
+    """A network as the executor's model: `model(x, t, s, label) -> out` in the declared
+    parameterisation. The net runs in float32 whatever the state's dtype; gradients flow to x
+    (solver search differentiates through it) but never to the frozen weights."""
+
+    guidance_input = False
+
+    def __init__(self, net, schedule: Schedule, param: str, shape, num_classes: int, secant: bool = False,
+                 sha256: str | None = None):
+        self.net, self.schedule, self.param = net, schedule, check_param(param)
+        self.shape, self.num_classes = tuple(shape), int(num_classes)
+        self.secant, self.sha256 = secant, sha256
+
+    def __call__(self, x, t, s, label):
+        B = x.shape[0]
+        p = next(self.net.parameters())
+        t = torch.as_tensor(t, device=p.device).to(torch.float32).expand(B)
+        s = torch.as_tensor(s, device=p.device).to(torch.float32).expand(B) if self.secant else None
+        out = self.net(x.reshape(B, *self.shape).to(p.dtype), t, torch.as_tensor(label, device=p.device), s)
+        return out.to(x.dtype).reshape(x.shape)
+
+
+# -- saving ----------------------------------------------------------------------------------------
+
+def save_artifact(out_dir, net_config: dict, state_dict: dict, schedule: Schedule, param: str, data_shape,
+                  class_names, training_info: dict, *, arch: str = "unet", data_source: dict | None = None,
+                  dtype: str = "float32", sampling: dict | None = None) -> Path:
+    """Write model.safetensors and model.json (last, so a crash leaves no valid-looking artifact)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if len(class_names) != net_config.get("num_classes", len(class_names)):
+        raise ValueError(f"{len(class_names)} class names for a net with "
+                         f"num_classes={net_config['num_classes']}")
+    rec = write_weights(out / "model.safetensors", state_dict, dtype)
+    meta = {
+        "format": MODEL_FORMAT,
+        "name": out.name,
+        "architecture": {"kind": arch, "config": net_config},
+        "schedule": schedule.to_json(),
+        "param": check_param(param),
+        "data": {"shape": [int(d) for d in data_shape], "range": [-1.0, 1.0],
+                 "class_names": list(class_names), "num_classes": len(class_names),
+                 "source": data_source or {}},
+        "weights": rec,
+        "sampling": sampling or {},
+        "training": training_info,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    write_json(out / "model.json", meta)
+    return out
+
+
+def save_classifier(artifact_dir, config: dict, state_dict: dict, info: dict) -> dict:
+    out = Path(artifact_dir)
+    rec = write_weights(out / "classifier.safetensors", state_dict, "float32")
+    meta = {"format": CLASSIFIER_FORMAT, "architecture": {"kind": "classifier", "config": config},
+            "weights": rec, **info}
+    write_json(out / "classifier.json", meta)
+    return meta
+
+
+# -- loading ---------------------------------------------------------------------------------------
+
+# Learned-solver files (solvers/<name>.json) by their format field -> fn(json dict, Artifact) -> Table.
+# A plain table file (stride.table/1) loads as is; solvers.learned adds searched / D-ODE solvers.
+SOLVER_LOADERS: dict[str, Callable[[dict, "Artifact"], Table]] = {
+    TABLE_FORMAT: lambda d, art: Table.from_json(d),
+}
+
+
+def register_solver_loader(fmt: str, fn: Callable[[dict, "Artifact"], Table]) -> None:
+    SOLVER_LOADERS[fmt] = fn
+
+
+register_solver_loader(learned.FORMAT, learned.artifact_loader)  # searched and D-ODE solvers (issue #5)
+
+
+@dataclass
+class Artifact:
+    name: str
+    path: Path
+    model: Denoiser
+    meta: dict
+    sha256: str  # of model.safetensors: what solver and eval files are keyed by
+    eval: dict | None = None
+    classifier: torch.nn.Module | None = None
+    classifier_meta: dict | None = None
+    solvers: dict = field(default_factory=dict)  # name -> Table
+
+    @property
+    def schedule(self) -> Schedule:
+        return self.model.schedule
+
+    @property
+    def class_names(self) -> list:
+        return self.meta["data"]["class_names"]
+
+
+def _check_model_hash(d: dict, art: Artifact, where) -> None:
+    h = d.get("model_sha256")
+    if h is not None and h != art.sha256:
+        raise ValueError(f"{where} was made for model sha256 {h}, but {art.path / 'model.safetensors'} "
+                         f"has sha256 {art.sha256}; re-run it on this model")
+
+
+def load_solvers(art: Artifact) -> dict:
+    out = {}
+    for f in sorted((art.path / "solvers").glob("*.json")):
+        d = read_json(f)
+        fmt = d.get("format")
+        if fmt not in SOLVER_LOADERS:
+            raise ValueError(f"{f}: format {fmt!r} is not supported; "
+                             f"expected one of {sorted(SOLVER_LOADERS)}")
+        tab = SOLVER_LOADERS[fmt](d, art)
+        _check_model_hash({"model_sha256": d.get("model_sha256", tab.meta.get("model_sha256"))}, art, f)
+        out[f.stem] = tab
+    return out
+
+
+def load_artifact(path, device="cpu") -> Artifact:
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"artifact {str(path)!r} is not a directory")
+    where = path / "model.json"
+    meta = read_json(where)
+    check_format(meta, MODEL_FORMAT, where)
+    for k in ("architecture", "schedule", "param", "data", "weights"):
+        if k not in meta:
+            raise ValueError(f"{where}: field {k!r} is missing")
+    cfg, shape = meta["architecture"]["config"], [int(d) for d in meta["data"]["shape"]]
+    net_shape = [cfg.get("in_channels"), cfg.get("image_size"), cfg.get("image_size")]
+    if shape != net_shape:
+        raise ValueError(f"{where}: data shape {shape} does not match the architecture's "
+                         f"[in_channels, image_size, image_size] = {net_shape}")
+    num_classes = len(meta["data"]["class_names"])
+    if cfg.get("num_classes") != num_classes:
+        raise ValueError(f"{where}: {num_classes} class names, "
+                         f"but the architecture has num_classes={cfg.get('num_classes')}")
+    net = read_net(path, meta, str(where), device)
+    model = Denoiser(net, schedule_from_json(meta["schedule"]), meta["param"], shape, num_classes,
+                     secant=bool(cfg.get("secant", False)), sha256=meta["weights"]["sha256"])
+    art = Artifact(path.name, path, model, meta, meta["weights"]["sha256"])
+    if (path / "classifier.json").exists():
+        where = path / "classifier.json"
+        cm = read_json(where)
+        check_format(cm, CLASSIFIER_FORMAT, where)
+        ccfg = cm["architecture"]["config"]
+        cshape = [ccfg.get("in_channels"), ccfg.get("image_size"), ccfg.get("image_size")]
+        if cshape != shape or ccfg.get("num_classes") != num_classes:
+            raise ValueError(f"{where}: classifier input {cshape} with {ccfg.get('num_classes')} classes "
+                             f"does not match the model's data shape {shape} with {num_classes} classes")
+        art.classifier, art.classifier_meta = read_net(path, cm, str(where), device), cm
+    if (path / "eval.json").exists():
+        where = path / "eval.json"
+        ev = read_json(where)
+        check_format(ev, EVAL_FORMAT, where)
+        _check_model_hash(ev, art, where)
+        art.eval = ev
+    art.solvers = load_solvers(art)
+    return art
+
+
+def default_guidance(art: Artifact) -> float:
+    """The guidance scale eval measured as the default, else model.json's, else 1 (no guidance)."""
+    for src in (art.eval or {}, art.meta.get("sampling", {})):
+        if src.get("default_guidance") is not None:
+            return float(src["default_guidance"])
+    return 1.0
+
+
+def param_count(net) -> int:
+    return sum(math.prod(p.shape) for p in net.parameters())

@@ -1,0 +1,208 @@
+"""Helpers for the service tests: a private redis-server, the API on a thread, workers as
+subprocesses, and reference images computed with the executor directly."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import redis
+import torch
+import uvicorn
+
+from service import images
+from service.app import create_app
+from service.models import analytic_entry
+from service.settings import Settings
+from solvers.executor import sample, seeded_noise
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GMM = analytic_entry()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(cond, timeout: float, what: str, interval: float = 0.05):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            v = cond()
+        except Exception:
+            v = None
+        if v:
+            return v
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+class RedisServer:
+    """redis-server on a free port, no persistence: a restart loses everything, as in the tests."""
+
+    def __init__(self):
+        if not shutil.which("redis-server"):
+            pytest.skip("redis-server is not installed")
+        self.port = free_port()
+        self.proc = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=2)
+
+    def start(self):
+        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--protected-mode", "no"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: self.client().ping(), 10, "redis-server")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+class ApiServer:
+    """create_app under uvicorn on a thread (its own event loop), on a free port."""
+
+    def __init__(self, settings: Settings, registry=None, ready=True):
+        self.port = free_port()
+        self.app = create_app(settings, registry)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_until_complete, args=(self.server.serve(),), daemon=True)
+        self.thread.start()
+        wait_for(lambda: self.server.started, 20, "the API to start")
+        if ready:
+            import httpx
+
+            wait_for(lambda: httpx.get(self.url + "/readyz").status_code == 200, 30, "the API to be ready", 0.1)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def service(self):
+        return self.app.state.service
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(15)
+        if self.thread.is_alive():
+            import io
+            buf = io.StringIO()
+            for t in asyncio.all_tasks(self.loop):
+                t.print_stack(file=buf)
+            raise RuntimeError("API server did not stop; its tasks:\n" + buf.getvalue())
+
+
+class WorkerProc:
+    """`python -m service.cli serve --role worker` with the analytic test model."""
+
+    def __init__(self, redis_url: str, worker_id: str, prefix: str = "stride", delay_ms: float = 0, metrics=False,
+                 extra=()):
+        self.redis_url, self.worker_id, self.prefix = redis_url, worker_id, prefix
+        self.metrics_port = free_port() if metrics else None
+        spec = "gmm" + (f":delay_ms={delay_ms}" if delay_ms else "")
+        cmd = [sys.executable, "-m", "service.cli", "serve", "--role", "worker", "--test-model", spec,
+               "--redis-url", redis_url, "--worker-id", worker_id, "--key-prefix", prefix, "--log-level", "warning",
+               "--threads", "1", "--heartbeat-s", "0.2", *extra]
+        if self.metrics_port:
+            cmd += ["--metrics-port", str(self.metrics_port)]
+        env = {**os.environ, "PYTHONPATH": ROOT}
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def wait_ready(self, timeout=60):
+        r = redis.Redis.from_url(self.redis_url)
+
+        def ready():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited: {self.proc.stderr.read().decode()[-2000:]}")
+            v = r.get(f"{self.prefix}:worker:{self.worker_id}")
+            return v and json.loads(v)["ready"]
+
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if ready():
+                return self
+            time.sleep(0.05)
+        raise TimeoutError(f"worker {self.worker_id} not ready")
+
+    def metrics_text(self) -> str:
+        import httpx
+
+        return httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics").text
+
+    def kill(self, sig=signal.SIGKILL, wait=True):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        if wait:
+            self.proc.wait(20)
+
+    def stop(self):
+        self.kill(signal.SIGTERM)
+
+
+def reference(label: int, seed: int, steps: int, solver: str = "auto", guidance: float = 1.0, entry=GMM,
+              scale: int = 8) -> np.ndarray:
+    """The image the executor makes alone from this seed: what every service path must return."""
+    solver = entry.resolve(steps, solver)
+    tab = entry.table(solver, steps)
+    with torch.inference_mode():
+        y = sample(entry.model, tab, seeded_noise([seed], entry.shape), torch.tensor([label]), guidance)
+    a = images.to_uint8(y[0], entry.data_range)
+    return a.repeat(scale, 0).repeat(scale, 1)
+
+
+def metric_value(text: str, name: str, **labels) -> float:
+    """Sum of the samples of `name` whose labels include `labels` in a Prometheus exposition."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        head, _, val = line.rpartition(" ")
+        metric, _, lab = head.partition("{")
+        if metric != name:
+            continue
+        if all(f'{k}="{v}"' in lab for k, v in labels.items()):
+            total += float(val)
+    return total
+
+
+def tiny_artifact(directory, eval_rows=None, default_guidance=None, learned=None):
+    """A real artifact directory with an untrained tiny U-Net (3 classes, 1x8x8), written with the
+    same functions offline uses; `learned` = {name: Table} solver files, `eval_rows` an eval.json."""
+    from solvers.artifact import EVAL_FORMAT, save_artifact, write_json
+    from solvers.nets import UNet
+    from solvers.schedules import FlowSchedule
+
+    cfg = {"in_channels": 1, "image_size": 8, "num_classes": 3, "channels": 8, "channel_mult": [1, 2],
+           "num_res_blocks": 1, "emb_dim": 16}
+    torch.manual_seed(0)
+    out = save_artifact(directory, cfg, UNet(cfg).state_dict(), FlowSchedule(), "flow", (1, 8, 8), ["a", "b", "c"],
+                        {"steps": 0})
+    if learned:
+        (out / "solvers").mkdir()
+        for name, tab in learned.items():
+            write_json(out / "solvers" / f"{name}.json", tab.to_json())
+    if eval_rows is not None:
+        sha = json.loads((out / "model.json").read_text())["weights"]["sha256"]
+        write_json(out / "eval.json", {"format": EVAL_FORMAT, "model_sha256": sha, "rows": eval_rows,
+                                       **({"default_guidance": default_guidance} if default_guidance else {})})
+    return out

@@ -1,0 +1,133 @@
+"""Offline: the data split, the user-folder loader, the Fréchet distance, resume, and a tiny model
+trained, given a classifier and evaluated end to end."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from offline import cli
+from offline.data import load_digits, load_folder, stratified_split
+from offline.evaluate import fd_features, frechet_distance
+from offline.train import Settings, train
+from solvers.artifact import load_artifact
+
+TINY = {"channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "emb_dim": 32, "num_heads": 2}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits()
+
+
+def test_digits_split_deterministic_and_stratified(digits):
+    again = load_digits()
+    assert torch.equal(digits.train_x, again.train_x) and torch.equal(digits.test_y, again.test_y)
+    assert digits.shape == (1, 16, 16) and digits.num_classes == 10
+    assert len(digits.train_x) + len(digits.test_x) == 1797
+    assert digits.train_x.min() >= -1 and digits.train_x.max() <= 1 and digits.train_x.min() == -1
+    tr, te = stratified_split(np.repeat(np.arange(10), 50), 0.2, 0)
+    assert len(set(tr) & set(te)) == 0 and len(tr) + len(te) == 500
+    n_all = torch.bincount(torch.cat([digits.train_y, digits.test_y]))
+    n_te = torch.bincount(digits.test_y)
+    assert ((n_te - 0.2 * n_all).abs() <= 0.5 + 1e-9).all()  # every class held out at 20%
+    other = load_digits(seed=1)
+    assert not torch.equal(other.test_y, digits.test_y) or not torch.equal(other.test_x, digits.test_x)
+
+
+def _write_images(root, classes=("cat", "dog"), per=3, mode="L"):
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per):
+            a = np.random.default_rng(i).integers(0, 256, (20, 24) + ((3,) if mode == "RGB" else ()), dtype=np.uint8)
+            Image.fromarray(a, mode).save(root / c / f"{i}.png")
+
+
+@pytest.mark.parametrize("mode,channels", [("L", 1), ("RGB", 3), ("RGB", 1)])
+def test_folder_loader(tmp_path, mode, channels):
+    _write_images(tmp_path, mode=mode)
+    d = load_folder(tmp_path, size=8, channels=channels)
+    assert d.class_names == ["cat", "dog"] and d.shape == (channels, 8, 8)
+    assert len(d.train_x) == 4 and len(d.test_x) == 2 and sorted(d.test_y.tolist()) == [0, 1]
+    assert d.train_x.min() >= -1 and d.train_x.max() <= 1
+
+
+def test_folder_loader_errors(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_folder(tmp_path / "nope")
+    with pytest.raises(ValueError, match="no class sub-folders"):
+        load_folder(tmp_path)
+    (tmp_path / "a").mkdir()
+    with pytest.raises(ValueError, match=r"class folder '.*a' has no images"):
+        load_folder(tmp_path)
+    (tmp_path / "a" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"cannot read image .*broken.png"):
+        load_folder(tmp_path)
+
+
+def test_frechet_distance_closed_form():
+    g = torch.Generator().manual_seed(0)
+    d = 6
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    a, b = torch.rand(d, generator=g, dtype=torch.float64) + 0.1, torch.rand(d, generator=g, dtype=torch.float64) + 0.1
+    mu1, mu2 = torch.randn(d, generator=g, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)
+    # commuting covariances: FD = |mu1 - mu2|^2 + sum (sqrt a - sqrt b)^2
+    c1, c2 = q @ torch.diag(a) @ q.T, q @ torch.diag(b) @ q.T
+    exact = float((mu1 - mu2).pow(2).sum() + (a.sqrt() - b.sqrt()).pow(2).sum())
+    assert math.isclose(frechet_distance(mu1, c1, mu2, c2), exact, rel_tol=1e-9)
+    # general covariances: tr sqrt(C1 C2) = sum sqrt(eig(C1 C2)) (real, positive)
+    A, B = torch.randn(d, d, generator=g, dtype=torch.float64), torch.randn(d, d, generator=g, dtype=torch.float64)
+    c1, c2 = A @ A.T + 0.1 * torch.eye(d), B @ B.T
+    tr = torch.linalg.eigvals(c1 @ c2).real.clamp(min=0).sqrt().sum()
+    exact = float((mu1 - mu2).pow(2).sum() + c1.trace() + c2.trace() - 2 * tr)
+    assert math.isclose(frechet_distance(mu1, c1, mu2, c2), exact, rel_tol=1e-9)
+    assert abs(frechet_distance(mu1, c1, mu1, c1)) < 1e-9
+    # from samples: the estimator converges to the closed form
+    x = mu1 + torch.randn(40000, d, generator=g, dtype=torch.float64) @ A.T
+    y = mu2 + torch.randn(40000, d, generator=g, dtype=torch.float64) @ B.T
+    exact = frechet_distance(mu1, A @ A.T, mu2, B @ B.T)
+    assert abs(fd_features(x, y) - exact) < 0.05 * exact
+
+
+def test_resume_is_exact(digits, tmp_path):
+    """Two steps, a checkpoint, two more: bit for bit the same as four in one go (dropout included)."""
+    cfg = {**TINY, "dropout": 0.1}
+    st = lambda n: Settings(schedule="vp", param="eps", steps=n, batch=4, ckpt_every=2, log_every=100)  # noqa: E731
+    train(digits, tmp_path / "a", st(4), cfg, tmp_path / "ca")
+    train(digits, tmp_path / "b", st(2), cfg, tmp_path / "cb")
+    train(digits, tmp_path / "b", st(4), cfg, tmp_path / "cb", resume=True)
+    a, b = load_file(str(tmp_path / "a/model.safetensors")), load_file(str(tmp_path / "b/model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match=r"different settings .*'lr': \(0.001, 0.002\)"):
+        train(digits, tmp_path / "b", Settings(schedule="vp", param="eps", steps=5, batch=4, lr=2e-3), cfg,
+              tmp_path / "cb", resume=True)
+
+
+def test_train_classify_evaluate_end_to_end(tmp_path):
+    art = tmp_path / "artifacts" / "tiny"
+    assert cli.main(["train", "--out", str(art), "--config", json.dumps(TINY), "--steps", "3", "--batch", "8",
+                     "--ckpt-dir", str(tmp_path / "ckpt")]) == 0
+    assert cli.main(["train-classifier", str(art), "--epochs", "1", "--min-acc", "0"]) == 0
+    assert cli.main(["eval", str(art), "--n", "10", "--seed-sets", "2", "--nfe", "1,3", "--solvers", "euler,heun,dpmpp-2m",
+                     "--reference", "dpmpp-2m:4", "--guidance", "1.5", "--sweep", "1,1.5", "--sweep-with", "euler:2", "--cache", str(tmp_path / "cache")]) == 0
+    for f in ("model.json", "model.safetensors", "classifier.json", "classifier.safetensors", "eval.json", "eval.md",
+              "eval/fd.png", "eval/rmse.png", "eval/acc.png", "eval/fd_ratio.png", "eval/samples-heun.png"):
+        assert (art / f).is_file(), f
+    meta = json.loads((art / "model.json").read_text())
+    assert meta["format"] == "stride.model/1" and meta["param"] == "flow" and meta["schedule"]["name"] == "flow"
+    assert meta["data"]["shape"] == [1, 16, 16] and meta["training"]["steps"] == 3
+    ev = json.loads((art / "eval.json").read_text())
+    assert ev["format"] == "stride.eval/1" and ev["model_sha256"] == meta["weights"]["sha256"]
+    assert ev["guidance"] == ev["default_guidance"] == 1.5 and len(ev["guidance_sweep"]) == 2
+    assert len(ev["rows"]) == 6 and {r["solver"] for r in ev["rows"]} == {"euler", "heun", "dpmpp-2m"}
+    for r in ev["rows"]:
+        assert all(math.isfinite(r[k]) for k in ("rmse", "rmse_std", "fd", "fd_std", "fd_ratio", "fd_ratio_std", "acc"))
+    assert ev["floor"]["fd"] >= 0 and ev["teacher"]["fd_ratio"] == 1.0 and "converged_rmse" in ev["reference"]
+    assert "| NFE |" in (art / "eval.md").read_text()
+    assert list((tmp_path / "cache").glob("*.safetensors"))  # the reference solve is cached
+    loaded = load_artifact(art)
+    assert loaded.eval["rows"] == ev["rows"] and loaded.classifier is not None
+    Image.open(art / "eval" / "fd.png").verify()
