@@ -57,6 +57,13 @@ def main_thread_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds all processes have used (non-idle jiffies in /proc/stat)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (sum(v) - v[3] - v[4]) / TICK  # minus idle and iowait
+
+
 def self_cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
@@ -109,7 +116,7 @@ async def load(url: str, steps: int, c: int, warmup: float, duration: float, max
         i = u
         while time.perf_counter() < stop_at and len(recs) < max_requests:
             t0 = time.perf_counter()
-            r = await client.post(url + "/generate", params={"class_label": i % K, "seed": i, "steps": steps})
+            r = await client.post(f"{url}/generate?class_label={i % K}&seed={i}&steps={steps}")
             t1 = time.perf_counter()
             h = r.headers
             recs.append((t0, t1, r.status_code, float(h.get("x-stride-queue-ms", "nan")),
@@ -241,15 +248,15 @@ def main(argv=None):
     print(f"model: {what}; torch threads: worker {threads[0]}, ceiling {ceiling_threads}", flush=True)
 
     load_avg = os.getloadavg()
-    ceil, ceil_by = {}, {}
-    for s in steps:
-        for b in sorted(set(concs + [a.max_batch])):
-            for t in ceiling_threads:
-                torch.set_num_threads(t)
-                ceil_by[(s, b, t)] = ceiling(entry, s, min(b, a.max_batch), a.ceiling_seconds)
-                print(f"ceiling steps {s} batch {b} threads {t}: {ceil_by[(s, b, t)]:.1f} img/s", flush=True)
-            ceil[(s, b)] = max(ceil_by[(s, b, t)] for t in ceiling_threads)
-    torch.set_num_threads(all_threads)
+    ceil_by = {}
+
+    def measure_ceiling(s, b):
+        """Right before the service run it is compared with: a shared machine's load drifts."""
+        for t in ceiling_threads:
+            torch.set_num_threads(t)
+            ceil_by[(s, b, t)] = ceiling(entry, s, min(b, a.max_batch), a.ceiling_seconds)
+        torch.set_num_threads(all_threads)
+        return max(ceil_by[(s, b, t)] for t in ceiling_threads)
 
     rows = []
     for mode in modes:
@@ -257,15 +264,19 @@ def main(argv=None):
         try:
             for s in steps:
                 for c in concs:
+                    ceil_c = measure_ceiling(s, c)
                     pids = srv.pids()
                     cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
                     main0 = main_thread_seconds(pids["server"]) if mode == "embedded" else None
+                    busy0, t_run0 = machine_busy_seconds(), time.perf_counter()
                     me0, calls0 = self_cpu(), scrape(srv.metrics_url, "stride_model_calls_total")
                     rows0 = scrape(srv.metrics_url, "stride_batch_rows_sum")
                     win, span, total = asyncio.run(load(srv.url, s, c, a.warmup, a.duration, a.max_requests,
                                                         entry.num_classes))
                     me1 = self_cpu()
                     cpu1 = {k: cpu_seconds(p) for k, p in pids.items()}
+                    ours = (me1 - me0) + sum(cpu1[k] - cpu0[k] for k in pids)
+                    others = (machine_busy_seconds() - busy0 - ours) / (time.perf_counter() - t_run0)
                     calls = scrape(srv.metrics_url, "stride_model_calls_total") - calls0
                     brows = scrape(srv.metrics_url, "stride_batch_rows_sum") - rows0
                     ok = [r for r in win if r[2] == 200]
@@ -278,8 +289,8 @@ def main(argv=None):
                         "queue_ms": statistics.fmean(r[3] for r in ok) if ok else float("nan"),
                         "compute_ms": statistics.fmean(r[4] for r in ok) if ok else float("nan"),
                         "batch_rows": brows / calls if calls else float("nan"),
-                        "ceiling": ceil[(s, c)], "ceiling_max_batch": ceil[(s, a.max_batch)],
-                        "ceiling_by_threads": {t: ceil_by[(s, c, t)] for t in ceiling_threads},
+                        "ceiling": ceil_c, "ceiling_by_threads": {t: ceil_by[(s, c, t)] for t in ceiling_threads},
+                        "other_cores": max(0.0, others),
                         "cpu_ms_per_image": {k: 1e3 * (cpu1[k] - cpu0[k]) / n_all for k in pids} |
                                             {"client": 1e3 * (me1 - me0) / n_all},
                     }
@@ -289,7 +300,8 @@ def main(argv=None):
                     rows.append(row)
                     print(f"{mode:>8} steps {s:>2} c {c:>2}: {row['images_per_s']:7.1f} img/s  p50 {row['p50_ms']:7.1f}  "
                           f"p95 {row['p95_ms']:7.1f}  p99 {row['p99_ms']:7.1f} ms  rows/call {row['batch_rows']:5.1f}  "
-                          f"ratio {row['ratio']:.2f}  errors {row['errors']}  cpu/img "
+                          f"ratio {row['ratio']:.2f} (ceiling {ceil_c:.1f})  errors {row['errors']}  others {others:.2f} "
+                          f"cores  cpu/img "
                           + " ".join(f"{k} {v:.2f}" for k, v in row["cpu_ms_per_image"].items()), flush=True)
         finally:
             srv.stop()
@@ -315,16 +327,18 @@ def render(rows, what, threads, load_avg, a) -> str:
            f"- command: `python benchmarks/load.py {' '.join(sys.argv[1:])}`", "",
            "Ceiling = the executor alone (`solvers.executor.sample`) on the same model, sampler and seeds, in offline "
            "batches of `concurrency` images (the most a closed loop of that many clients can put in one batch), with "
-           "the faster of the torch thread counts listed. ratio = service images/s / ceiling.", "",
+           "the faster of the torch thread counts listed, measured right before each service run. ratio = service "
+           "images/s / ceiling. others' cores: CPU used by processes outside the benchmark during the run "
+           "(this machine is shared).", "",
            "| mode | steps | solver | conc. | img/s | p50 ms | p95 ms | p99 ms | queue ms | compute ms | rows/call "
-           "| " + " | ".join(f"ceiling {t} thr." for t in threads[1]) + " | ratio | errors |",
-           "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(threads[1]) + "---:|---:|"]
+           "| " + " | ".join(f"ceiling {t} thr." for t in threads[1]) + " | ratio | errors | others' cores |",
+           "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(threads[1]) + "---:|---:|---:|"]
     for r in rows:
         cb = r["ceiling_by_threads"]
         out.append(f"| {r['mode']} | {r['steps']} | {r['solver']} | {r['concurrency']} | {r['images_per_s']:.1f} | "
                    f"{r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['queue_ms']:.1f} | "
                    f"{r['compute_ms']:.1f} | {r['batch_rows']:.1f} | " + " | ".join(f"{cb[t]:.1f}" for t in threads[1])
-                   + f" | {r['ratio']:.2f} | {r['errors']} |")
+                   + f" | {r['ratio']:.2f} | {r['errors']} | {r['other_cores']:.2f} |")
     out += ["", "CPU milliseconds per image, by process (over the whole run, warm-up included):", "",
             "| mode | steps | conc. | " + " | ".join(sorted({k for r in rows for k in r['cpu_ms_per_image']})) + " |"]
     keys = sorted({k for r in rows for k in r["cpu_ms_per_image"]})

@@ -115,7 +115,7 @@ def evaluate(artifact, solvers=("euler", "heun", "ddim", "dpmpp-2m", "dpmpp-3m",
     if art.classifier is None:
         raise ValueError(f"{art.path} has no classifier.json; "
                          f"run `stride offline train-classifier {art.path}` first")
-    model, clf, K = art.model, art.classifier, art.model.num_classes
+    model, clf, K = art.model.to_channels_last(), art.classifier, art.model.num_classes
     g = default_guidance(art) if guidance is None else float(guidance)
     data = data_from_source(art.meta["data"]["source"])
     f_real = features(clf, data.test_x)

@@ -129,13 +129,24 @@ class Denoiser:
         self.net, self.schedule, self.param = net, schedule, check_param(param)
         self.shape, self.num_classes = tuple(shape), int(num_classes)
         self.secant, self.sha256 = secant, sha256
+        self.channels_last = False
+
+    def to_channels_last(self) -> "Denoiser":
+        """NHWC weights and inputs: ~1.4x faster small convolutions on CPU (oneDNN)."""
+        if len(self.shape) == 3:
+            self.net.to(memory_format=torch.channels_last)
+            self.channels_last = True
+        return self
 
     def __call__(self, x, t, s, label):
         B = x.shape[0]
         p = next(self.net.parameters())
         t = torch.as_tensor(t, device=p.device).to(torch.float32).expand(B)
         s = torch.as_tensor(s, device=p.device).to(torch.float32).expand(B) if self.secant else None
-        out = self.net(x.reshape(B, *self.shape).to(p.dtype), t, torch.as_tensor(label, device=p.device), s)
+        x_in = x.reshape(B, *self.shape).to(p.dtype)
+        if self.channels_last:
+            x_in = x_in.contiguous(memory_format=torch.channels_last)
+        out = self.net(x_in, t, torch.as_tensor(label, device=p.device), s)
         return out.to(x.dtype).reshape(x.shape)
 
 

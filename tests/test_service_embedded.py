@@ -155,6 +155,19 @@ def test_info_endpoints(api):
     assert "seed=" not in text and "class_label=" not in text
 
 
+def test_request_larger_than_a_batch_is_split_across_steps():
+    srv = ApiServer(settings(max_batch=4, max_wait_ms=0))
+    try:
+        r = post(srv, json={"class_label": 8, "n": 8, "seed": 70, "steps": 4, "guidance": 2.5, "format": "json"})
+        assert r.status_code == 200, r.text  # 8 guided images = 16 rows through a 4-row batch
+        for s, b in zip(r.json()["seeds"], r.json()["images"]):
+            assert np.array_equal(images.decode(base64.b64decode(b)), reference(8, s, 4, guidance=2.5))
+        rows = srv.service.metrics.batch_rows.labels("gmm")
+        assert rows._sum.get() <= 4 * srv.service.metrics.model_calls.labels("gmm")._value.get()
+    finally:
+        srv.stop()
+
+
 def test_api_key():
     srv = ApiServer(settings(api_key="s3cret"))
     try:
@@ -191,7 +204,7 @@ def test_queue_full_gives_503_with_retry_after_and_nothing_is_dropped():
 
 
 def test_expired_deadline_gives_504():
-    srv = ApiServer(settings(deadline_s=0.2, warmup=False), slow_registry(30))
+    srv = ApiServer(settings(deadline_s=0.3, warmup=False), slow_registry(30))
     try:
         r = post(srv, {"class_label": 1, "steps": 16})
         assert r.status_code == 504 and "deadline passed" in r.json()["detail"]
