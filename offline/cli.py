@@ -68,6 +68,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--threads", type=int, default=None)
     e.add_argument("--no-images", action="store_true", help="skip plots and sample grids")
     e.add_argument("--no-learned", action="store_true", help="skip the learned solvers in <artifact>/solvers")
+    from offline.search import add_parsers  # search + dode
+
+    add_parsers(sub)
     return p
 
 
@@ -100,4 +103,6 @@ def main(argv=None) -> int:
                        batch=a.batch, threads=a.threads, images=not a.no_images,
                        learned=not a.no_learned, command=command)
         print(json.dumps({k: res[k] for k in ("guidance", "floor", "reference")}, indent=1))
+    elif hasattr(a, "func"):  # subcommands that carry their own runner (search, dode)
+        return a.func(a)
     return 0

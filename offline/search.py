@@ -187,18 +187,17 @@ class Lion:
 
 
 class Student:
-    """One NFE's learnable solver."""
+    """One NFE's learnable solver: step logits and the free strictly-lower coefficients."""
 
-    def __init__(self, model, n, form, grid, M, restrict=False, init=""):
-        self.model, self.n, self.form, self.init = model, n, form, init
-        sch = model.schedule
+    def __init__(self, model, n, form, grid, M, restrict=False, init="", lr=1e-2):
+        self.model, self.n, self.form, self.init, self.sch = model, n, form, init, model.schedule
         self.t_max, self.t_min = float(grid[0]), float(grid[-1])
         self.logits = logits_from_grid(grid).clone().requires_grad_(True)
         self.mask = restriction_mask(n, restrict)
         self.lower = (torch.tril(torch.as_tensor(M, dtype=F64), -1) * self.mask).clone().requires_grad_(True)
-        self.sch = sch
+        self.opt = Lion([self.logits, self.lower], lr=lr)
         self.best = (math.inf, None, -1)  # (held-out rmse, (grid, M), iteration)
-        self.cpu = 0.0
+        self.curve, self.cpu, self.init_rmse = [], 0.0, math.nan
 
     def params(self):
         grid = grid_from_logits(self.logits, self.t_max, self.t_min)
@@ -219,9 +218,10 @@ class Student:
 
 
 def loss_fn(ys, co, T, X, final_weight, delta):
+    """MSE to the teacher at every student state (the teacher read at the student's times) plus
+    Huber / delta on the final sample (~L1 for small delta, the paper's 1000 x Huber(1e-3))."""
     traj = sum(((ys[i + 1] - interp(T, X, co["s"][i])) ** 2).mean() for i in range(len(ys) - 1))
-    fin = torch.nn.functional.huber_loss(ys[-1], X[-1], delta=delta) / delta
-    return traj + final_weight * fin, traj, fin
+    return traj + final_weight * torch.nn.functional.huber_loss(ys[-1], X[-1], delta=delta) / delta
 
 
 def candidate_tables(model, n, form):
@@ -249,7 +249,7 @@ def classic_rmse(model, n, noise, labels, ref, names=None, guidance=1.0):
     return {s: rmse(sample(model, t, noise, labels, guidance), ref) for s, t in tabs.items()}
 
 
-def search(model, nfes, *, form=None, init="euler", restrict=False, iters=200, batch=16, lr=1e-2,
+def search(model, nfes, *, form=None, init="euler", restrict=False, iters=100, batch=12, lr=1e-2,
            final_weight=1.0, delta=1e-3, teacher="dpmpp-2m/logsnr", teacher_nfe=64, val=64, val_every=10,
            ref=None, seed=TRAIN_SEED, log=None):
     """Search every NFE in `nfes` jointly (one teacher run per iteration serves all). Returns
@@ -274,9 +274,7 @@ def search(model, nfes, *, form=None, init="euler", restrict=False, iters=200, b
             grid, M = cands[name][1]
         else:
             raise ValueError(f"unknown init {init!r}; allowed: 'euler', 'best'")
-        st = Student(model, n, form, grid, M, restrict, name)
-        st.opt = Lion([st.logits, st.lower], lr=lr)
-        st.curve = []
+        st = Student(model, n, form, grid, M, restrict, name, lr)
         st.cpu += cpu_s() - t0
         students[n] = st
     teach = make_table(teacher, sch, model.param, teacher_nfe)
@@ -310,7 +308,7 @@ def search(model, nfes, *, form=None, init="euler", restrict=False, iters=200, b
             t0 = cpu_s()
             co = st.coeffs()
             ys = unroll(model, co, noise, labels, states=True)
-            loss, _, fin = loss_fn(ys, co, T, X, final_weight, delta)
+            loss = loss_fn(ys, co, T, X, final_weight, delta)
             st.opt.zero_grad()
             loss.backward()
             st.opt.step()

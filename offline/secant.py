@@ -23,6 +23,7 @@ applied at inference with two branches.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import sys
@@ -147,8 +148,8 @@ def check_settings(st: Settings) -> None:
     if not st.n_steps or min(st.n_steps) < 1:
         raise ValueError(f"--steps must list step counts >= 1, got {st.n_steps}")
     if st.guidance_input and st.loss.startswith("st"):
-        raise ValueError(f"{st.loss} trains from data without a teacher, so it has no guided target; use CFG at "
-                         "inference (--no-guidance-input) or a distillation loss (sdei, sdee)")
+        raise ValueError(f"{st.loss} trains from data without a teacher, so it has no guided target; "
+                         "use CFG at inference (--no-guidance-input) or a distillation loss (sdei, sdee)")
     if st.guidance_input and not st.w_max > 1:
         raise ValueError(f"--w-max must be > 1, got {st.w_max}")
 
@@ -163,8 +164,8 @@ def train_secant(artifact, st: Settings, name: str = "secant", ckpt_dir=None, re
     art = load_artifact(artifact)
     m = art.model
     if m.schedule.name != "flow" or m.param != "flow":
-        raise ValueError(f"{art.path}: secant conversion needs a flow-schedule model with 'flow' output (its weights "
-                         f"become the secant net's tangent); this one is {m.schedule.name}/{m.param}")
+        raise ValueError(f"{art.path}: secant conversion needs a flow-schedule model with 'flow' output (its "
+                         f"weights become the secant net's tangent); this one is {m.schedule.name}/{m.param}")
     st.teacher_sha256 = art.sha256
     check_settings(st)
     data = data_from_source(art.meta["data"]["source"])
@@ -244,27 +245,29 @@ def secant_rows(art, noise, labels, guidance, batch, score, row, interval=None, 
     """eval rows for every secant file in `art` (the hook offline/evaluate.py calls). `score(x)` ->
     per-set (rmse, fd, acc) and `row(name, nfe, scores, extra)` are evaluate()'s own."""
     rows = []
-    for name in names or secant_names(art.path):
+    for name in (secant_names(art.path) if names is None else names):
         model = load_secant(art.path, art.sha256, name=name)
         for n in steps:
             t0 = time.time()
             x = torch.cat([sample(model, secant_table(n), noise[i:i + batch], labels[i:i + batch], guidance,
                                   guidance_interval=interval) for i in range(0, len(noise), batch)])
             e = nfe_of(model, n, guidance, interval)
-            r = row(name, n, score(x), {"grid": "uniform", "table": "secant", "steps": n, "evaluations": e,
-                                        "guidance_input": model.guidance_input, "loss": model.meta.get("loss"),
-                                        "trained_steps": model.steps, "guidance_interval": interval,
-                                        "seconds": round(time.time() - t0, 1)})
+            extra = {"grid": "uniform", "table": "secant", "steps": n, "evaluations": e,
+                     "guidance_input": model.guidance_input, "loss": model.meta.get("loss"),
+                     "trained_steps": model.steps, "guidance_interval": interval,
+                     "seconds": round(time.time() - t0, 1)}
+            r = row(name, n, score(x), extra)
             rows.append(r)
             if log:
-                print(f"{name:>12} steps {n}  evals {e:>2}  rmse {r['rmse']:.4f}  fd {r['fd']:.3f}±{r['fd_std']:.3f}  "
-                      f"ratio {r['fd_ratio']:.2f}  acc {r['acc']:.3f}", file=log, flush=True)
+                print(f"{name:>12} steps {n}  evals {e:>2}  rmse {r['rmse']:.4f}  fd {r['fd']:.3f}"
+                      f"±{r['fd_std']:.3f}  ratio {r['fd_ratio']:.2f}  acc {r['acc']:.3f}",
+                      file=log, flush=True)
     return rows
 
 
 def evaluate_secant(artifact, names=None, steps=(1, 2, 4, 8), compare=(), compare_nfe=(1, 2, 4, 8), n=500,
-                    seed_sets=3, guidance=None, interval=None, reference="dpmpp-3m:128", cache=".cache/stride/eval",
-                    batch=500, write=True, log=sys.stderr) -> dict:
+                    seed_sets=3, guidance=None, interval=None, reference="dpmpp-3m:128",
+                    cache=".cache/stride/eval", batch=500, write=True, log=sys.stderr) -> dict:
     """The secant rows with offline/evaluate.py's protocol (same seeds, classes, classifier, cached
     reference), optionally beside classic solvers; writes them into each <name>.json under 'eval'."""
     from offline.data import data_from_source
@@ -274,7 +277,8 @@ def evaluate_secant(artifact, names=None, steps=(1, 2, 4, 8), compare=(), compar
 
     art = load_artifact(artifact)
     if art.classifier is None:
-        raise ValueError(f"{art.path} has no classifier.json; run `stride offline train-classifier {art.path}` first")
+        raise ValueError(f"{art.path} has no classifier.json; run "
+                         f"`stride offline train-classifier {art.path}` first")
     model, clf, K = art.model, art.classifier, art.model.num_classes
     g = default_guidance(art) if guidance is None else float(guidance)
     data = data_from_source(art.meta["data"]["source"])
@@ -286,16 +290,17 @@ def evaluate_secant(artifact, names=None, steps=(1, 2, 4, 8), compare=(), compar
     desc = [[s[0], len(s)] for s in sets]
     key = {"model": art.sha256, "solver": ref_solver, "nfe": int(ref_nfe), "guidance": g, "seeds": desc,
            "labels": f"i mod {K}", "shape": list(model.shape), "v": 1}  # evaluate()'s key: shares its cache
+    ref_table = make_table(ref_solver, model.schedule, model.param, int(ref_nfe))
     x_ref = cached_run(Path(cache) if cache else None, key,
-                       lambda: run(model, make_table(ref_solver, model.schedule, model.param, int(ref_nfe)), noise, lab,
-                                   g, batch))
+                       lambda: run(model, ref_table, noise, lab, g, batch))
 
     def score(x, ref=x_ref):
         out = []
         for j in range(S):
             xs = x[j * n:(j + 1) * n]
             rmse = float((xs - ref[j * n:(j + 1) * n]).to(F64).pow(2).mean().sqrt())
-            out.append((rmse, fd_features(features(clf, xs), f_real), float((predict(clf, xs) == labels).to(F64).mean())))
+            acc = float((predict(clf, xs) == labels).to(F64).mean())
+            out.append((rmse, fd_features(features(clf, xs), f_real), acc))
         return out
 
     ref_fd = [s[1] for s in score(x_ref)]
@@ -313,15 +318,19 @@ def evaluate_secant(artifact, names=None, steps=(1, 2, 4, 8), compare=(), compar
         for k in compare_nfe:
             t0 = time.time()
             x = run(model, make_table(solver, model.schedule, model.param, k), noise, lab, g, batch)
-            r = row(solver, k, score(x), {"evaluations": k * (1 if g == 1 else 2), "seconds": round(time.time() - t0, 1)})
+            r = row(solver, k, score(x), {"evaluations": k * (1 if g == 1 else 2),
+                                          "seconds": round(time.time() - t0, 1)})
             classic.append(r)
-            print(f"{solver:>12} nfe {k:>2}  evals {r['evaluations']:>2}  rmse {r['rmse']:.4f}  fd {r['fd']:.3f}"
-                  f"±{r['fd_std']:.3f}  ratio {r['fd_ratio']:.2f}  acc {r['acc']:.3f}", file=log, flush=True)
+            print(f"{solver:>12} nfe {k:>2}  evals {r['evaluations']:>2}  rmse {r['rmse']:.4f}  "
+                  f"fd {r['fd']:.3f}±{r['fd_std']:.3f}  ratio {r['fd_ratio']:.2f}  acc {r['acc']:.3f}",
+                  file=log, flush=True)
     ref_mean, ref_std = _ms(ref_fd)
-    ev = {"guidance": g, "guidance_interval": interval, "n": n, "seed_sets": [{"first_seed": s[0], "count": len(s)} for s in sets],
+    ev = {"guidance": g, "guidance_interval": interval, "n": n,
+          "seed_sets": [{"first_seed": s[0], "count": len(s)} for s in sets],
           "labels": f"seed index i -> class i mod {K} (balanced)",
           "reference": {"solver": ref_solver, "nfe": int(ref_nfe), "fd": ref_mean, "fd_std": ref_std,
-                        "note": "the teacher's converged solve on FlowSchedule() (t 0.999 -> 0.001); secant runs 1 -> 0"},
+                        "note": "the teacher's converged solve on FlowSchedule() (t 0.999 -> 0.001); "
+                                "secant runs 1 -> 0"},
           "model_sha256": art.sha256, "classifier_sha256": art.classifier_meta["weights"]["sha256"]}
     if write:
         for name in {r["solver"] for r in rows}:
@@ -345,25 +354,31 @@ def _interval(s):
 
 def add_parser(subparsers):
     p = subparsers.add_parser("secant", help="convert a flow model into a secant model (few-step sampler)",
-                              description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("artifact")
     p.add_argument("--loss", default="sdei", choices=list(LOSSES))
-    p.add_argument("--steps", type=_ints, default=[1, 2, 4, 8], help="sampling step counts to train for, e.g. 4 or 1,2,4,8")
-    p.add_argument("--name", default=None, help="file stem in the artifact (default: secant for sdei, secant-<loss> otherwise)")
+    p.add_argument("--steps", type=_ints, default=[1, 2, 4, 8],
+                   help="sampling step counts to train for, e.g. 4 or 1,2,4,8")
+    p.add_argument("--name", default=None,
+                   help="file stem in the artifact (default: secant for sdei, secant-<loss> otherwise)")
     p.add_argument("--iters", type=int, default=3000, help="optimiser steps")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--start", default="grid", choices=["grid", "continuous"], help="start times on the N-step grid or anywhere")
+    p.add_argument("--start", default="grid", choices=["grid", "continuous"],
+                   help="start times on the N-step grid or anywhere")
     gi = p.add_mutually_exclusive_group()
     gi.add_argument("--guidance-input", dest="guidance_input", action="store_true", default=None,
-                    help="learn the guided secant for w in [1, --w-max] (1 evaluation per step; sdei/sdee; default there)")
-    gi.add_argument("--no-guidance-input", dest="guidance_input", action="store_false", help="CFG at inference (2 per step)")
+                    help="learn the guided secant for w in [1, --w-max]: 1 evaluation per step (sdei/sdee; "
+                         "their default)")
+    gi.add_argument("--no-guidance-input", dest="guidance_input", action="store_false",
+                    help="CFG at inference (2 evaluations per guided step)")
     p.add_argument("--w-max", type=float, default=4.0)
     p.add_argument("--label-dropout", type=float, default=0.1)
     p.add_argument("--stei-lambda", type=float, default=1.0)
-    p.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"], help="stored weights")
+    p.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"],
+                   help="stored weights")
     p.add_argument("--ckpt-dir", default=None, help="checkpoints (default runs/<artifact>-<name>)")
     p.add_argument("--ckpt-every", type=int, default=250)
     p.add_argument("--log-every", type=int, default=50)
@@ -374,7 +389,8 @@ def add_parser(subparsers):
     e.add_argument("--eval-only", action="store_true", help="measure the existing secant files; no training")
     e.add_argument("--eval-steps", type=_ints, default=[1, 2, 4, 8])
     e.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the artifact's default)")
-    e.add_argument("--guidance-interval", type=_interval, default=None, help="lo,hi: guide only for lo <= t <= hi")
+    e.add_argument("--guidance-interval", type=_interval, default=None,
+                   help="lo,hi: guide only for lo <= t <= hi")
     e.add_argument("--compare", default="", help="classic solvers to measure beside it, e.g. euler,dpmpp-2m")
     e.add_argument("--compare-nfe", type=_ints, default=[1, 2, 4, 8])
     e.add_argument("--n", type=int, default=500)
@@ -391,14 +407,16 @@ def run(a, command=None) -> int:
         torch.set_num_threads(a.threads)
     if not a.eval_only:
         gi = a.loss.startswith("sd") if a.guidance_input is None else a.guidance_input
-        st = Settings(loss=a.loss, n_steps=a.steps, steps=a.iters, batch=a.batch, lr=a.lr, ema=a.ema, seed=a.seed,
-                      start=a.start, guidance_input=gi, w_max=a.w_max, label_dropout=a.label_dropout,
-                      stei_lambda=a.stei_lambda, ckpt_every=a.ckpt_every, log_every=a.log_every)
+        st = Settings(loss=a.loss, n_steps=a.steps, steps=a.iters, batch=a.batch, lr=a.lr, ema=a.ema,
+                      seed=a.seed, start=a.start, guidance_input=gi, w_max=a.w_max,
+                      label_dropout=a.label_dropout, stei_lambda=a.stei_lambda, ckpt_every=a.ckpt_every,
+                      log_every=a.log_every)
         train_secant(a.artifact, st, name, a.ckpt_dir, a.resume, a.threads, a.dtype, command)
     if not a.no_eval:
-        res = evaluate_secant(a.artifact, [name] if not a.eval_only or a.name else None, a.eval_steps,
-                              [s for s in a.compare.split(",") if s], a.compare_nfe, a.n, a.seed_sets, a.guidance,
-                              a.guidance_interval, a.reference, a.cache)
+        names = [name] if not a.eval_only or a.name else None  # --eval-only alone: every secant file
+        compare = [s for s in a.compare.split(",") if s]
+        res = evaluate_secant(a.artifact, names, a.eval_steps, compare, a.compare_nfe, a.n, a.seed_sets,
+                              a.guidance, a.guidance_interval, a.reference, a.cache)
         if a.report:
             Path(a.report).parent.mkdir(parents=True, exist_ok=True)
             Path(a.report).write_text(json.dumps(res, indent=1) + "\n")

@@ -2,8 +2,8 @@
 
 Every image is one sample in its model's Stepper with its own table, label, guidance and seeded
 noise, so requests with different step counts and solvers share each model call, and the result of
-a seed does not depend on what else is in the batch. Not thread-safe: one caller at a time (the
-worker calls `step` from a thread while its event loop only touches `pending` state).
+a seed does not depend on what else is in the batch. Not thread-safe: the worker calls add, drop,
+step and release from its step thread, and reads rows/busy under its lock.
 """
 from __future__ import annotations
 
@@ -74,7 +74,8 @@ class Engine:
                 st.remove(ids)
 
     def step(self) -> list[tuple[str, int, torch.Tensor]]:
-        """One step of every model with running images; returns the finished (job id, index, sample)."""
+        """One step of every model with running images; returns the finished (job id, index, sample).
+        The caller passes them to `release`."""
         done = []
         with torch.inference_mode():
             self._flush()
@@ -91,14 +92,18 @@ class Engine:
                     self.metrics.batch_rows.labels(name).observe(rows)
                     self.metrics.evaluations.labels(name).inc(rows)
                     self.metrics.model_calls.labels(name).inc()
-                for (jid, i), y in out:
-                    a = self.jobs.get(jid)
-                    if a is not None:
-                        a.images -= 1
-                        if a.images == 0:
-                            del self.jobs[jid]
-                    done.append((jid, i, y.to("cpu", copy=True)))
+                done += [(jid, i, y.to("cpu", copy=True)) for (jid, i), y in out]
         return done
+
+    def release(self, done):
+        """Account for finished images (separate from `step`, so that the worker can hold its lock
+        while `rows` changes, and only then)."""
+        for jid, _, _ in done:
+            a = self.jobs.get(jid)
+            if a is not None:
+                a.images -= 1
+                if a.images == 0:
+                    del self.jobs[jid]
 
     def reset(self):
         """Forget everything (after a failed step): the caller answers the affected jobs."""

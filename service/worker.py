@@ -1,14 +1,21 @@
-"""The worker loop: take jobs from a transport, batch them with the policy, step the engine, answer.
+"""The worker: take jobs from a transport, batch them with the policy, step the engine, answer.
 
-The same loop runs over the in-process queue (embedded mode) and over Redis Streams. Compute runs
-on one dedicated thread (the engine is not thread-safe), PNG encoding on another pool, so the event
-loop stays free for intake, heartbeats and results while the model runs.
+Two threads of control share the task table under one lock:
+- the step loop, on its own thread: before every step it checks deadlines, runs the policy and
+  admits images (requests join between steps), then runs the step without the lock. It never
+  waits on the event loop, so a step costs no thread hand-off (under CPU contention each hand-off
+  is a scheduler wake-up, milliseconds);
+- the event loop: intake from the transport (in-process queue or Redis), PNG encoding on a pool,
+  writing answers, heartbeats. PNG encoding never runs inside the step loop.
+
+The same code runs over the in-process queue (embedded mode) and over Redis Streams.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,7 +32,8 @@ from .models import Registry
 from .policy import Waiting, plan
 
 log = logging.getLogger("stride.worker")
-IDLE_BLOCK_S = 0.5  # longest blocking read when idle; well under the Redis socket timeout
+INTAKE_BLOCK_S = 0.5  # longest blocking read; new work wakes it at once (and it is under the Redis socket timeout)
+IDLE_WAIT_S = 0.5  # longest sleep of an idle step loop without a notification
 
 
 def buckets(max_batch: int) -> list[int]:
@@ -54,14 +62,16 @@ class Worker:
         self.tasks: dict[str, Task] = {}
         self.ready = False
         self.stopping = False
-        self.wake: float | None = None
-        self.compute = ThreadPoolExecutor(1, thread_name_prefix="stride-compute")
+        self.lock = threading.Lock()
+        self.work = threading.Condition(self.lock)  # the step loop waits on it when idle
         self.encoder = ThreadPoolExecutor(2, thread_name_prefix="stride-png")
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.room: asyncio.Event | None = None  # set when a step frees rows: intake may read more
         self._pending: set[asyncio.Task] = set()
 
     # -- lifecycle ----------------------------------------------------------------------------
     def warm_up(self):
-        """Every batch bucket through the model once, every offered step count through a full
+        """Every batch bucket through each network once, every offered step count through a full
         sample, before reporting ready: no request pays for first-call allocation or a bad table."""
         s = self.settings
         if s.threads:
@@ -104,56 +114,54 @@ class Worker:
         """Rows free for more work (what the transport may take on without starving other workers)."""
         if self.engine is None or not self.ready or self.stopping:
             return 0
-        return self.settings.max_batch - self.engine.rows - self._waiting_rows()
+        with self.lock:
+            return self.settings.max_batch - self.engine.rows - self._waiting_rows()
 
     def held(self) -> list[Job]:
         """Jobs this worker owns (for the transport's ownership refresh)."""
-        return [t.job for t in self.tasks.values()]
+        with self.lock:
+            return [t.job for t in self.tasks.values()]
 
     def stop(self):
         self.stopping = True
+        with self.work:
+            self.work.notify()
 
     async def run(self):
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.compute, self.warm_up)
+        self.loop, self.room = asyncio.get_running_loop(), asyncio.Event()
+        await self.loop.run_in_executor(None, self.warm_up)
         self.ready = True
         log.info("worker %s ready", self.name)
+        stepper = threading.Thread(target=self._step_loop, name="stride-steps", daemon=True)
+        stepper.start()
         try:
-            while not (self.stopping and not self.tasks):
-                if self.engine.busy:
-                    await self._step()
-                    await self._intake(0)
-                elif not self.stopping:
-                    await self._intake(self._idle_timeout())
-                else:
-                    await asyncio.sleep(0.01)  # draining: answers still being written
-                self._schedule()
+            while not self.stopping:
+                await self._intake()
+            await self.loop.run_in_executor(None, stepper.join)  # drains: everything read gets an answer
+            while self._pending:
+                await asyncio.gather(*list(self._pending), return_exceptions=True)
         finally:
-            if self._pending:
-                await asyncio.gather(*self._pending, return_exceptions=True)
             self.ready = False
-            self.compute.shutdown(wait=False)
             self.encoder.shutdown(wait=False)
 
-    # -- the loop -----------------------------------------------------------------------------
-    def _idle_timeout(self) -> float:
-        if self.wake is not None:
-            return max(0.0, self.wake - time.time())
-        return IDLE_BLOCK_S
-
-    def _waiting_rows(self) -> int:
-        return sum(t.rows_per_image * (t.job.n - t.next) for t in self.tasks.values() if not t.answered)
-
-    async def _intake(self, timeout: float):
-        free = self.settings.max_batch - self.engine.rows - self._waiting_rows()
-        if free <= 0 or self.stopping:
-            if timeout > 0:
-                await asyncio.sleep(min(timeout, 0.01))
+    # -- event loop: intake and answers ---------------------------------------------------------
+    async def _intake(self):
+        free = self.capacity()
+        if free <= 0:
+            self.room.clear()
+            try:
+                await asyncio.wait_for(self.room.wait(), INTAKE_BLOCK_S)
+            except asyncio.TimeoutError:
+                pass
             return
-        for job in await self.transport.fetch(free, timeout):
-            self._accept(job)
+        jobs = await self.transport.fetch(free, INTAKE_BLOCK_S)
+        if jobs:
+            with self.work:
+                for job in jobs:
+                    self._accept(job)
+                self.work.notify()
 
-    def _accept(self, job: Job):
+    def _accept(self, job: Job):  # under the lock
         if job.id in self.tasks:  # redelivered to us while we still hold it
             self.tasks[job.id].job.entry = job.entry or self.tasks[job.id].job.entry
             return
@@ -166,60 +174,16 @@ class Worker:
         rows = entry.rows_per_guided_image(job.solver) if job.guidance != 1 else 1
         self.tasks[job.id] = Task(job, table, rows)
 
-    def _schedule(self):
-        now = time.time()
-        for t in list(self.tasks.values()):  # running requests: the deadline is checked before every step
-            if not t.answered and t.next > 0 and now >= t.job.deadline:
-                self._expire(t, now)
-        waiting = [Waiting(t.job.id, t.rows_per_image, t.job.n - t.next, t.job.deadline, t.job.enqueued)
-                   for t in self.tasks.values() if not t.answered and t.next < t.job.n]
-        p = plan(waiting, self.settings.max_batch - self.engine.rows, self.engine.busy, self.settings.max_batch,
-                 self.settings.max_wait_ms / 1e3, now)
-        for jid in p.expired:
-            self._expire(self.tasks[jid], now)
-        for jid, k in p.admit:
-            t = self.tasks[jid]
-            self.engine.add(t.job, t.table, t.next, k, t.rows_per_image)
-            t.next += k
-            if t.started is None:
-                t.started = now
-        self.wake = p.wake
-        self.metrics.rows_in_flight.set(self.engine.rows)
-
-    def _expire(self, t: Task, now: float):
-        self.engine.drop(t.job.id)
-        where = "before it was started" if t.next == 0 else f"after {len(t.done)} of {t.job.n} images"
-        self._answer(t, Result(t.job.id, 504, f"deadline passed {where}; the request was dropped, not finished",
-                               worker=self.name, queue_ms=1e3 * ((t.started or now) - t.job.enqueued)))
-
-    async def _step(self):
-        loop = asyncio.get_running_loop()
-        try:
-            done = await loop.run_in_executor(self.compute, self.engine.step)
-        except Exception as e:  # a failed model call fails the requests in it, not the worker
-            log.exception("step failed")
-            for jid in list(self.engine.jobs):
-                self._answer(self.tasks[jid], Result(jid, 500, f"model call failed: {type(e).__name__}: {e}",
-                                                     worker=self.name))
-            self.engine.reset()
-            return
-        finished = []
-        for jid, i, y in done:
-            t = self.tasks.get(jid)
-            if t is None or t.answered:
-                continue
-            t.done[i] = y
-            if len(t.done) == t.job.n:
-                t.answered = True
-                finished.append(t)
-        if finished:
-            self._spawn(self._finish(finished, time.time()))
+    def _answer(self, t: Task, result: Result):  # under the lock, from either thread
+        t.answered = True
+        self.tasks.setdefault(t.job.id, t)
+        self.loop.call_soon_threadsafe(self._spawn, self._deliver(t, result))
+        self.loop.call_soon_threadsafe(self.room.set)  # its rows are free
 
     async def _finish(self, tasks: list[Task], end: float):
         """Encode the PNGs of every request a step finished in one trip to the encoder pool."""
-        loop = asyncio.get_running_loop()
         try:
-            pngs = await loop.run_in_executor(self.encoder, self._encode_all, tasks)
+            pngs = await self.loop.run_in_executor(self.encoder, self._encode_all, tasks)
         except Exception as e:
             log.exception("encoding failed")
             for t in tasks:
@@ -241,11 +205,6 @@ class Worker:
                                      t.job.format == "png"))
         return out
 
-    def _answer(self, t: Task, result: Result):
-        t.answered = True
-        self.tasks.setdefault(t.job.id, t)
-        self._spawn(self._deliver(t, result))
-
     async def _deliver(self, t: Task, result: Result):
         try:
             await self.transport.complete(t.job, result)
@@ -253,9 +212,80 @@ class Worker:
         except Exception:
             log.exception("could not deliver the result of %s", t.job.id)
         finally:
-            self.tasks.pop(t.job.id, None)
+            with self.lock:
+                self.tasks.pop(t.job.id, None)
 
     def _spawn(self, coro):
         task = asyncio.create_task(coro)
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
+
+    # -- step loop (its own thread) -------------------------------------------------------------
+    def _waiting_rows(self) -> int:  # under the lock
+        return sum(t.rows_per_image * (t.job.n - t.next) for t in self.tasks.values() if not t.answered)
+
+    def _step_loop(self):
+        with torch.inference_mode():
+            while True:
+                with self.work:
+                    wake = self._schedule()
+                    if not self.engine.busy:
+                        waiting = any(not t.answered for t in self.tasks.values())
+                        if self.stopping and not waiting:
+                            return
+                        self.work.wait(max(0.0, wake - time.time()) if wake is not None else IDLE_WAIT_S)
+                        continue
+                try:
+                    done = self.engine.step()  # without the lock: intake goes on meanwhile
+                except Exception as e:  # a failed model call fails the requests in it, not the worker
+                    log.exception("step failed")
+                    with self.lock:
+                        for jid in list(self.engine.jobs):
+                            self._answer(self.tasks[jid], Result(jid, 500, f"model call failed: {type(e).__name__}: "
+                                                                          f"{e}", worker=self.name))
+                        self.engine.reset()
+                    continue
+                self._collect(done)
+
+    def _collect(self, done):
+        finished = []
+        with self.lock:
+            self.engine.release(done)
+            for jid, i, y in done:
+                t = self.tasks.get(jid)
+                if t is None or t.answered:
+                    continue
+                t.done[i] = y
+                if len(t.done) == t.job.n:
+                    t.answered = True
+                    finished.append(t)
+        if finished:
+            self.loop.call_soon_threadsafe(self._spawn, self._finish(finished, time.time()))
+        if done:
+            self.loop.call_soon_threadsafe(self.room.set)
+
+    def _schedule(self) -> float | None:  # under the lock; returns when to decide again if idle
+        now = time.time()
+        for t in list(self.tasks.values()):  # running requests: the deadline is checked before every step
+            if not t.answered and t.next > 0 and now >= t.job.deadline:
+                self._expire(t, now)
+        waiting = [Waiting(t.job.id, t.rows_per_image, t.job.n - t.next, t.job.deadline, t.job.enqueued)
+                   for t in self.tasks.values() if not t.answered and t.next < t.job.n]
+        p = plan(waiting, self.settings.max_batch - self.engine.rows, self.engine.busy, self.settings.max_batch,
+                 self.settings.max_wait_ms / 1e3, now)
+        for jid in p.expired:
+            self._expire(self.tasks[jid], now)
+        for jid, k in p.admit:
+            t = self.tasks[jid]
+            self.engine.add(t.job, t.table, t.next, k, t.rows_per_image)
+            t.next += k
+            if t.started is None:
+                t.started = now
+        self.metrics.rows_in_flight.set(self.engine.rows)
+        return p.wake
+
+    def _expire(self, t: Task, now: float):  # under the lock
+        self.engine.drop(t.job.id)
+        where = "before it was started" if t.next == 0 else f"after {len(t.done)} of {t.job.n} images"
+        self._answer(t, Result(t.job.id, 504, f"deadline passed {where}; the request was dropped, not finished",
+                               worker=self.name, queue_ms=1e3 * ((t.started or now) - t.job.enqueued)))

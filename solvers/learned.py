@@ -325,11 +325,11 @@ def solver_from_json(d: dict, model_sha256: str, path: str = "") -> Table:
     name = d.get("name") or Path(path).stem or "learned"
     try:
         tab = spec_table(d, name)
+        stored = d.get("table")
+        ref = None if stored is None else Table.from_json(stored)
     except (KeyError, TypeError, RuntimeError) as e:
         raise ValueError(f"{where}: malformed ({type(e).__name__}: {e})") from e
-    stored = d.get("table")
-    if stored is not None:
-        ref = Table.from_json(stored)
+    if ref is not None:
         same = all(getattr(ref, k).shape == getattr(tab, k).shape
                    and torch.allclose(getattr(ref, k), getattr(tab, k), rtol=1e-9, atol=1e-12)
                    for k in ("tau", "s", "hx", "hd", "c", "b"))

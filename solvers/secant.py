@@ -51,7 +51,7 @@ class SecantUNet(UNet):
 
     def __init__(self, config: dict, guidance_range: tuple[float, float] | None = None):
         super().__init__({**config, "secant": True})
-        self.guidance_range = None if guidance_range is None else (float(guidance_range[0]), float(guidance_range[1]))
+        self.guidance_range = None if guidance_range is None else tuple(float(v) for v in guidance_range)
         if self.guidance_range is not None:
             lo, hi = self.guidance_range
             if not hi > lo:
@@ -85,7 +85,8 @@ class SecantUNet(UNet):
         new = ("temb2.", "gate", "wemb.")
         extra = [k for k in missing if not k.startswith(new)]
         if extra or unexpected:
-            raise ValueError(f"teacher weights do not match this architecture: missing {extra}, unexpected {unexpected}")
+            raise ValueError(f"teacher weights do not match this architecture: missing {extra}, "
+                             f"unexpected {unexpected}")
         self.temb2.load_state_dict(self.temb.state_dict())
         self.gate.zero_()
         if self.guidance_range is not None:
@@ -106,7 +107,8 @@ class SecantModel:
 
     param = "flow"
 
-    def __init__(self, net: SecantUNet, shape, num_classes: int, meta: dict | None = None, sha256: str | None = None):
+    def __init__(self, net: SecantUNet, shape, num_classes: int, meta: dict | None = None,
+                 sha256: str | None = None):
         self.net, self.shape, self.num_classes = net, tuple(shape), int(num_classes)
         self.schedule = secant_schedule()
         self.guidance_range = net.guidance_range
@@ -125,8 +127,8 @@ class SecantModel:
         B = x.shape[0]
         p = next(self.net.parameters())
         f = lambda v: torch.as_tensor(v, device=p.device).to(torch.float32).expand(B)  # noqa: E731
-        out = self.net(x.reshape(B, *self.shape).to(p.dtype), f(t), torch.as_tensor(label, device=p.device), f(s),
-                       None if w is None else f(w))
+        label = torch.as_tensor(label, device=p.device)
+        out = self.net(x.reshape(B, *self.shape).to(p.dtype), f(t), label, f(s), None if w is None else f(w))
         return out.to(x.dtype).reshape(x.shape)
 
 
@@ -160,7 +162,8 @@ def save_secant(artifact_dir, name: str, net: SecantUNet, data_shape, num_classe
 def secant_names(artifact_dir) -> list:
     """The secant files in an artifact: secant.json, secant-<variant>.json."""
     d = Path(artifact_dir)
-    return sorted(f.stem for f in d.glob("secant*.json") if f.stem == "secant" or f.stem.startswith("secant-"))
+    stems = (f.stem for f in d.glob("secant*.json"))
+    return sorted(s for s in stems if s == "secant" or s.startswith("secant-"))
 
 
 def load_secant(artifact_dir, teacher_sha256: str, device="cpu", name: str = "secant") -> SecantModel:
@@ -179,8 +182,9 @@ def load_secant(artifact_dir, teacher_sha256: str, device="cpu", name: str = "se
     cfg, shape = meta["architecture"]["config"], [int(v) for v in meta["data"]["shape"]]
     if shape != [cfg.get("in_channels"), cfg.get("image_size"), cfg.get("image_size")] or \
             cfg.get("num_classes") != meta["data"]["num_classes"]:
-        raise ValueError(f"{where}: data shape {shape} / {meta['data']['num_classes']} classes do not match the "
-                         f"architecture's {cfg.get('in_channels')}x{cfg.get('image_size')}^2 / {cfg.get('num_classes')}")
+        raise ValueError(f"{where}: data shape {shape} / {meta['data']['num_classes']} classes do not "
+                         f"match the architecture's {cfg.get('in_channels')}x{cfg.get('image_size')}^2 / "
+                         f"{cfg.get('num_classes')}")
     rec = meta["weights"]
     wpath = d / rec["file"]
     if not wpath.is_file():
@@ -189,7 +193,8 @@ def load_secant(artifact_dir, teacher_sha256: str, device="cpu", name: str = "se
     if digest != rec["sha256"]:
         raise ValueError(f"{wpath}: sha256 is {digest}, but {where} expects {rec['sha256']}")
     g = meta["guidance"]
-    net = SecantUNet({k: v for k, v in cfg.items() if k != "secant"}, g.get("range") if g.get("input") else None)
+    net = SecantUNet({k: v for k, v in cfg.items() if k != "secant"},
+                     g.get("range") if g.get("input") else None)
     try:
         sd = load_file(str(wpath), device=str(device))
     except Exception as e:  # safetensors raises its own error types
@@ -201,7 +206,8 @@ def load_secant(artifact_dir, teacher_sha256: str, device="cpu", name: str = "se
                          f"unexpected {unexpected[:5]}")
     for k, v in want.items():
         if tuple(sd[k].shape) != tuple(v.shape):
-            raise ValueError(f"{wpath}: tensor {k!r} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)}")
+            raise ValueError(f"{wpath}: tensor {k!r} has shape {tuple(sd[k].shape)}, "
+                             f"expected {tuple(v.shape)}")
     net.load_state_dict({k: v.to(want[k].dtype) for k, v in sd.items()}, strict=True)
     net = net.to(device).eval().requires_grad_(False)
     return SecantModel(net, shape, meta["data"]["num_classes"], meta, rec["sha256"])

@@ -76,7 +76,8 @@ def test_files_roundtrip_and_refusals(teacher, tmp_path):
     assert torch.equal(m(x, t, s, y, w), f.eval()(x, t, y, s, w))
     with pytest.raises(ValueError, match="teacher sha256"):
         load_secant(tmp_path, "other")
-    (tmp_path / "secant.safetensors").write_bytes((tmp_path / "secant.safetensors").read_bytes()[:-4] + b"0000")
+    w = tmp_path / "secant.safetensors"
+    w.write_bytes(w.read_bytes()[:-4] + b"0000")
     with pytest.raises(ValueError, match="sha256"):
         load_secant(tmp_path, "abc")
     (tmp_path / "secant.json").write_text('{"format": "stride.secant/0"}')
@@ -103,8 +104,8 @@ class ExactSecant:
     """The closed-form secant of one Gaussian per class: (Phi_{t->s}(x) - x) / (s - t)."""
 
     def __init__(self, gmm):
-        self.gmm, self.schedule, self.param, self.num_classes, self.shape = gmm, FlowSchedule(0, 1), "flow", gmm.num_classes, gmm.shape
-        self.guidance_input = False
+        self.gmm, self.schedule, self.param, self.guidance_input = gmm, FlowSchedule(0, 1), "flow", False
+        self.num_classes, self.shape = gmm.num_classes, gmm.shape
 
     def __call__(self, x, t, s, label):
         t, s = (torch.as_tensor(v, dtype=torch.float64).reshape(-1, 1).expand(x.shape[0], 1) for v in (t, s))

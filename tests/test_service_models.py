@@ -97,8 +97,9 @@ def _run(engine, jobs_admits):
         engine.add(*args)
     out = {}
     while engine.busy:
-        for jid, i, y in engine.step():
-            out[(jid, i)] = y
+        done = engine.step()
+        engine.release(done)
+        out.update({(jid, i): y for jid, i, y in done})
     return out
 
 
@@ -121,12 +122,10 @@ def test_engine_mixed_split_and_dropped_rows_match_the_one_shot_sampler(gmm):
     eng.add(b, tb, 0, 2, 2)
     eng.add(c, tc, 0, 2, 1)
     assert eng.rows == 2 + 4 + 2
-    eng.step()
+    eng.release(eng.step())
     eng.drop("c")  # expired: its rows leave, the others carry on
-    out = {}
     eng.add(a, ta, 2, 1, 1)  # the rest of a joins between steps
-    while eng.busy:
-        out.update({(j, i): y for j, i, y in eng.step()})
+    out = _run(eng, [])
     assert set(out) == {("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1)} and eng.rows == 0
     with torch.inference_mode():
         for (jid, i), y in out.items():
