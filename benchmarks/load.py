@@ -86,19 +86,20 @@ def wait_ready(url: str, procs, timeout=180):
 
 # -- the ceiling -------------------------------------------------------------------------------------
 
-def ceiling(entry: ModelEntry, steps: int, batch: int, seconds: float) -> float:
-    """Images/s of the executor alone: batches of `batch` images, the auto sampler, no guidance."""
+def ceiling(entry: ModelEntry, steps: int, batch: int, seconds: float) -> tuple[float, float]:
+    """(images/s, CPU ms per image) of the executor alone: batches of `batch` images, the auto
+    sampler, no guidance."""
     tab = entry.table(entry.resolve(steps), steps)
     K = entry.num_classes
     done, i, t0 = 0, 0, time.perf_counter()
     with torch.inference_mode():
         sample(entry.model, tab, seeded_noise(range(batch), entry.shape), torch.arange(batch) % K)  # warm
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), self_cpu()
         while time.perf_counter() - t0 < seconds or done < 3 * batch:
             seeds = range(i, i + batch)
             sample(entry.model, tab, seeded_noise(seeds, entry.shape), torch.tensor([s % K for s in seeds]))
             done, i = done + batch, i + batch
-    return done / (time.perf_counter() - t0)
+    return done / (time.perf_counter() - t0), 1e3 * (self_cpu() - c0) / done
 
 
 # -- one load run ------------------------------------------------------------------------------------
@@ -251,12 +252,14 @@ def main(argv=None):
     ceil_by = {}
 
     def measure_ceiling(s, b):
-        """Right before the service run it is compared with: a shared machine's load drifts."""
+        """Right before the service run it is compared with: a shared machine's load drifts.
+        Returns (best images/s, CPU ms per image of the 1-thread run)."""
+        cpu = {}
         for t in ceiling_threads:
             torch.set_num_threads(t)
-            ceil_by[(s, b, t)] = ceiling(entry, s, min(b, a.max_batch), a.ceiling_seconds)
+            ceil_by[(s, b, t)], cpu[t] = ceiling(entry, s, min(b, a.max_batch), a.ceiling_seconds)
         torch.set_num_threads(all_threads)
-        return max(ceil_by[(s, b, t)] for t in ceiling_threads)
+        return max(ceil_by[(s, b, t)] for t in ceiling_threads), cpu[min(ceiling_threads)]
 
     rows = []
     for mode in modes:
@@ -264,7 +267,7 @@ def main(argv=None):
         try:
             for s in steps:
                 for c in concs:
-                    ceil_c = measure_ceiling(s, c)
+                    ceil_c, ceil_cpu = measure_ceiling(s, c)
                     pids = srv.pids()
                     cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
                     main0 = main_thread_seconds(pids["server"]) if mode == "embedded" else None
@@ -290,6 +293,7 @@ def main(argv=None):
                         "compute_ms": statistics.fmean(r[4] for r in ok) if ok else float("nan"),
                         "batch_rows": brows / calls if calls else float("nan"),
                         "ceiling": ceil_c, "ceiling_by_threads": {t: ceil_by[(s, c, t)] for t in ceiling_threads},
+                        "ceiling_cpu_ms_per_image": ceil_cpu,
                         "other_cores": max(0.0, others),
                         "cpu_ms_per_image": {k: 1e3 * (cpu1[k] - cpu0[k]) / n_all for k in pids} |
                                             {"client": 1e3 * (me1 - me0) / n_all},
@@ -339,14 +343,18 @@ def render(rows, what, threads, load_avg, a) -> str:
                    f"{r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['queue_ms']:.1f} | "
                    f"{r['compute_ms']:.1f} | {r['batch_rows']:.1f} | " + " | ".join(f"{cb[t]:.1f}" for t in threads[1])
                    + f" | {r['ratio']:.2f} | {r['errors']} | {r['other_cores']:.2f} |")
-    out += ["", "CPU milliseconds per image, by process (over the whole run, warm-up included):", "",
-            "| mode | steps | conc. | " + " | ".join(sorted({k for r in rows for k in r['cpu_ms_per_image']})) + " |"]
     keys = sorted({k for r in rows for k in r["cpu_ms_per_image"]})
-    out.append("|---|---:|---:|" + "---:|" * len(keys))
+    out += ["", "CPU milliseconds per image, by process (whole run, warm-up included), beside the ceiling's "
+            "(1 thread). `service / ceiling` = CPU the service processes (not the client) spend per image over "
+            "what the executor alone spends: the machine-independent part of the overhead.", "",
+            "| mode | steps | conc. | " + " | ".join(keys) + " | ceiling | service / ceiling |",
+            "|---|---:|---:|" + "---:|" * (len(keys) + 2)]
     for r in rows:
+        c = r["cpu_ms_per_image"]
+        service = sum(v for k, v in c.items() if k not in ("client", "server_event_loop"))
         out.append(f"| {r['mode']} | {r['steps']} | {r['concurrency']} | " +
-                   " | ".join(f"{r['cpu_ms_per_image'][k]:.2f}" if k in r["cpu_ms_per_image"] else "" for k in keys)
-                   + " |")
+                   " | ".join(f"{c[k]:.2f}" if k in c else "" for k in keys) +
+                   f" | {r['ceiling_cpu_ms_per_image']:.2f} | {service / r['ceiling_cpu_ms_per_image']:.2f} |")
     return "\n".join(out) + "\n"
 
 
