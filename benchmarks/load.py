@@ -86,18 +86,18 @@ def wait_ready(url: str, procs, timeout=180):
 
 # -- the ceiling -------------------------------------------------------------------------------------
 
-def ceiling(entry: ModelEntry, steps: int, batch: int, seconds: float) -> tuple[float, float]:
-    """(images/s, CPU ms per image) of the executor alone: batches of `batch` images, the auto
-    sampler, no guidance."""
-    tab = entry.table(entry.resolve(steps), steps)
+def ceiling(entry: ModelEntry, solver: str, steps: int, batch: int, seconds: float) -> tuple[float, float]:
+    """(images/s, CPU ms per image) of the executor alone: batches of `batch` images, the sampler
+    the service chose (and its network: a secant sampler is its own model), no guidance."""
+    tab, model = entry.table(solver, steps), entry.model_for(solver)
     K = entry.num_classes
     done, i, t0 = 0, 0, time.perf_counter()
     with torch.inference_mode():
-        sample(entry.model, tab, seeded_noise(range(batch), entry.shape), torch.arange(batch) % K)  # warm
+        sample(model, tab, seeded_noise(range(batch), entry.shape), torch.arange(batch) % K)  # warm
         t0, c0 = time.perf_counter(), self_cpu()
         while time.perf_counter() - t0 < seconds or done < 3 * batch:
             seeds = range(i, i + batch)
-            sample(entry.model, tab, seeded_noise(seeds, entry.shape), torch.tensor([s % K for s in seeds]))
+            sample(model, tab, seeded_noise(seeds, entry.shape), torch.tensor([s % K for s in seeds]))
             done, i = done + batch, i + batch
     return done / (time.perf_counter() - t0), 1e3 * (self_cpu() - c0) / done
 
@@ -236,13 +236,18 @@ def main(argv=None):
 
     have_artifact = not a.test_model and os.path.exists(os.path.join(a.artifact, "model.safetensors"))
     if have_artifact:
-        entry, model_args, what = ModelEntry.from_artifact(a.artifact), ["--artifacts", a.artifact], \
-            f"trained artifact `{a.artifact}`"
+        model_args, what = ["--artifacts", a.artifact], f"trained artifact `{a.artifact}`"
+
+        def load_entry():
+            return ModelEntry.from_artifact(a.artifact)
     else:
         spec = a.test_model or "gmm"
-        entry, model_args = analytic_entry(spec), ["--test-model", spec]
+        model_args = ["--test-model", spec]
         what = f"analytic Gaussian-mixture test model `{spec}` (10 classes, 1x8x8)" + \
                ("" if a.test_model else f" — `{a.artifact}/model.safetensors` did not exist")
+
+        def load_entry():
+            return analytic_entry(spec)
     all_threads = torch.get_num_threads()
     ceiling_threads = sorted({all_threads if t == "all" else int(t) for t in a.ceiling_threads.split(",")})
     threads = (a.threads or "service default", ceiling_threads)
@@ -251,13 +256,13 @@ def main(argv=None):
     load_avg = os.getloadavg()
     ceil_by = {}
 
-    def measure_ceiling(s, b):
+    def measure_ceiling(entry, solver, s, b):
         """Right before the service run it is compared with: a shared machine's load drifts.
         Returns (best images/s, CPU ms per image of the 1-thread run)."""
         cpu = {}
         for t in ceiling_threads:
             torch.set_num_threads(t)
-            ceil_by[(s, b, t)], cpu[t] = ceiling(entry, s, min(b, a.max_batch), a.ceiling_seconds)
+            ceil_by[(s, b, t)], cpu[t] = ceiling(entry, solver, s, min(b, a.max_batch), a.ceiling_seconds)
         torch.set_num_threads(all_threads)
         return max(ceil_by[(s, b, t)] for t in ceiling_threads), cpu[min(ceiling_threads)]
 
@@ -265,9 +270,11 @@ def main(argv=None):
     for mode in modes:
         srv = Servers(mode, model_args, a.max_batch, a.threads, steps)
         try:
+            entry = load_entry()  # as the servers just loaded it (an artifact may gain files meanwhile)
             for s in steps:
+                solver = httpx.post(f"{srv.url}/generate?class_label=0&steps={s}", timeout=60).headers["x-stride-solver"]
                 for c in concs:
-                    ceil_c, ceil_cpu = measure_ceiling(s, c)
+                    ceil_c, ceil_cpu = measure_ceiling(entry, solver, s, c)
                     pids = srv.pids()
                     cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
                     main0 = main_thread_seconds(pids["server"]) if mode == "embedded" else None
@@ -276,6 +283,7 @@ def main(argv=None):
                     rows0 = scrape(srv.metrics_url, "stride_batch_rows_sum")
                     win, span, total = asyncio.run(load(srv.url, s, c, a.warmup, a.duration, a.max_requests,
                                                         entry.num_classes))
+                    assert all(r[5] == solver for r in win if r[2] == 200), "the sampler changed during the run"
                     me1 = self_cpu()
                     cpu1 = {k: cpu_seconds(p) for k, p in pids.items()}
                     ours = (me1 - me0) + sum(cpu1[k] - cpu0[k] for k in pids)

@@ -190,6 +190,9 @@ class RedisQueue:
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError):
+                if self._listening.is_set():  # just lost Redis: let every waiter notice now, not at its next poll
+                    for ev in list(self.waiters.values()):
+                        ev.set()
                 self._listening.clear()
                 await asyncio.sleep(0.2)
             finally:
