@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -126,6 +127,7 @@ class Settings:
     batch: int = 64
     lr: float = 2e-4
     warmup: int = 100
+    lr_decay: str = "none"  # none | cosine (to 0 at `steps`)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema: float = 0.999
@@ -143,6 +145,8 @@ class Settings:
 def check_settings(st: Settings) -> None:
     if st.loss not in LOSSES:
         raise ValueError(f"unknown secant loss {st.loss!r}; allowed: {list(LOSSES)}")
+    if st.lr_decay not in ("none", "cosine"):
+        raise ValueError(f"--lr-decay must be 'none' or 'cosine', got {st.lr_decay!r}")
     if st.start not in ("grid", "continuous"):
         raise ValueError(f"--start must be 'grid' or 'continuous', got {st.start!r}")
     if not st.n_steps or min(st.n_steps) < 1:
@@ -196,8 +200,11 @@ def train_secant(artifact, st: Settings, name: str = "secant", ckpt_dir=None, re
             w = None
             drop = torch.rand(st.batch, generator=g) < st.label_dropout
             y = torch.where(drop, torch.full_like(y, K), y)
+        lr = st.lr * min(1.0, (step + 1) / max(1, st.warmup))
+        if st.lr_decay == "cosine":  # the Picard targets' noise floor: anneal it away
+            lr *= 0.5 * (1 + math.cos(math.pi * step / st.steps))
         for grp in opt.param_groups:
-            grp["lr"] = st.lr * min(1.0, (step + 1) / max(1, st.warmup))
+            grp["lr"] = lr
         loss = loss_fn(f, v, x0, eps, y, w, lam=st.stei_lambda, **tm)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -220,7 +227,8 @@ def train_secant(artifact, st: Settings, name: str = "secant", ckpt_dir=None, re
         s.pop(k)
     s["iterations"], s["steps"] = s.pop("steps"), s.pop("n_steps")  # the file's names: no clash with 'steps'
     info = {"loss": st.loss, "steps": sorted(st.n_steps), "iterations": st.steps, "settings": s,
-            "optimizer": "AdamW(betas=(0.9, 0.99)) from the teacher's weights, linear warm-up, constant",
+            "optimizer": "AdamW(betas=(0.9, 0.99)) from the teacher's weights, linear warm-up, "
+                         f"lr decay {st.lr_decay}",
             "weights_saved": "EMA", "final_loss_ema": loss_avg, "wall_time_s": round(wall, 1),
             "cpu_minutes": round(cpu / 60, 2), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "command": command}
@@ -265,11 +273,13 @@ def secant_rows(art, noise, labels, guidance, batch, score, row, interval=None, 
     return rows
 
 
-def evaluate_secant(artifact, names=None, steps=(1, 2, 4, 8), compare=(), compare_nfe=(1, 2, 4, 8), n=500,
-                    seed_sets=3, guidance=None, interval=None, reference="dpmpp-3m:128",
+def evaluate_secant(artifact, names=None, steps=(1, 2, 4, 8), compare=(), compare_nfe=(1, 2, 4, 8), n=None,
+                    seed_sets=None, guidance=None, interval=None, reference=None,
                     cache=".cache/stride/eval", batch=500, write=True, log=sys.stderr) -> dict:
     """The secant rows with offline/evaluate.py's protocol (same seeds, classes, classifier, cached
-    reference), optionally beside classic solvers; writes them into each <name>.json under 'eval'."""
+    reference), optionally beside classic solvers; writes them into each <name>.json under 'eval'.
+    Unset n / seed sets / guidance / reference come from the artifact's eval.json, so the rows are
+    comparable with its rows (FD's bias depends on n), else 500 x 3, the default guidance, dpmpp-3m:128."""
     from offline.data import data_from_source
     from offline.evaluate import _ms, cached_run, fd_features, features, make_seed_sets, predict, run
     from solvers.artifact import default_guidance
@@ -280,10 +290,17 @@ def evaluate_secant(artifact, names=None, steps=(1, 2, 4, 8), compare=(), compar
         raise ValueError(f"{art.path} has no classifier.json; run "
                          f"`stride offline train-classifier {art.path}` first")
     model, clf, K = art.model, art.classifier, art.model.num_classes
-    g = default_guidance(art) if guidance is None else float(guidance)
+    ev0 = art.eval or {}
+    g = float(guidance if guidance is not None else ev0.get("guidance", default_guidance(art)))
+    firsts = [s["first_seed"] for s in ev0.get("seed_sets", [])] if n is None and seed_sets is None else None
+    n = n or ev0.get("n", 500)
+    seed_sets = seed_sets or len(firsts or []) or 3
+    if reference is None:
+        ref = ev0.get("reference", {})
+        reference = f"{ref['solver']}:{ref['nfe']}" if "solver" in ref else "dpmpp-3m:128"
     data = data_from_source(art.meta["data"]["source"])
     f_real = features(clf, data.test_x)
-    sets = make_seed_sets(n, seed_sets)
+    sets = make_seed_sets(n, seed_sets, firsts or None)
     S, labels = len(sets), torch.arange(n) % K
     noise, lab = torch.cat([seeded_noise(s, model.shape) for s in sets]), labels.repeat(S)
     ref_solver, ref_nfe = reference.split(":")
@@ -364,6 +381,7 @@ def add_parser(subparsers):
     p.add_argument("--iters", type=int, default=3000, help="optimiser steps")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lr-decay", default="none", choices=["none", "cosine"])
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--start", default="grid", choices=["grid", "continuous"],
@@ -393,9 +411,11 @@ def add_parser(subparsers):
                    help="lo,hi: guide only for lo <= t <= hi")
     e.add_argument("--compare", default="", help="classic solvers to measure beside it, e.g. euler,dpmpp-2m")
     e.add_argument("--compare-nfe", type=_ints, default=[1, 2, 4, 8])
-    e.add_argument("--n", type=int, default=500)
-    e.add_argument("--seed-sets", type=int, default=3)
-    e.add_argument("--reference", default="dpmpp-3m:128", help="solver:nfe of the teacher's converged solve")
+    e.add_argument("--n", type=int, default=None, help="per seed set (default: eval.json's, else 500)")
+    e.add_argument("--seed-sets", type=int, default=None, help="default: eval.json's, else 3")
+    e.add_argument("--reference", default=None,
+                   help="solver:nfe of the teacher's converged solve (default: eval.json's, else "
+                        "dpmpp-3m:128)")
     e.add_argument("--cache", default=".cache/stride/eval")
     e.add_argument("--report", default=None, help="also write the measured rows to this json file")
     return p
@@ -407,10 +427,10 @@ def run(a, command=None) -> int:
         torch.set_num_threads(a.threads)
     if not a.eval_only:
         gi = a.loss.startswith("sd") if a.guidance_input is None else a.guidance_input
-        st = Settings(loss=a.loss, n_steps=a.steps, steps=a.iters, batch=a.batch, lr=a.lr, ema=a.ema,
-                      seed=a.seed, start=a.start, guidance_input=gi, w_max=a.w_max,
-                      label_dropout=a.label_dropout, stei_lambda=a.stei_lambda, ckpt_every=a.ckpt_every,
-                      log_every=a.log_every)
+        st = Settings(loss=a.loss, n_steps=a.steps, steps=a.iters, batch=a.batch, lr=a.lr,
+                      lr_decay=a.lr_decay, ema=a.ema, seed=a.seed, start=a.start, guidance_input=gi,
+                      w_max=a.w_max, label_dropout=a.label_dropout, stei_lambda=a.stei_lambda,
+                      ckpt_every=a.ckpt_every, log_every=a.log_every)
         train_secant(a.artifact, st, name, a.ckpt_dir, a.resume, a.threads, a.dtype, command)
     if not a.no_eval:
         names = [name] if not a.eval_only or a.name else None  # --eval-only alone: every secant file

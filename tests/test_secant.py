@@ -231,3 +231,25 @@ def test_fit_moves_towards_the_closed_form_secant(gmm, loss, iters, bound):
         opt.zero_grad(), loss_v.backward(), opt.step()
     after = _secant_error(net, gmm)
     assert after < bound * before, (before, after)
+
+
+@pytest.mark.parametrize("loss", ["sdei", "stee"])
+def test_convert_writes_a_loadable_secant_and_resumes(tmp_path, loss):
+    from offline.secant import Settings, train_secant
+    from solvers.artifact import save_artifact
+
+    cfg = {**TINY, "num_classes": 10}
+    src = {"dataset": "digits", "size": 8, "holdout": 0.2, "split_seed": 0}
+    net = UNet(cfg)
+    art = save_artifact(tmp_path / "a", net.config, net.state_dict(), FlowSchedule(), "flow", (1, 8, 8),
+                        [str(i) for i in range(10)], {}, data_source=src)
+    st = Settings(loss=loss, n_steps=[2], steps=2, batch=4, ckpt_every=1, guidance_input=loss == "sdei")
+    log = open(tmp_path / "log", "w")
+    train_secant(art, st, "secant", tmp_path / "ck", log=log)
+    st.steps = 3
+    meta = train_secant(art, st, "secant", tmp_path / "ck", resume=True, log=log)
+    assert "resumed from" in (tmp_path / "log").read_text() and meta["iterations"] == 3
+    m = load_secant(art, meta["teacher_sha256"])
+    assert meta["format"] == "stride.secant/1" and meta["steps"] == [2]
+    assert m.guidance_input == (loss == "sdei") and m.steps == [2]
+    assert sample(m, m.table(2), seeded_noise([0], m.shape), torch.tensor([3]), 2.0).isfinite().all()
