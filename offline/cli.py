@@ -68,9 +68,13 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--threads", type=int, default=None)
     e.add_argument("--no-images", action="store_true", help="skip plots and sample grids")
     e.add_argument("--no-learned", action="store_true", help="skip the learned solvers in <artifact>/solvers")
+    e.add_argument("--secant-steps", type=_ints, default=[1, 2, 4, 8],
+                   help="step counts for the artifact's secant models (0 skips them)")
+    from offline import secant
     from offline.search import add_parsers  # search + dode
 
     add_parsers(sub)
+    secant.add_parser(sub)
     return p
 
 
@@ -101,8 +105,13 @@ def main(argv=None) -> int:
                        seeds=a.seeds, guidance=a.guidance, sweep=a.sweep, sweep_with=a.sweep_with,
                        reference=a.reference, cache=a.cache,
                        batch=a.batch, threads=a.threads, images=not a.no_images,
-                       learned=not a.no_learned, command=command)
+                       learned=not a.no_learned, secant_steps=[k for k in a.secant_steps if k > 0],
+                       command=command)
         print(json.dumps({k: res[k] for k in ("guidance", "floor", "reference")}, indent=1))
+    elif a.cmd == "secant":
+        from offline.secant import run
+
+        return run(a, command=command)
     elif hasattr(a, "func"):  # subcommands that carry their own runner (search, dode)
         return a.func(a)
     return 0

@@ -107,7 +107,10 @@ def _ms(v):
 def evaluate(artifact, solvers=("euler", "heun", "ddim", "dpmpp-2m", "dpmpp-3m", "unipc", "ipndm"),
              nfes=(1, 2, 3, 4, 5, 6, 8, 10, 16, 32), n=500, seed_sets=3, seeds=None, guidance=None,
              sweep=None, reference="dpmpp-3m:128", sweep_with="dpmpp-3m:32", cache=".cache/stride/eval",
-             batch=1000, threads=None, images=True, learned=True, command=None, log=sys.stderr) -> dict:
+             batch=1000, threads=None, images=True, learned=True, secant_steps=(1, 2, 4, 8), command=None,
+             log=sys.stderr) -> dict:
+    """With no `guidance` and a `sweep`, the sweep runs first and its lowest-FD scale becomes the
+    guidance of every row and the artifact's measured default (eval.json's default_guidance)."""
     if threads:
         torch.set_num_threads(threads)
     t_start = time.time()
@@ -116,7 +119,6 @@ def evaluate(artifact, solvers=("euler", "heun", "ddim", "dpmpp-2m", "dpmpp-3m",
         raise ValueError(f"{art.path} has no classifier.json; "
                          f"run `stride offline train-classifier {art.path}` first")
     model, clf, K = art.model.to_channels_last(), art.classifier, art.model.num_classes
-    g = default_guidance(art) if guidance is None else float(guidance)
     data = data_from_source(art.meta["data"]["source"])
     f_real = features(clf, data.test_x)
     sets = make_seed_sets(n, seed_sets, seeds)
@@ -145,6 +147,33 @@ def evaluate(artifact, solvers=("euler", "heun", "ddim", "dpmpp-2m", "dpmpp-3m",
         floor_fd.append(fd_features(features(clf, data.train_x[idx]), f_real))
     real_acc = float((predict(clf, data.test_x) == data.test_y).to(F64).mean())
 
+    desc = lambda ss: [[s[0], len(s)] for s in ss]  # noqa: E731
+
+    def cached_sample(tab, gg, sampler=None):
+        """Samples of every seed set, cached by table content, so an interrupted run resumes."""
+        tj = json.dumps(tab.to_json() if sampler is None else tab, sort_keys=True, default=str)
+        key = {"model": art.sha256, "table": hashlib.sha256(tj.encode()).hexdigest(), "guidance": gg,
+               "seeds": desc(sets), "labels": f"i mod {K}", "shape": list(model.shape), "v": 1}
+        return cached_run(cache, key, sampler or (lambda: run(model, tab, noise, lab, gg, batch)))
+
+    # the guidance sweep; its lowest-FD scale is the default unless one was given
+    sweep_rows = []
+    sw_solver, sw_nfe = sweep_with.split(":")
+    for gs in sweep or []:
+        sc = score(cached_sample(make_table(sw_solver, model.schedule, model.param, int(sw_nfe)), gs))
+        fd, fd_std = _ms([s[1] for s in sc])
+        acc, acc_std = _ms([s[2] for s in sc])
+        sweep_rows.append({"guidance": gs, "solver": sw_solver, "nfe": int(sw_nfe),
+                           "fd": fd, "fd_std": fd_std, "acc": acc, "acc_std": acc_std})
+        say(f"sweep g={gs}: fd {fd:.3f}±{fd_std:.3f} acc {acc:.3f}")
+    if guidance is not None:
+        g = float(guidance)
+    elif sweep_rows:
+        g = min(sweep_rows, key=lambda r: r["fd"])["guidance"]
+    else:
+        g = default_guidance(art)
+    say(f"guidance {g:g}" + (" (lowest FD of the sweep)" if guidance is None and sweep_rows else ""))
+
     # the reference, and its convergence check against half its steps on the first set
     ref_solver, ref_nfe = reference.split(":")
     ref_nfe = int(ref_nfe)
@@ -158,7 +187,6 @@ def evaluate(artifact, solvers=("euler", "heun", "ddim", "dpmpp-2m", "dpmpp-3m",
         say(f"reference {ref_solver}@{nfe} g={gg}: {time.time() - t0:.0f}s")
         return x
 
-    desc = lambda ss: [[s[0], len(s)] for s in ss]  # noqa: E731
     x_ref = ref_run(ref_nfe, noise, lab, g, desc(sets))
     x_half = ref_run(ref_nfe // 2, noise[:n], labels, g, desc(sets[:1]))
     conv = float((x_half - x_ref[:n]).to(F64).pow(2).mean().sqrt())
@@ -186,7 +214,7 @@ def evaluate(artifact, solvers=("euler", "heun", "ddim", "dpmpp-2m", "dpmpp-3m",
     rows, grids = [], {}
     for solver, nfe, tab in tables():
         t0 = time.time()
-        x = run(model, tab, noise, lab, g, batch)
+        x = cached_sample(tab, g)
         dt = time.time() - t0
         r = row(solver, nfe, score(x, x_ref), {"grid": tab.meta.get("grid"), "table": tab.name,
                                                "learned": solver in art.solvers, "seconds": round(dt, 1)})
@@ -195,16 +223,26 @@ def evaluate(artifact, solvers=("euler", "heun", "ddim", "dpmpp-2m", "dpmpp-3m",
         say(f"{solver:>9} nfe {nfe:>3}  rmse {r['rmse']:.4f}  fd {r['fd']:.3f}±{r['fd_std']:.3f}  "
             f"ratio {r['fd_ratio']:.2f}  acc {r['acc']:.3f}  ({dt:.0f}s)")
 
-    sweep_rows = []
-    sw_solver, sw_nfe = sweep_with.split(":")
-    for gs in sweep or []:
-        x = run(model, make_table(sw_solver, model.schedule, model.param, int(sw_nfe)), noise, lab, gs, batch)
-        sc = score(x)
-        fd, fd_std = _ms([s[1] for s in sc])
-        acc, acc_std = _ms([s[2] for s in sc])
-        sweep_rows.append({"guidance": gs, "solver": sw_solver, "nfe": int(sw_nfe),
-                           "fd": fd, "fd_std": fd_std, "acc": acc, "acc_std": acc_std})
-        say(f"sweep g={gs}: fd {fd:.3f}±{fd_std:.3f} acc {acc:.3f}")
+    if secant_steps:  # secant models: N uniform steps on the learned secant, same seeds and scoring
+        from offline.secant import nfe_of
+        from solvers.secant import load_secant, secant_names, secant_table
+
+        for name in secant_names(art.path):
+            sm = load_secant(art.path, art.sha256, name=name)
+            for steps in secant_steps:
+                t0 = time.time()
+                tab = secant_table(steps)
+                x = cached_sample({"secant": sm.sha256, "steps": steps}, g, lambda: torch.cat(
+                    [sample(sm, tab, noise[i:i + batch], lab[i:i + batch], g) for i in range(0, len(noise), batch)]))
+                dt = time.time() - t0
+                e = nfe_of(sm, steps, g)
+                r = row(name, e, score(x, x_ref), {"grid": "uniform", "table": "secant", "steps": steps,
+                                                   "secant": True, "loss": sm.meta.get("loss"),
+                                                   "guidance_input": sm.guidance_input, "seconds": round(dt, 1)})
+                rows.append(r)
+                grids.setdefault(name, []).append((e, x[:K].clone()))
+                say(f"{name:>9} steps {steps:>2} nfe {e:>3}  rmse {r['rmse']:.4f}  fd {r['fd']:.3f}±{r['fd_std']:.3f}"
+                    f"  ratio {r['fd_ratio']:.2f}  acc {r['acc']:.3f}  ({dt:.0f}s)")
 
     best = {}
     for r in rows:

@@ -56,6 +56,13 @@ class Metrics:
     def init_labels(self, registry, steps):
         """Create every bounded series up front so dashboards show zeros, not gaps."""
         for e in registry:
+            for n in steps:  # the auto-picked sampler per offered step count: rate() sees the first request
+                try:
+                    labels = (e.name, e.resolve(n), str(n))
+                except ValueError:
+                    continue
+                for m in (self.request_seconds, self.queue_seconds, self.compute_seconds, self.images):
+                    m.labels(*labels)
             self.queue_depth.labels(e.name).set(0)
             self.workers_live.labels(e.name).set(0)
             self.evaluations.labels(e.name)

@@ -170,3 +170,16 @@ def test_secant_variants_run_on_their_own_network(gmm):
     sec.calls = 0
     Worker(Registry([e]), Settings(test_model="gmm", steps=[2, 4], max_batch=4), None, Metrics(process=False)).warm_up()
     assert sec.calls == 3 + 2 + 4  # buckets 1, 2, 4 at one step each, then a full sample per step count
+
+
+def test_metrics_create_every_served_series_before_the_first_request(gmm):
+    from prometheus_client import generate_latest
+
+    from service.metrics import Metrics
+
+    m = Metrics(process=False)
+    m.init_labels([gmm], [1, 4])
+    text = generate_latest(m.registry).decode()
+    for steps, solver in ((1, "euler"), (4, "dpmpp-2m")):
+        assert f'stride_images_total{{model="gmm",solver="{solver}",steps="{steps}"}} 0.0' in text
+        assert f'stride_request_duration_seconds_count{{model="gmm",solver="{solver}",steps="{steps}"}} 0.0' in text
