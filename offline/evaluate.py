@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -219,7 +220,7 @@ def evaluate(artifact, solvers=("euler", "heun", "ddim", "dpmpp-2m", "dpmpp-3m",
         r = row(solver, nfe, score(x, x_ref), {"grid": tab.meta.get("grid"), "table": tab.name,
                                                "learned": solver in art.solvers, "seconds": round(dt, 1)})
         rows.append(r)
-        grids.setdefault(solver, []).append((nfe, x[:K].clone()))
+        grids.setdefault(family(solver), []).append((nfe, x[:K].clone()))
         say(f"{solver:>9} nfe {nfe:>3}  rmse {r['rmse']:.4f}  fd {r['fd']:.3f}±{r['fd_std']:.3f}  "
             f"ratio {r['fd_ratio']:.2f}  acc {r['acc']:.3f}  ({dt:.0f}s)")
 
@@ -292,15 +293,21 @@ def evaluate(artifact, solvers=("euler", "heun", "ddim", "dpmpp-2m", "dpmpp-3m",
 
 # -- reports -----------------------------------------------------------------------------------------
 
+def family(name: str) -> str:
+    """Learned solvers are fitted per NFE (searched-nfe4, dode-heun-nfe4): one column, line and grid each."""
+    return re.sub(r"-nfe\d+$", "", name)
+
+
 def _pm(m, s, p=3):
     return "–" if m is None else f"{m:.{p}f} ± {s:.{p}f}"
 
 
 def markdown(ev: dict) -> str:
     rows = ev["rows"]
-    solvers = list(dict.fromkeys(r["solver"] for r in rows))
+    col = lambda r: family(r["solver"])  # noqa: E731
+    solvers = list(dict.fromkeys(col(r) for r in rows))
     nfes = sorted({r["nfe"] for r in rows})
-    at = {(r["solver"], r["nfe"]): r for r in rows}
+    at = {(col(r), r["nfe"]): r for r in rows}
     ref, fl, te = ev["reference"], ev["floor"], ev["teacher"]
     sets = len(ev["seed_sets"])
     out = [f"# Sampler quality: {ev['model']}", "",
@@ -343,7 +350,7 @@ def figures(d: Path, ev: dict, grids: dict, x_ref, class_names):
     d.mkdir(parents=True, exist_ok=True)
     by = {}
     for r in ev["rows"]:
-        by.setdefault(r["solver"], []).append(r)
+        by.setdefault(family(r["solver"]), []).append(r)
     te, fl = ev["teacher"], ev["floor"]
     specs = [("rmse", "RMSE vs reference", True, {}),
              ("fd", "Frechet distance (classifier features)", True,

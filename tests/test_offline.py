@@ -131,3 +131,17 @@ def test_train_classify_evaluate_end_to_end(tmp_path):
     loaded = load_artifact(art)
     assert loaded.eval["rows"] == ev["rows"] and loaded.classifier is not None
     Image.open(art / "eval" / "fd.png").verify()
+
+    # every row's samples are cached: a rerun computes nothing new and reproduces the rows
+    cached = sorted((tmp_path / "cache").glob("*.safetensors"))
+    assert len(cached) >= 2 + 2 + 6  # reference + its half, the sweep, the rows
+    args = ["eval", str(art), "--n", "10", "--seed-sets", "2", "--nfe", "1,3", "--solvers", "euler,heun,dpmpp-2m",
+            "--reference", "dpmpp-2m:4", "--sweep", "1,1.5", "--sweep-with", "euler:2", "--cache", str(tmp_path / "cache")]
+    assert cli.main(args + ["--guidance", "1.5", "--no-images"]) == 0
+    assert sorted((tmp_path / "cache").glob("*.safetensors")) == cached
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(json.loads((art / "eval.json").read_text())["rows"]) == strip(ev["rows"])
+    # without --guidance the sweep's lowest-FD scale becomes the guidance and the measured default
+    assert cli.main(args + ["--no-images"]) == 0
+    ev2 = json.loads((art / "eval.json").read_text())
+    assert ev2["guidance"] == ev2["default_guidance"] == min(ev2["guidance_sweep"], key=lambda r: r["fd"])["guidance"]
