@@ -89,14 +89,17 @@ def read_net(directory: Path, meta: dict, where: str, device="cpu") -> torch.nn.
                          f"found {arch!r}")
     if not isinstance(rec, dict) or "file" not in rec or "sha256" not in rec:
         raise ValueError(f"{where}: 'weights' must name the file and its sha256, found {rec!r}")
-    wpath = directory / rec["file"]
+    return load_weights(build_net(arch["kind"], arch["config"]), directory / rec["file"], rec["sha256"], where, device)
+
+
+def load_weights(net, wpath: Path, sha256: str, where, device="cpu"):
+    """Fill `net` from a safetensors file after checking its sha256, names and shapes; never unpickles."""
     if not wpath.is_file():
         raise ValueError(f"{where}: weights file {wpath} is missing")
     digest = sha256_file(wpath)
-    if digest != rec["sha256"]:
-        raise ValueError(f"{wpath}: sha256 is {digest}, but {where} expects {rec['sha256']} "
+    if digest != sha256:
+        raise ValueError(f"{wpath}: sha256 is {digest}, but {where} expects {sha256} "
                          "(the weights were changed or replaced after the json was written)")
-    net = build_net(arch["kind"], arch["config"])
     try:
         sd = load_file(str(wpath), device=str(device))
     except Exception as e:  # safetensors raises its own error types

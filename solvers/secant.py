@@ -20,9 +20,8 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from .artifact import check_format, read_json, sha256_file, write_json, write_weights
+from .artifact import check_format, load_weights, read_json, write_json, write_weights
 from .builders import build
 from .grids import explicit
 from .nets.unet import TimeEmbed, UNet
@@ -186,28 +185,8 @@ def load_secant(artifact_dir, teacher_sha256: str, device="cpu", name: str = "se
                          f"match the architecture's {cfg.get('in_channels')}x{cfg.get('image_size')}^2 / "
                          f"{cfg.get('num_classes')}")
     rec = meta["weights"]
-    wpath = d / rec["file"]
-    if not wpath.is_file():
-        raise ValueError(f"{where}: weights file {wpath} is missing")
-    digest = sha256_file(wpath)
-    if digest != rec["sha256"]:
-        raise ValueError(f"{wpath}: sha256 is {digest}, but {where} expects {rec['sha256']}")
     g = meta["guidance"]
-    net = SecantUNet({k: v for k, v in cfg.items() if k != "secant"},
-                     g.get("range") if g.get("input") else None)
-    try:
-        sd = load_file(str(wpath), device=str(device))
-    except Exception as e:  # safetensors raises its own error types
-        raise ValueError(f"{wpath}: not a readable safetensors file: {e}") from e
-    want = net.state_dict()
-    missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
-    if missing or unexpected:
-        raise ValueError(f"{wpath} does not match the architecture in {where}: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    for k, v in want.items():
-        if tuple(sd[k].shape) != tuple(v.shape):
-            raise ValueError(f"{wpath}: tensor {k!r} has shape {tuple(sd[k].shape)}, "
-                             f"expected {tuple(v.shape)}")
-    net.load_state_dict({k: v.to(want[k].dtype) for k, v in sd.items()}, strict=True)
-    net = net.to(device).eval().requires_grad_(False)
+    net = load_weights(SecantUNet({k: v for k, v in cfg.items() if k != "secant"},
+                                  g.get("range") if g.get("input") else None), d / rec["file"], rec["sha256"], where,
+                       device)
     return SecantModel(net, shape, meta["data"]["num_classes"], meta, rec["sha256"])

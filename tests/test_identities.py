@@ -88,3 +88,15 @@ def test_one_step_ddim_lands_on_the_denoised_mean():
     a1, s1 = sched.alpha(sched.t_min), sched.sigma(sched.t_min)
     expect = s1 / s0 * x + (a1 - s1 / s0 * a0) * m.x0(x, sched.t_max, labels)
     torch.testing.assert_close(y, expect, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("nfe", [2, 3, 4, 5, 6, 10])
+def test_heun_never_evaluates_the_model_at_t_min(nfe):
+    """EDM's Heun ends with an Euler step at every NFE: a corrector at t_min would evaluate a
+    velocity/eps prediction where it is poorly determined."""
+    from solvers.builders import make_table
+    from solvers.schedules import FlowSchedule
+
+    s = FlowSchedule()
+    tab = make_table("heun", s, "flow", nfe)
+    assert tab.nfe == nfe and float(min(tab.tau)) > s.t_min + 1e-9
