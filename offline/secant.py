@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -137,6 +136,7 @@ class Settings:
     w_max: float = 4.0
     label_dropout: float = 0.1
     stei_lambda: float = 1.0
+    init: str = ""  # start from this secant file in the artifact instead of the teacher's tangent
     teacher_sha256: str = ""
     ckpt_every: int = 250
     log_every: int = 50
@@ -158,10 +158,24 @@ def check_settings(st: Settings) -> None:
         raise ValueError(f"--w-max must be > 1, got {st.w_max}")
 
 
+def warm_start(net: SecantUNet, art, name: str) -> dict:
+    """Load secant file `name` (same teacher, architecture and guidance range) into `net`; its record."""
+    src = load_secant(art.path, art.sha256, name=name)
+    if src.net.config != net.config or src.guidance_range != net.guidance_range:
+        raise ValueError(f"--init {name}: its net ({src.net.config}, guidance range {src.guidance_range}) "
+                         f"differs from this run's ({net.config}, {net.guidance_range}); match --w-max and "
+                         "--guidance-input to it")
+    net.load_state_dict(src.net.float().state_dict())
+    m = src.meta
+    return {"name": name, "sha256": src.sha256, "loss": m.get("loss"), "steps": m.get("steps"),
+            "iterations_total": m.get("iterations_total", m.get("iterations", 0)),
+            "cpu_minutes_total": m.get("cpu_minutes_total", m.get("cpu_minutes", 0.0))}
+
+
 def train_secant(artifact, st: Settings, name: str = "secant", ckpt_dir=None, resume=False, threads=None,
                  dtype="float16", command=None, log=sys.stderr) -> dict:
     from offline.data import data_from_source
-    from offline.train import Progress, load_ckpt, save_ckpt
+    from offline.train import Progress, learning_rate, load_ckpt, optimise, save_ckpt
 
     if threads:
         torch.set_num_threads(threads)
@@ -175,6 +189,7 @@ def train_secant(artifact, st: Settings, name: str = "secant", ckpt_dir=None, re
     data = data_from_source(art.meta["data"]["source"])
     torch.manual_seed(st.seed)
     net = SecantUNet.from_teacher(m.net, (1.0, st.w_max) if st.guidance_input else None).train()
+    init = warm_start(net, art, st.init) if st.init else None
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=st.lr, betas=(0.9, 0.99), weight_decay=st.weight_decay)
     g = torch.Generator().manual_seed(st.seed)
@@ -200,22 +215,11 @@ def train_secant(artifact, st: Settings, name: str = "secant", ckpt_dir=None, re
             w = None
             drop = torch.rand(st.batch, generator=g) < st.label_dropout
             y = torch.where(drop, torch.full_like(y, K), y)
-        lr = st.lr * min(1.0, (step + 1) / max(1, st.warmup))
-        if st.lr_decay == "cosine":  # the Picard targets' noise floor: anneal it away
-            lr *= 0.5 * (1 + math.cos(math.pi * step / st.steps))
-        for grp in opt.param_groups:
-            grp["lr"] = lr
+        lr = learning_rate(st.lr, step, st.warmup, st.lr_decay, st.steps)  # cosine: anneal the Picard targets' noise
         loss = loss_fn(f, v, x0, eps, y, w, lam=st.stei_lambda, **tm)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), st.grad_clip)
-        opt.step()
-        decay = min(st.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), net.parameters()):
-                pe.lerp_(p, 1 - decay)
+        li = optimise(net, ema, opt, loss, lr, st.grad_clip, st.ema, step)
         step += 1
-        loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
+        loss_avg = li if loss_avg is None else 0.98 * loss_avg + 0.02 * li
         seen += st.batch
         bar(step, loss_avg, seen / max(time.time() - t0, 1e-9), done=step == st.steps)
         if step % st.ckpt_every == 0 or step == st.steps:
@@ -225,13 +229,19 @@ def train_secant(artifact, st: Settings, name: str = "secant", ckpt_dir=None, re
     s = asdict(st)
     for k in ("ckpt_every", "log_every", "teacher_sha256"):
         s.pop(k)
-    s["iterations"], s["steps"] = s.pop("steps"), s.pop("n_steps")  # the file's names: no clash with 'steps'
+    s["iterations"], s["steps"] = s.pop("steps"), s.pop("n_steps")
+    if not s["init"]:
+        s.pop("init")  # the file's names: no clash with 'steps'
     info = {"loss": st.loss, "steps": sorted(st.n_steps), "iterations": st.steps, "settings": s,
             "optimizer": "AdamW(betas=(0.9, 0.99)) from the teacher's weights, linear warm-up, "
                          f"lr decay {st.lr_decay}",
             "weights_saved": "EMA", "final_loss_ema": loss_avg, "wall_time_s": round(wall, 1),
             "cpu_minutes": round(cpu / 60, 2), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "command": command}
+    if init:  # the file's cost is the whole chain's
+        info["init"] = init
+        info["cpu_minutes_total"] = round(info["cpu_minutes"] + init["cpu_minutes_total"], 2)
+        info["iterations_total"] = st.steps + init["iterations_total"]
     meta = save_secant(art.path, name, ema, m.shape, K, art.sha256, info, dtype)
     print(f"wrote {art.path / name}.json ({wall / 60:.1f} min wall, {cpu / 60:.1f} CPU min)", file=log)
     return meta
@@ -395,6 +405,9 @@ def add_parser(subparsers):
     p.add_argument("--w-max", type=float, default=4.0)
     p.add_argument("--label-dropout", type=float, default=0.1)
     p.add_argument("--stei-lambda", type=float, default=1.0)
+    p.add_argument("--init", default="", metavar="NAME",
+                   help="start from secant file NAME in the artifact (e.g. to continue or specialise a "
+                        "conversion with a new schedule or --steps) instead of the teacher's tangent")
     p.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"],
                    help="stored weights")
     p.add_argument("--ckpt-dir", default=None, help="checkpoints (default runs/<artifact>-<name>)")
@@ -429,7 +442,7 @@ def run(a, command=None) -> int:
         gi = a.loss.startswith("sd") if a.guidance_input is None else a.guidance_input
         st = Settings(loss=a.loss, n_steps=a.steps, steps=a.iters, batch=a.batch, lr=a.lr,
                       lr_decay=a.lr_decay, ema=a.ema, seed=a.seed, start=a.start, guidance_input=gi,
-                      w_max=a.w_max, label_dropout=a.label_dropout, stei_lambda=a.stei_lambda,
+                      w_max=a.w_max, label_dropout=a.label_dropout, stei_lambda=a.stei_lambda, init=a.init,
                       ckpt_every=a.ckpt_every, log_every=a.log_every)
         train_secant(a.artifact, st, name, a.ckpt_dir, a.resume, a.threads, a.dtype, command)
     if not a.no_eval:

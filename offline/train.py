@@ -150,6 +150,27 @@ def load_ckpt(d: Path, net, ema, opt, g, st: Settings, cfg):
     return meta["step"], meta["wall_time_s"], meta["loss_avg"]
 
 
+def learning_rate(lr: float, step: int, warmup: int, decay: str = "none", total: int = 0) -> float:
+    """Linear warm-up, then constant or cosine to 0 at `total` (EMA does the averaging either way)."""
+    lr *= min(1.0, (step + 1) / max(1, warmup))
+    return lr * 0.5 * (1 + math.cos(math.pi * step / total)) if decay == "cosine" else lr
+
+
+def optimise(net, ema, opt, loss, lr: float, grad_clip: float, ema_decay: float, step: int) -> float:
+    """One AdamW step with gradient clipping, then the EMA (its decay warms up as (1+k)/(10+k))."""
+    for grp in opt.param_groups:
+        grp["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+    opt.step()
+    decay = min(ema_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for pe, p in zip(ema.parameters(), net.parameters()):
+            pe.lerp_(p, 1 - decay)
+    return loss.item()
+
+
 class Progress:
     """One stderr line per update: rewritten in place on a terminal, appended in a log file."""
 
@@ -191,22 +212,12 @@ def train(data: ImageSet, out, st: Settings, config="small", ckpt_dir=None, resu
     x_all, y_all = data.train_x, data.train_y
     bar = Progress(st.steps, st.log_every, st.batch, progress_stream)
     net.train()
-    t0, seen, tick = time.time(), 0, time.time()
+    t0, seen = time.time(), 0
     while step < st.steps:
         idx = torch.randint(0, len(x_all), (st.batch,), generator=g)
-        for grp in opt.param_groups:  # linear warm-up, then constant (EMA does the averaging)
-            grp["lr"] = st.lr * min(1.0, (step + 1) / max(1, st.warmup))
         loss = loss_fn(net, x_all[idx], y_all[idx], st, sched, g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), st.grad_clip)
-        opt.step()
-        decay = min(st.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), net.parameters()):
-                pe.lerp_(p, 1 - decay)
+        li = optimise(net, ema, opt, loss, learning_rate(st.lr, step, st.warmup), st.grad_clip, st.ema, step)
         step += 1
-        li = loss.item()
         loss_avg = li if loss_avg is None else 0.98 * loss_avg + 0.02 * li
         seen += st.batch
         now = time.time()

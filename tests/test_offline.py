@@ -145,3 +145,11 @@ def test_train_classify_evaluate_end_to_end(tmp_path):
     assert cli.main(args + ["--no-images"]) == 0
     ev2 = json.loads((art / "eval.json").read_text())
     assert ev2["guidance"] == ev2["default_guidance"] == min(ev2["guidance_sweep"], key=lambda r: r["fd"])["guidance"]
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+    from offline.train import learning_rate
+
+    assert learning_rate(1.0, 0, 10) == pytest.approx(0.1) and learning_rate(1.0, 500, 10) == 1.0
+    assert learning_rate(1.0, 50, 10, "cosine", 100) == pytest.approx(0.5)
+    assert learning_rate(1.0, 99, 10, "cosine", 100) < 1e-3

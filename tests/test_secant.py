@@ -253,3 +253,37 @@ def test_convert_writes_a_loadable_secant_and_resumes(tmp_path, loss):
     assert meta["format"] == "stride.secant/1" and meta["steps"] == [2]
     assert m.guidance_input == (loss == "sdei") and m.steps == [2]
     assert sample(m, m.table(2), seeded_noise([0], m.shape), torch.tensor([3]), 2.0).isfinite().all()
+
+
+def test_init_starts_from_a_secant_file_and_adds_up_its_cost(tmp_path):
+    from offline.secant import Settings, train_secant
+    from solvers.artifact import save_artifact
+
+    cfg = {**TINY, "num_classes": 10}
+    src = {"dataset": "digits", "size": 8, "holdout": 0.2, "split_seed": 0}
+    net = UNet(cfg)
+    with torch.no_grad():  # a teacher that is not identically zero, so training moves the student
+        for p in net.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    art = save_artifact(tmp_path / "a", net.config, net.state_dict(), FlowSchedule(), "flow", (1, 8, 8),
+                        [str(i) for i in range(10)], {}, data_source=src)
+    log = open(tmp_path / "log", "w")
+    first = train_secant(art, Settings(n_steps=[2], steps=3, batch=4, lr=1e-2, w_max=3.0), "secant-a",
+                         tmp_path / "ck1", log=log, dtype="float32")
+    # zero further iterations: the new file is the init file, not the teacher's tangent
+    meta = train_secant(art, Settings(n_steps=[4], steps=0, w_max=3.0, init="secant-a"), "secant-b",
+                        tmp_path / "ck2", log=log, dtype="float32")
+    a, b = load_secant(art, first["teacher_sha256"], name="secant-a"), load_secant(art, first["teacher_sha256"],
+                                                                                   name="secant-b")
+    x, y = seeded_noise([0, 1], a.shape), torch.tensor([1, 2])
+    t, s = torch.tensor(0.75), torch.tensor(0.5)
+    assert torch.equal(a(x, t, s, y, 2.0), b(x, t, s, y, 2.0))
+    train_secant(art, Settings(n_steps=[4], steps=0, w_max=3.0), "secant-0", tmp_path / "ck0", log=log,
+                 dtype="float32")  # the teacher's tangent: what the equality above must not be
+    z = load_secant(art, first["teacher_sha256"], name="secant-0")
+    assert not torch.equal(z(x, t, s, y, 2.0), b(x, t, s, y, 2.0))
+    assert meta["init"]["name"] == "secant-a" and meta["init"]["sha256"] == first["weights"]["sha256"]
+    assert meta["iterations_total"] == 3 and meta["cpu_minutes_total"] >= first["cpu_minutes"]
+    with pytest.raises(ValueError, match="--w-max"):  # a different guidance range cannot take its weights
+        train_secant(art, Settings(n_steps=[4], steps=0, w_max=4.0, init="secant-a"), "secant-c",
+                     tmp_path / "ck3", log=log)
