@@ -83,6 +83,15 @@ def stei(f, teacher, x0, eps, y, w, t, s, r, tau, lam=1.0, **_):
     return F.mse_loss(f(xt, t, s, y, w), target) + lam * F.mse_loss(f(xtau, tau, tau, y, w), eps - x0)
 
 
+def tangent_loss(f, teacher, x0, eps, y, w, tau):
+    """The teacher's velocity as the target of the student's tangent f(x, tau, tau): keeps the short
+    secants, which every Picard estimate is built from, on the teacher's field."""
+    xtau = interp(x0, eps, tau)
+    with torch.no_grad():
+        target = teacher(xtau, tau, y, w)
+    return F.mse_loss(f(xtau, tau, tau, y, w), target)
+
+
 LOSS_FNS = {"sdei": sdei, "stee": stee, "sdee": sdee, "stei": stei}
 assert tuple(LOSS_FNS) == LOSSES
 
@@ -136,6 +145,7 @@ class Settings:
     w_max: float = 4.0
     label_dropout: float = 0.1
     stei_lambda: float = 1.0
+    tangent: float = 0.0  # distillation losses: + tangent * |f(x, tau, tau) - teacher(x, tau)|^2
     init: str = ""  # start from this secant file in the artifact instead of the teacher's tangent
     teacher_sha256: str = ""
     ckpt_every: int = 250
@@ -154,6 +164,9 @@ def check_settings(st: Settings) -> None:
     if st.guidance_input and st.loss.startswith("st"):
         raise ValueError(f"{st.loss} trains from data without a teacher, so it has no guided target; "
                          "use CFG at inference (--no-guidance-input) or a distillation loss (sdei, sdee)")
+    if st.tangent and not st.loss.startswith("sd"):
+        raise ValueError(f"--tangent anchors the tangent to the teacher: distillation losses only (sdei, sdee), "
+                         f"not {st.loss}")
     if st.guidance_input and not st.w_max > 1:
         raise ValueError(f"--w-max must be > 1, got {st.w_max}")
 
@@ -217,6 +230,8 @@ def train_secant(artifact, st: Settings, name: str = "secant", ckpt_dir=None, re
             y = torch.where(drop, torch.full_like(y, K), y)
         lr = learning_rate(st.lr, step, st.warmup, st.lr_decay, st.steps)  # cosine: anneal the Picard targets' noise
         loss = loss_fn(f, v, x0, eps, y, w, lam=st.stei_lambda, **tm)
+        if st.tangent:
+            loss = loss + st.tangent * tangent_loss(f, v, x0, eps, y, w, tm["tau"])
         li = optimise(net, ema, opt, loss, lr, st.grad_clip, st.ema, step)
         step += 1
         loss_avg = li if loss_avg is None else 0.98 * loss_avg + 0.02 * li
@@ -230,8 +245,9 @@ def train_secant(artifact, st: Settings, name: str = "secant", ckpt_dir=None, re
     for k in ("ckpt_every", "log_every", "teacher_sha256"):
         s.pop(k)
     s["iterations"], s["steps"] = s.pop("steps"), s.pop("n_steps")
-    if not s["init"]:
-        s.pop("init")  # the file's names: no clash with 'steps'
+    for k in ("init", "tangent"):
+        if not s[k]:
+            s.pop(k)  # the file's names: no clash with 'steps'
     info = {"loss": st.loss, "steps": sorted(st.n_steps), "iterations": st.steps, "settings": s,
             "optimizer": "AdamW(betas=(0.9, 0.99)) from the teacher's weights, linear warm-up, "
                          f"lr decay {st.lr_decay}",
@@ -405,6 +421,8 @@ def add_parser(subparsers):
     p.add_argument("--w-max", type=float, default=4.0)
     p.add_argument("--label-dropout", type=float, default=0.1)
     p.add_argument("--stei-lambda", type=float, default=1.0)
+    p.add_argument("--tangent", type=float, default=0.0,
+                   help="sdei/sdee: add this weight times |f(x, tau, tau) - teacher(x, tau)|^2 (tangent anchor)")
     p.add_argument("--init", default="", metavar="NAME",
                    help="start from secant file NAME in the artifact (e.g. to continue or specialise a "
                         "conversion with a new schedule or --steps) instead of the teacher's tangent")
@@ -443,6 +461,7 @@ def run(a, command=None) -> int:
         st = Settings(loss=a.loss, n_steps=a.steps, steps=a.iters, batch=a.batch, lr=a.lr,
                       lr_decay=a.lr_decay, ema=a.ema, seed=a.seed, start=a.start, guidance_input=gi,
                       w_max=a.w_max, label_dropout=a.label_dropout, stei_lambda=a.stei_lambda, init=a.init,
+                      tangent=a.tangent,
                       ckpt_every=a.ckpt_every, log_every=a.log_every)
         train_secant(a.artifact, st, name, a.ckpt_dir, a.resume, a.threads, a.dtype, command)
     if not a.no_eval:

@@ -287,3 +287,22 @@ def test_init_starts_from_a_secant_file_and_adds_up_its_cost(tmp_path):
     with pytest.raises(ValueError, match="--w-max"):  # a different guidance range cannot take its weights
         train_secant(art, Settings(n_steps=[4], steps=0, w_max=4.0, init="secant-a"), "secant-c",
                      tmp_path / "ck3", log=log)
+
+
+def test_tangent_anchor_is_zero_at_init_and_grads_only_the_student(teacher):
+    from offline.secant import student, tangent_loss
+
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(6, 1, 8, 8, generator=g), torch.randn(6, 1, 8, 8, generator=g)
+    y, tau = torch.tensor([0, 1, 2, 0, 1, 2]), torch.rand(6, generator=g)
+    teacher.requires_grad_(True)
+    v = lambda x, t, y, w: teacher(x, t, y)  # noqa: E731
+    f = SecantUNet.from_teacher(teacher, (1.0, 3.0))
+    assert tangent_loss(student(f), v, x0, eps, y, None, tau).item() == 0.0  # f(x, t, t) = v exactly
+    with torch.no_grad():
+        f.out.bias.add_(0.1)
+    loss = tangent_loss(student(f), v, x0, eps, y, None, tau)
+    loss.backward()
+    assert loss.item() > 0 and f.out.bias.grad is not None
+    assert all(p.grad is None for p in teacher.parameters())  # the teacher's target carries no graph
+    teacher.requires_grad_(False)
