@@ -178,7 +178,7 @@ def warm_start(net: SecantUNet, art, name: str) -> dict:
         raise ValueError(f"--init {name}: its net ({src.net.config}, guidance range {src.guidance_range}) "
                          f"differs from this run's ({net.config}, {net.guidance_range}); match --w-max and "
                          "--guidance-input to it")
-    net.load_state_dict(src.net.float().state_dict())
+    net.load_state_dict(src.net.state_dict())  # load_weights already cast to float32
     m = src.meta
     return {"name": name, "sha256": src.sha256, "loss": m.get("loss"), "steps": m.get("steps"),
             "iterations_total": m.get("iterations_total", m.get("iterations", 0)),
@@ -244,10 +244,10 @@ def train_secant(artifact, st: Settings, name: str = "secant", ckpt_dir=None, re
     s = asdict(st)
     for k in ("ckpt_every", "log_every", "teacher_sha256"):
         s.pop(k)
-    s["iterations"], s["steps"] = s.pop("steps"), s.pop("n_steps")
-    for k in ("init", "tangent"):
+    s["iterations"], s["steps"] = s.pop("steps"), s.pop("n_steps")  # the file's names: no clash with 'steps'
+    for k in ("init", "tangent"):  # recorded only when used
         if not s[k]:
-            s.pop(k)  # the file's names: no clash with 'steps'
+            s.pop(k)
     info = {"loss": st.loss, "steps": sorted(st.n_steps), "iterations": st.steps, "settings": s,
             "optimizer": "AdamW(betas=(0.9, 0.99)) from the teacher's weights, linear warm-up, "
                          f"lr decay {st.lr_decay}",
@@ -276,8 +276,9 @@ def nfe_of(model, steps: int, guidance: float, interval=None) -> int:
 
 def secant_rows(art, noise, labels, guidance, batch, score, row, interval=None, steps=(1, 2, 4, 8),
                 names=None, log=None) -> list:
-    """eval rows for every secant file in `art` (the hook offline/evaluate.py calls). `score(x)` ->
-    per-set (rmse, fd, acc) and `row(name, nfe, scores, extra)` are evaluate()'s own."""
+    """eval rows for every secant file in `art`, for evaluate_secant. `score(x)` -> per-set
+    (rmse, fd, acc) and `row(name, nfe, scores, extra)` follow offline/evaluate.py's protocol
+    (which has its own cached loop over the secant files)."""
     rows = []
     for name in (secant_names(art.path) if names is None else names):
         model = load_secant(art.path, art.sha256, name=name)
