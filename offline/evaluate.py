@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 import sys
 import time
@@ -103,6 +102,96 @@ def _ms(v):
     return float(t.mean()), float(t.std(unbiased=True)) if len(v) > 1 else 0.0
 
 
+# -- the protocol ----------------------------------------------------------------------------------
+
+class Protocol:
+    """The measurement every row shares: seed sets, balanced classes, the classifier's scores, the
+    teacher's converged reference, and the sample cache. `evaluate` and `offline.secant.evaluate_secant`
+    both measure through it, so their rows agree and reuse each other's cached solves."""
+
+    def __init__(self, art, n: int, sets: list, cache=".cache/stride/eval", batch: int = 1000):
+        if art.classifier is None:
+            raise ValueError(f"{art.path} has no classifier.json; "
+                             f"run `stride offline train-classifier {art.path}` first")
+        self.art, self.n, self.sets, self.batch = art, n, sets, batch
+        self.model, self.clf, self.K = art.model.to_channels_last(), art.classifier, art.model.num_classes
+        self.data = data_from_source(art.meta["data"]["source"])
+        self.f_real = features(self.clf, self.data.test_x)
+        self.labels = torch.arange(n) % self.K
+        self.noise = torch.cat([seeded_noise(s, self.model.shape) for s in sets])
+        self.lab = self.labels.repeat(len(sets))
+        self.cache = Path(cache) if cache else None
+        self.ref_fd = None  # per-set FD of the reference, once `reference` has run
+
+    def _key(self, sets=None, **kw) -> dict:
+        return {"model": self.art.sha256, **kw, "seeds": [[s[0], len(s)] for s in sets or self.sets],
+                "labels": f"i mod {self.K}", "shape": list(self.model.shape), "v": 1}
+
+    def score(self, x, ref=None) -> list:
+        """Per-set (rmse, fd, acc) of samples x [S * n, ...]; rmse None without a reference."""
+        n, out = self.n, []
+        for j in range(len(self.sets)):
+            xs = x[j * n:(j + 1) * n]
+            rmse = None if ref is None else float((xs - ref[j * n:(j + 1) * n]).to(F64).pow(2).mean().sqrt())
+            acc = float((predict(self.clf, xs) == self.labels).to(F64).mean())
+            out.append((rmse, fd_features(features(self.clf, xs), self.f_real), acc))
+        return out
+
+    def samples(self, tab, g, sampler=None) -> torch.Tensor:
+        """Samples of every seed set by a Table (or, with `sampler`, by what the json `tab` names),
+        cached by its content, so an interrupted run resumes."""
+        tj = json.dumps(tab.to_json() if sampler is None else tab, sort_keys=True, default=str)
+        key = self._key(table=hashlib.sha256(tj.encode()).hexdigest(), guidance=g)
+        return cached_run(self.cache, key, sampler or (
+            lambda: run(self.model, tab, self.noise, self.lab, g, self.batch)))
+
+    def reference(self, solver: str, nfe: int, g: float, first_set_only: bool = False) -> torch.Tensor:
+        """The teacher's converged solve; on all sets it also fixes `ref_fd`, the fd_ratio denominators."""
+        sets = self.sets[:1] if first_set_only else self.sets
+        m = len(sets) * self.n
+        tab = make_table(solver, self.model.schedule, self.model.param, nfe)
+        x = cached_run(self.cache, self._key(sets, solver=solver, nfe=nfe, guidance=g),
+                       lambda: run(self.model, tab, self.noise[:m], self.lab[:m], g, self.batch))
+        if not first_set_only:
+            self.ref_fd = [s[1] for s in self.score(x)]
+        return x
+
+    def row(self, name, nfe, sc, extra=None) -> dict:
+        r = {"solver": name, "nfe": nfe}
+        for i, k in enumerate(("rmse", "fd", "acc")):
+            vals = [s[i] for s in sc]
+            r[k], r[k + "_std"] = (None, None) if vals[0] is None else _ms(vals)
+        r["fd_ratio"], r["fd_ratio_std"] = _ms([s[1] / f for s, f in zip(sc, self.ref_fd)])
+        return {**r, **(extra or {})}
+
+
+def secant_rows(p: Protocol, g: float, x_ref, steps=(1, 2, 4, 8), names=None, interval=None,
+                log=None) -> list:
+    """(row, samples) for N uniform Euler steps on each secant file of the artifact (all by default)."""
+    from offline.secant import nfe_of
+    from solvers.secant import load_secant, secant_names, secant_table
+
+    out = []
+    for name in secant_names(p.art.path) if names is None else names:
+        sm = load_secant(p.art.path, p.art.sha256, name=name)
+        for n in steps:
+            t0, tab = time.time(), secant_table(n)
+            spec = {"secant": sm.sha256, "steps": n} | ({"interval": list(interval)} if interval else {})
+            x = p.samples(spec, g, lambda: torch.cat([
+                sample(sm, tab, p.noise[i:i + p.batch], p.lab[i:i + p.batch], g, guidance_interval=interval)
+                for i in range(0, len(p.noise), p.batch)]))
+            e = nfe_of(sm, n, g, interval)
+            r = p.row(name, e, p.score(x, x_ref), {
+                "grid": "uniform", "table": "secant", "steps": n, "secant": True, "evaluations": e,
+                "loss": sm.meta.get("loss"), "trained_steps": sm.steps, "guidance_input": sm.guidance_input,
+                "guidance_interval": interval, "seconds": round(time.time() - t0, 1)})
+            out.append((r, x))
+            if log:
+                print(f"{name:>9} steps {n:>2} nfe {e:>3}  rmse {r['rmse']:.4f}  fd {r['fd']:.3f}±{r['fd_std']:.3f}"
+                      f"  ratio {r['fd_ratio']:.2f}  acc {r['acc']:.3f}  ({r['seconds']:.0f}s)", file=log, flush=True)
+    return out
+
+
 # -- the evaluation --------------------------------------------------------------------------------
 
 def evaluate(artifact, solvers=("euler", "heun", "ddim", "dpmpp-2m", "dpmpp-3m", "unipc", "ipndm"),
@@ -116,52 +205,23 @@ def evaluate(artifact, solvers=("euler", "heun", "ddim", "dpmpp-2m", "dpmpp-3m",
         torch.set_num_threads(threads)
     t_start = time.time()
     art = load_artifact(artifact)
-    if art.classifier is None:
-        raise ValueError(f"{art.path} has no classifier.json; "
-                         f"run `stride offline train-classifier {art.path}` first")
-    model, clf, K = art.model.to_channels_last(), art.classifier, art.model.num_classes
-    data = data_from_source(art.meta["data"]["source"])
-    f_real = features(clf, data.test_x)
-    sets = make_seed_sets(n, seed_sets, seeds)
-    S = len(sets)
-    labels = torch.arange(n) % K
-    noise = torch.cat([seeded_noise(s, model.shape) for s in sets])
-    lab = labels.repeat(S)
-    cache = Path(cache) if cache else None
-    say = lambda *a: print(*a, file=log, flush=True)  # noqa: E731
-
-    def score(x, ref=None):
-        """Per-set (rmse, fd, acc) of samples x [S * n, ...]."""
-        out = []
-        for j in range(S):
-            xs = x[j * n:(j + 1) * n]
-            rmse = None if ref is None else float((xs - ref[j * n:(j + 1) * n]).to(F64).pow(2).mean().sqrt())
-            acc = float((predict(clf, xs) == labels).to(F64).mean())
-            out.append((rmse, fd_features(features(clf, xs), f_real), acc))
-        return out
+    p = Protocol(art, n, make_seed_sets(n, seed_sets, seeds), cache, batch)
+    model, clf, K, data, S = p.model, p.clf, p.K, p.data, len(p.sets)
+    say = lambda *a: print(*a, file=log, flush=True)
 
     # the floor: real train images vs held-out, the same n as the generated sets
     floor_fd = []
     for j in range(S):
         gj = torch.Generator().manual_seed(j)
         idx = torch.randperm(len(data.train_x), generator=gj)[:n]
-        floor_fd.append(fd_features(features(clf, data.train_x[idx]), f_real))
+        floor_fd.append(fd_features(features(clf, data.train_x[idx]), p.f_real))
     real_acc = float((predict(clf, data.test_x) == data.test_y).to(F64).mean())
-
-    desc = lambda ss: [[s[0], len(s)] for s in ss]  # noqa: E731
-
-    def cached_sample(tab, gg, sampler=None):
-        """Samples of every seed set, cached by table content, so an interrupted run resumes."""
-        tj = json.dumps(tab.to_json() if sampler is None else tab, sort_keys=True, default=str)
-        key = {"model": art.sha256, "table": hashlib.sha256(tj.encode()).hexdigest(), "guidance": gg,
-               "seeds": desc(sets), "labels": f"i mod {K}", "shape": list(model.shape), "v": 1}
-        return cached_run(cache, key, sampler or (lambda: run(model, tab, noise, lab, gg, batch)))
 
     # the guidance sweep; its lowest-FD scale is the default unless one was given
     sweep_rows = []
     sw_solver, sw_nfe = sweep_with.split(":")
     for gs in sweep or []:
-        sc = score(cached_sample(make_table(sw_solver, model.schedule, model.param, int(sw_nfe)), gs))
+        sc = p.score(p.samples(make_table(sw_solver, model.schedule, model.param, int(sw_nfe)), gs))
         fd, fd_std = _ms([s[1] for s in sc])
         acc, acc_std = _ms([s[2] for s in sc])
         sweep_rows.append({"guidance": gs, "solver": sw_solver, "nfe": int(sw_nfe),
@@ -178,29 +238,12 @@ def evaluate(artifact, solvers=("euler", "heun", "ddim", "dpmpp-2m", "dpmpp-3m",
     # the reference, and its convergence check against half its steps on the first set
     ref_solver, ref_nfe = reference.split(":")
     ref_nfe = int(ref_nfe)
-
-    def ref_run(nfe, noise_, lab_, gg, seeds_desc):
-        tab = make_table(ref_solver, model.schedule, model.param, nfe)
-        key = {"model": art.sha256, "solver": ref_solver, "nfe": nfe, "guidance": gg, "seeds": seeds_desc,
-               "labels": f"i mod {K}", "shape": list(model.shape), "v": 1}
-        t0 = time.time()
-        x = cached_run(cache, key, lambda: run(model, tab, noise_, lab_, gg, batch))
-        say(f"reference {ref_solver}@{nfe} g={gg}: {time.time() - t0:.0f}s")
-        return x
-
-    x_ref = ref_run(ref_nfe, noise, lab, g, desc(sets))
-    x_half = ref_run(ref_nfe // 2, noise[:n], labels, g, desc(sets[:1]))
+    t0 = time.time()
+    x_ref = p.reference(ref_solver, ref_nfe, g)
+    x_half = p.reference(ref_solver, ref_nfe // 2, g, first_set_only=True)
+    say(f"reference {ref_solver}@{ref_nfe} (and @{ref_nfe // 2}) g={g}: {time.time() - t0:.0f}s")
     conv = float((x_half - x_ref[:n]).to(F64).pow(2).mean().sqrt())
-    ref_scores = score(x_ref)
-    ref_fd = [s[1] for s in ref_scores]
-
-    def row(name, nfe, sc, extra=None):
-        r = {"solver": name, "nfe": nfe}
-        for i, k in enumerate(("rmse", "fd", "acc")):
-            vals = [s[i] for s in sc]
-            r[k], r[k + "_std"] = (None, None) if vals[0] is None else _ms(vals)
-        r["fd_ratio"], r["fd_ratio_std"] = _ms([s[1] / f for s, f in zip(sc, ref_fd)])
-        return {**r, **(extra or {})}
+    ref_scores = p.score(x_ref)
 
     def tables():
         for solver in solvers:
@@ -215,42 +258,24 @@ def evaluate(artifact, solvers=("euler", "heun", "ddim", "dpmpp-2m", "dpmpp-3m",
     rows, grids = [], {}
     for solver, nfe, tab in tables():
         t0 = time.time()
-        x = cached_sample(tab, g)
+        x = p.samples(tab, g)
         dt = time.time() - t0
-        r = row(solver, nfe, score(x, x_ref), {"grid": tab.meta.get("grid"), "table": tab.name,
-                                               "learned": solver in art.solvers, "seconds": round(dt, 1)})
+        r = p.row(solver, nfe, p.score(x, x_ref), {"grid": tab.meta.get("grid"), "table": tab.name,
+                                                   "learned": solver in art.solvers, "seconds": round(dt, 1)})
         rows.append(r)
         grids.setdefault(family(solver), []).append((nfe, x[:K].clone()))
         say(f"{solver:>9} nfe {nfe:>3}  rmse {r['rmse']:.4f}  fd {r['fd']:.3f}±{r['fd_std']:.3f}  "
             f"ratio {r['fd_ratio']:.2f}  acc {r['acc']:.3f}  ({dt:.0f}s)")
-
-    if secant_steps:  # secant models: N uniform steps on the learned secant, same seeds and scoring
-        from offline.secant import nfe_of
-        from solvers.secant import load_secant, secant_names, secant_table
-
-        for name in secant_names(art.path):
-            sm = load_secant(art.path, art.sha256, name=name)
-            for steps in secant_steps:
-                t0 = time.time()
-                tab = secant_table(steps)
-                x = cached_sample({"secant": sm.sha256, "steps": steps}, g, lambda: torch.cat(
-                    [sample(sm, tab, noise[i:i + batch], lab[i:i + batch], g) for i in range(0, len(noise), batch)]))
-                dt = time.time() - t0
-                e = nfe_of(sm, steps, g)
-                r = row(name, e, score(x, x_ref), {"grid": "uniform", "table": "secant", "steps": steps,
-                                                   "secant": True, "loss": sm.meta.get("loss"),
-                                                   "guidance_input": sm.guidance_input, "seconds": round(dt, 1)})
-                rows.append(r)
-                grids.setdefault(name, []).append((e, x[:K].clone()))
-                say(f"{name:>9} steps {steps:>2} nfe {e:>3}  rmse {r['rmse']:.4f}  fd {r['fd']:.3f}±{r['fd_std']:.3f}"
-                    f"  ratio {r['fd_ratio']:.2f}  acc {r['acc']:.3f}  ({dt:.0f}s)")
+    for r, x in secant_rows(p, g, x_ref, secant_steps, log=log) if secant_steps else ():
+        rows.append(r)
+        grids.setdefault(r["solver"], []).append((r["nfe"], x[:K].clone()))
 
     best = {}
     for r in rows:
         b = best.get(str(r["nfe"]))
         if b is None or r["fd"] < b["fd"]:
             best[str(r["nfe"])] = {"solver": r["solver"], "fd": r["fd"], "rmse": r["rmse"], "acc": r["acc"]}
-    ref_row = row(ref_solver, ref_nfe, ref_scores)
+    ref_row = p.row(ref_solver, ref_nfe, ref_scores)
     ref_row["fd_ratio"], ref_row["fd_ratio_std"] = 1.0, 0.0
     floor_mean, floor_std = _ms(floor_fd)
     ev = {
@@ -261,7 +286,7 @@ def evaluate(artifact, solvers=("euler", "heun", "ddim", "dpmpp-2m", "dpmpp-3m",
         "guidance": g,
         "default_guidance": g,
         "n": n,
-        "seed_sets": [{"first_seed": s[0], "count": len(s)} for s in sets],
+        "seed_sets": [{"first_seed": s[0], "count": len(s)} for s in p.sets],
         "labels": f"seed index i -> class i mod {K} (balanced)",
         "metrics": {"rmse": "RMSE vs the reference solve, pixels in [-1, 1]",
                     "fd": "Fréchet distance, classifier penultimate features, vs held-out real images",
@@ -272,7 +297,7 @@ def evaluate(artifact, solvers=("euler", "heun", "ddim", "dpmpp-2m", "dpmpp-3m",
                       "converged_rmse": conv,
                       "converged_check": f"RMSE vs {ref_solver}@{ref_nfe // 2} on the first seed set"},
         "teacher": ref_row,
-        "floor": {"fd": floor_mean, "fd_std": floor_std, "fd_ratio": floor_mean / _ms(ref_fd)[0],
+        "floor": {"fd": floor_mean, "fd_std": floor_std, "fd_ratio": floor_mean / _ms(p.ref_fd)[0],
                   "acc": real_acc, "what": f"{n} real train images vs the {len(data.test_x)} held-out ones; "
                                             "acc: classifier on the held-out images"},
         "rows": rows,
@@ -304,7 +329,7 @@ def _pm(m, s, p=3):
 
 def markdown(ev: dict) -> str:
     rows = ev["rows"]
-    col = lambda r: family(r["solver"])  # noqa: E731
+    col = lambda r: family(r["solver"])
     solvers = list(dict.fromkeys(col(r) for r in rows))
     nfes = sorted({r["nfe"] for r in rows})
     at = {(col(r), r["nfe"]): r for r in rows}

@@ -35,8 +35,7 @@ import torch
 from torch.nn import functional as F
 
 from solvers.artifact import load_artifact, read_json, write_json
-from solvers.executor import sample, seeded_noise
-from solvers.secant import LOSSES, SecantUNet, load_secant, save_secant, secant_names, secant_table
+from solvers.secant import LOSSES, SecantUNet, load_secant, save_secant, secant_table
 
 F64 = torch.float64
 
@@ -98,7 +97,7 @@ assert tuple(LOSS_FNS) == LOSSES
 
 def sample_times(B: int, steps, g: torch.Generator, both: bool = False, grid: bool = True) -> dict:
     """t, s, r (and STEI's tau) for B samples; see the module docstring."""
-    u = lambda: torch.rand(B, generator=g, dtype=F64)  # noqa: E731
+    u = lambda: torch.rand(B, generator=g, dtype=F64)
     N = torch.as_tensor(list(steps), dtype=F64)[torch.randint(len(steps), (B,), generator=g)]
     d = u() / N
     t = 1 - (u() * N).floor() / N if grid else d + (1 - d) * u()  # grid: uniform over the N start points
@@ -108,6 +107,15 @@ def sample_times(B: int, steps, g: torch.Generator, both: bool = False, grid: bo
         t, s = torch.where(flip, s, t), torch.where(flip, t, s)
     r = t + u() * (s - t)
     return {"t": t.float(), "s": s.float(), "r": r.float(), "tau": u().float()}
+
+
+def sample_guidance(B: int, w_max: float, p_unguided: float, g: torch.Generator) -> torch.Tensor:
+    """Per-sample guidance scales: w ~ U[1, w_max], except a share p_unguided at w = 1 exactly (the
+    unguided ODE sits on the edge of the range, where a uniform draw rarely lands)."""
+    w = 1 + (w_max - 1) * torch.rand(B, generator=g)
+    if p_unguided:  # no extra draw otherwise: runs without it keep their random stream
+        w = torch.where(torch.rand(B, generator=g) < p_unguided, torch.ones_like(w), w)
+    return w
 
 
 def teacher_velocity(model):
@@ -143,6 +151,7 @@ class Settings:
     start: str = "grid"  # grid | continuous
     guidance_input: bool = True  # distillation only
     w_max: float = 4.0
+    p_unguided: float = 0.0  # distillation with a guidance input: share of samples at w = 1 exactly
     label_dropout: float = 0.1
     stei_lambda: float = 1.0
     tangent: float = 0.0  # distillation losses: + tangent * |f(x, tau, tau) - teacher(x, tau)|^2
@@ -169,6 +178,8 @@ def check_settings(st: Settings) -> None:
                          f"not {st.loss}")
     if st.guidance_input and not st.w_max > 1:
         raise ValueError(f"--w-max must be > 1, got {st.w_max}")
+    if not 0 <= st.p_unguided <= 1 or (st.p_unguided and not st.guidance_input):
+        raise ValueError(f"--p-unguided must lie in [0, 1] and needs a guidance input, got {st.p_unguided}")
 
 
 def warm_start(net: SecantUNet, art, name: str) -> dict:
@@ -223,7 +234,7 @@ def train_secant(artifact, st: Settings, name: str = "secant", ckpt_dir=None, re
         eps = torch.randn(x0.shape, generator=g)
         tm = sample_times(st.batch, st.n_steps, g, both, st.start == "grid")
         if st.guidance_input:  # distil the guided ODE at a per-sample scale; no label dropout
-            w = 1 + (st.w_max - 1) * torch.rand(st.batch, generator=g)
+            w = sample_guidance(st.batch, st.w_max, st.p_unguided, g)
         else:
             w = None
             drop = torch.rand(st.batch, generator=g) < st.label_dropout
@@ -245,7 +256,7 @@ def train_secant(artifact, st: Settings, name: str = "secant", ckpt_dir=None, re
     for k in ("ckpt_every", "log_every", "teacher_sha256"):
         s.pop(k)
     s["iterations"], s["steps"] = s.pop("steps"), s.pop("n_steps")  # the file's names: no clash with 'steps'
-    for k in ("init", "tangent"):  # recorded only when used
+    for k in ("init", "tangent", "p_unguided"):  # recorded only when used
         if not s[k]:
             s.pop(k)
     info = {"loss": st.loss, "steps": sorted(st.n_steps), "iterations": st.steps, "settings": s,
@@ -274,49 +285,19 @@ def nfe_of(model, steps: int, guidance: float, interval=None) -> int:
     return steps + sum(inside)
 
 
-def secant_rows(art, noise, labels, guidance, batch, score, row, interval=None, steps=(1, 2, 4, 8),
-                names=None, log=None) -> list:
-    """eval rows for every secant file in `art`, for evaluate_secant. `score(x)` -> per-set
-    (rmse, fd, acc) and `row(name, nfe, scores, extra)` follow offline/evaluate.py's protocol
-    (which has its own cached loop over the secant files)."""
-    rows = []
-    for name in (secant_names(art.path) if names is None else names):
-        model = load_secant(art.path, art.sha256, name=name)
-        for n in steps:
-            t0 = time.time()
-            x = torch.cat([sample(model, secant_table(n), noise[i:i + batch], labels[i:i + batch], guidance,
-                                  guidance_interval=interval) for i in range(0, len(noise), batch)])
-            e = nfe_of(model, n, guidance, interval)
-            extra = {"grid": "uniform", "table": "secant", "steps": n, "evaluations": e,
-                     "guidance_input": model.guidance_input, "loss": model.meta.get("loss"),
-                     "trained_steps": model.steps, "guidance_interval": interval,
-                     "seconds": round(time.time() - t0, 1)}
-            r = row(name, n, score(x), extra)
-            rows.append(r)
-            if log:
-                print(f"{name:>12} steps {n}  evals {e:>2}  rmse {r['rmse']:.4f}  fd {r['fd']:.3f}"
-                      f"±{r['fd_std']:.3f}  ratio {r['fd_ratio']:.2f}  acc {r['acc']:.3f}",
-                      file=log, flush=True)
-    return rows
-
-
 def evaluate_secant(artifact, names=None, steps=(1, 2, 4, 8), compare=(), compare_nfe=(1, 2, 4, 8), n=None,
                     seed_sets=None, guidance=None, interval=None, reference=None,
                     cache=".cache/stride/eval", batch=500, write=True, log=sys.stderr) -> dict:
-    """The secant rows with offline/evaluate.py's protocol (same seeds, classes, classifier, cached
-    reference), optionally beside classic solvers; writes them into each <name>.json under 'eval'.
-    Unset n / seed sets / guidance / reference come from the artifact's eval.json, so the rows are
-    comparable with its rows (FD's bias depends on n), else 500 x 3, the default guidance, dpmpp-3m:128."""
-    from offline.data import data_from_source
-    from offline.evaluate import _ms, cached_run, fd_features, features, make_seed_sets, predict, run
+    """The secant rows through offline/evaluate.py's Protocol (same seeds, classes, classifier, cached
+    reference and samples), optionally beside classic solvers; writes them into each <name>.json under
+    'eval'. Unset n / seed sets / guidance / reference come from the artifact's eval.json, so the rows
+    are comparable with its rows (FD's bias depends on n), else 500 x 3, the default guidance,
+    dpmpp-3m:128."""
+    from offline.evaluate import Protocol, _ms, make_seed_sets, secant_rows
     from solvers.artifact import default_guidance
     from solvers.builders import make_table
 
     art = load_artifact(artifact)
-    if art.classifier is None:
-        raise ValueError(f"{art.path} has no classifier.json; run "
-                         f"`stride offline train-classifier {art.path}` first")
-    model, clf, K = art.model, art.classifier, art.model.num_classes
     ev0 = art.eval or {}
     g = float(guidance if guidance is not None else ev0.get("guidance", default_guidance(art)))
     firsts = [s["first_seed"] for s in ev0.get("seed_sets", [])] if n is None and seed_sets is None else None
@@ -325,63 +306,35 @@ def evaluate_secant(artifact, names=None, steps=(1, 2, 4, 8), compare=(), compar
     if reference is None:
         ref = ev0.get("reference", {})
         reference = f"{ref['solver']}:{ref['nfe']}" if "solver" in ref else "dpmpp-3m:128"
-    data = data_from_source(art.meta["data"]["source"])
-    f_real = features(clf, data.test_x)
-    sets = make_seed_sets(n, seed_sets, firsts or None)
-    S, labels = len(sets), torch.arange(n) % K
-    noise, lab = torch.cat([seeded_noise(s, model.shape) for s in sets]), labels.repeat(S)
+    p = Protocol(art, n, make_seed_sets(n, seed_sets, firsts or None), cache, batch)
     ref_solver, ref_nfe = reference.split(":")
-    desc = [[s[0], len(s)] for s in sets]
-    key = {"model": art.sha256, "solver": ref_solver, "nfe": int(ref_nfe), "guidance": g, "seeds": desc,
-           "labels": f"i mod {K}", "shape": list(model.shape), "v": 1}  # evaluate()'s key: shares its cache
-    ref_table = make_table(ref_solver, model.schedule, model.param, int(ref_nfe))
-    x_ref = cached_run(Path(cache) if cache else None, key,
-                       lambda: run(model, ref_table, noise, lab, g, batch))
-
-    def score(x, ref=x_ref):
-        out = []
-        for j in range(S):
-            xs = x[j * n:(j + 1) * n]
-            rmse = float((xs - ref[j * n:(j + 1) * n]).to(F64).pow(2).mean().sqrt())
-            acc = float((predict(clf, xs) == labels).to(F64).mean())
-            out.append((rmse, fd_features(features(clf, xs), f_real), acc))
-        return out
-
-    ref_fd = [s[1] for s in score(x_ref)]
-
-    def row(name, nfe, sc, extra=None):
-        r = {"solver": name, "nfe": nfe}
-        for i, k in enumerate(("rmse", "fd", "acc")):
-            r[k], r[k + "_std"] = _ms([s[i] for s in sc])
-        r["fd_ratio"], r["fd_ratio_std"] = _ms([s[1] / f for s, f in zip(sc, ref_fd)])
-        return {**r, **(extra or {})}
-
-    rows = secant_rows(art, noise, lab, g, batch, score, row, interval, steps, names, log)
+    x_ref = p.reference(ref_solver, int(ref_nfe), g)
+    rows = [r for r, _ in secant_rows(p, g, x_ref, steps, names, interval, log)]
     classic = []
     for solver in compare:
         for k in compare_nfe:
             t0 = time.time()
-            x = run(model, make_table(solver, model.schedule, model.param, k), noise, lab, g, batch)
-            r = row(solver, k, score(x), {"evaluations": k * (1 if g == 1 else 2),
-                                          "seconds": round(time.time() - t0, 1)})
+            x = p.samples(make_table(solver, p.model.schedule, p.model.param, k), g)
+            r = p.row(solver, k, p.score(x, x_ref), {"evaluations": k * (1 if g == 1 else 2),
+                                                     "seconds": round(time.time() - t0, 1)})
             classic.append(r)
             print(f"{solver:>12} nfe {k:>2}  evals {r['evaluations']:>2}  rmse {r['rmse']:.4f}  "
                   f"fd {r['fd']:.3f}±{r['fd_std']:.3f}  ratio {r['fd_ratio']:.2f}  acc {r['acc']:.3f}",
                   file=log, flush=True)
-    ref_mean, ref_std = _ms(ref_fd)
+    ref_mean, ref_std = _ms(p.ref_fd)
     ev = {"guidance": g, "guidance_interval": interval, "n": n,
-          "seed_sets": [{"first_seed": s[0], "count": len(s)} for s in sets],
-          "labels": f"seed index i -> class i mod {K} (balanced)",
+          "seed_sets": [{"first_seed": s[0], "count": len(s)} for s in p.sets],
+          "labels": f"seed index i -> class i mod {p.K} (balanced)",
           "reference": {"solver": ref_solver, "nfe": int(ref_nfe), "fd": ref_mean, "fd_std": ref_std,
                         "note": "the teacher's converged solve on FlowSchedule() (t 0.999 -> 0.001); "
                                 "secant runs 1 -> 0"},
           "model_sha256": art.sha256, "classifier_sha256": art.classifier_meta["weights"]["sha256"]}
     if write:
         for name in {r["solver"] for r in rows}:
-            p = art.path / f"{name}.json"
-            d = read_json(p)
+            f = art.path / f"{name}.json"
+            d = read_json(f)
             d["eval"] = {**ev, "rows": [r for r in rows if r["solver"] == name]}
-            write_json(p, d)
+            write_json(f, d)
     return {**ev, "rows": rows, "classic": classic}
 
 
@@ -420,6 +373,9 @@ def add_parser(subparsers):
     gi.add_argument("--no-guidance-input", dest="guidance_input", action="store_false",
                     help="CFG at inference (2 evaluations per guided step)")
     p.add_argument("--w-max", type=float, default=4.0)
+    p.add_argument("--p-unguided", type=float, default=0.0,
+                   help="with a guidance input: share of training samples at w = 1 exactly, the scale "
+                        "unguided serving uses (the rest draw w ~ U[1, --w-max])")
     p.add_argument("--label-dropout", type=float, default=0.1)
     p.add_argument("--stei-lambda", type=float, default=1.0)
     p.add_argument("--tangent", type=float, default=0.0,
@@ -461,8 +417,8 @@ def run(a, command=None) -> int:
         gi = a.loss.startswith("sd") if a.guidance_input is None else a.guidance_input
         st = Settings(loss=a.loss, n_steps=a.steps, steps=a.iters, batch=a.batch, lr=a.lr,
                       lr_decay=a.lr_decay, ema=a.ema, seed=a.seed, start=a.start, guidance_input=gi,
-                      w_max=a.w_max, label_dropout=a.label_dropout, stei_lambda=a.stei_lambda, init=a.init,
-                      tangent=a.tangent,
+                      w_max=a.w_max, p_unguided=a.p_unguided, label_dropout=a.label_dropout,
+                      stei_lambda=a.stei_lambda, init=a.init, tangent=a.tangent,
                       ckpt_every=a.ckpt_every, log_every=a.log_every)
         train_secant(a.artifact, st, name, a.ckpt_dir, a.resume, a.threads, a.dtype, command)
     if not a.no_eval:

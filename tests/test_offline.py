@@ -153,3 +153,28 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     assert learning_rate(1.0, 0, 10) == pytest.approx(0.1) and learning_rate(1.0, 500, 10) == 1.0
     assert learning_rate(1.0, 50, 10, "cosine", 100) == pytest.approx(0.5)
     assert learning_rate(1.0, 99, 10, "cosine", 100) < 1e-3
+
+
+def test_secant_rows_are_the_same_in_eval_and_in_secant_eval(tmp_path):
+    """`stride offline eval` and `stride offline secant --eval-only` measure through one protocol:
+    recomputed without the cache, the second reproduces the first's secant rows."""
+    import io
+
+    from offline.secant import Settings as SecantSettings
+    from offline.secant import evaluate_secant, train_secant
+
+    art = tmp_path / "tiny"
+    assert cli.main(["train", "--out", str(art), "--config", json.dumps(TINY), "--steps", "2", "--batch", "8",
+                     "--ckpt-dir", str(tmp_path / "ckpt")]) == 0
+    assert cli.main(["train-classifier", str(art), "--epochs", "1", "--min-acc", "0"]) == 0
+    train_secant(art, SecantSettings(n_steps=[2], steps=2, batch=4, w_max=3.0), "secant-x", tmp_path / "ck",
+                 log=io.StringIO())
+    assert cli.main(["eval", str(art), "--n", "10", "--seed-sets", "2", "--nfe", "2", "--solvers", "euler",
+                     "--reference", "dpmpp-2m:4", "--secant-steps", "1,2", "--no-images",
+                     "--cache", str(tmp_path / "cache")]) == 0
+    rows = [r for r in json.loads((art / "eval.json").read_text())["rows"] if r.get("secant")]
+    res = evaluate_secant(art, steps=(1, 2), compare=["euler"], compare_nfe=[2], cache=None, write=False)
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
+    assert len(rows) == 2 and strip(res["rows"]) == strip(rows)
+    euler = next(r for r in json.loads((art / "eval.json").read_text())["rows"] if r["solver"] == "euler")
+    assert res["classic"][0]["fd_ratio"] == euler["fd_ratio"] and res["classic"][0]["rmse"] == euler["rmse"]

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from offline.secant import LOSS_FNS, interp, sample_times, teacher_velocity
+from offline.secant import LOSS_FNS, interp, sample_guidance, sample_times, teacher_velocity
 from solvers import GaussianMixture, sample, seeded_noise
 from solvers.nets import UNet
 from solvers.schedules import FlowSchedule
@@ -197,6 +197,14 @@ def test_sample_times():
     tm = sample_times(4000, [4], g, both=True)
     d = tm["t"] - tm["s"]
     assert 0.4 < (d < 0).float().mean() < 0.6 and d.abs().max() < 0.25
+
+
+def test_sample_guidance():
+    g = torch.Generator().manual_seed(0)
+    w = sample_guidance(8000, 3.0, 0.0, g)
+    assert (w >= 1).all() and (w <= 3).all() and (w == 1).sum() == 0 and abs(w.mean() - 2) < 0.05
+    w = sample_guidance(8000, 3.0, 0.4, g)
+    assert abs((w == 1).double().mean() - 0.4) < 0.03 and abs(w[w > 1].mean() - 2) < 0.05
 
 
 def _secant_error(net, gmm, n=2, B=600, seed=123):
