@@ -104,7 +104,24 @@ def ddpm_betas(kind: str = "linear", n: int = 1000) -> torch.Tensor:
     raise ValueError(f"unknown beta schedule {kind!r}; allowed: 'linear', 'cosine'")
 
 
-class VPSchedule(Schedule):
+class _VariancePreserving(Schedule):
+    """alpha^2 + sigma^2 = 1, given by log alpha(t); expm1 keeps sigma and lambda accurate near t = 0."""
+
+    def _log_alpha(self, t) -> torch.Tensor:
+        raise NotImplementedError
+
+    def alpha(self, t):
+        return torch.exp(self._log_alpha(t))
+
+    def sigma(self, t):
+        return torch.sqrt(-torch.expm1(2 * self._log_alpha(t)))
+
+    def lam(self, t):
+        la = self._log_alpha(t)
+        return la - 0.5 * torch.log(-torch.expm1(2 * la))
+
+
+class VPSchedule(_VariancePreserving):
     """VP / DDPM with discrete betas, in continuous time.
 
     Step i (0-based) of the discrete chain sits at t = (i + 1) / n; log alpha is interpolated
@@ -129,16 +146,6 @@ class VPSchedule(Schedule):
         x0, x1, y0, y1 = x[i - 1], x[i], y[i - 1], y[i]
         return y0 + (t - x0) * (y1 - y0) / (x1 - x0)
 
-    def alpha(self, t):
-        return torch.exp(self._log_alpha(t))
-
-    def sigma(self, t):
-        return torch.sqrt(-torch.expm1(2 * self._log_alpha(t)))
-
-    def lam(self, t):
-        la = self._log_alpha(t)
-        return la - 0.5 * torch.log(-torch.expm1(2 * la))
-
     def t_of_lam(self, lam):
         lam = _t(lam)
         la = -0.5 * torch.logaddexp(torch.zeros_like(lam), -2 * lam)
@@ -152,7 +159,7 @@ class VPSchedule(Schedule):
         return {"name": self.name, "betas": self.betas_kind, "n": self.n, "t_min": self.t_min, "t_max": self.t_max}
 
 
-class VPLinearSchedule(Schedule):
+class VPLinearSchedule(_VariancePreserving):
     """The continuous-time view of DDPM's linear betas (Song et al. 2021): beta(t) linear in t,
     log alpha = -(b1 - b0) t^2 / 4 - b0 t / 2. Smooth in t, unlike the interpolated discrete chain."""
 
@@ -164,16 +171,6 @@ class VPLinearSchedule(Schedule):
     def _log_alpha(self, t):
         t = _t(t)
         return -0.25 * t ** 2 * (self.b1 - self.b0) - 0.5 * t * self.b0
-
-    def alpha(self, t):
-        return torch.exp(self._log_alpha(t))
-
-    def sigma(self, t):
-        return torch.sqrt(-torch.expm1(2 * self._log_alpha(t)))
-
-    def lam(self, t):
-        la = self._log_alpha(t)
-        return la - 0.5 * torch.log(-torch.expm1(2 * la))
 
     def t_of_lam(self, lam):
         la = -0.5 * torch.logaddexp(torch.zeros_like(_t(lam)), -2 * _t(lam))
