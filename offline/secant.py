@@ -358,10 +358,10 @@ def add_parser(subparsers):
                    help="sampling step counts to train for, e.g. 4 or 1,2,4,8")
     p.add_argument("--name", default=None,
                    help="file stem in the artifact (default: secant for sdei, secant-<loss> otherwise)")
-    p.add_argument("--iters", type=int, default=3000, help="optimiser steps")
+    p.add_argument("--iters", type=int, default=4000, help="optimiser steps")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--lr-decay", default="none", choices=["none", "cosine"])
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--lr-decay", default="cosine", choices=["none", "cosine"])
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--start", default="grid", choices=["grid", "continuous"],
@@ -372,14 +372,15 @@ def add_parser(subparsers):
                          "their default)")
     gi.add_argument("--no-guidance-input", dest="guidance_input", action="store_false",
                     help="CFG at inference (2 evaluations per guided step)")
-    p.add_argument("--w-max", type=float, default=4.0)
-    p.add_argument("--p-unguided", type=float, default=0.0,
+    p.add_argument("--w-max", type=float, default=3.0)
+    p.add_argument("--p-unguided", type=float, default=None,
                    help="with a guidance input: share of training samples at w = 1 exactly, the scale "
-                        "unguided serving uses (the rest draw w ~ U[1, --w-max])")
+                        "unguided serving uses; the rest draw w ~ U[1, --w-max] (default 0.5, 0 without one)")
     p.add_argument("--label-dropout", type=float, default=0.1)
     p.add_argument("--stei-lambda", type=float, default=1.0)
-    p.add_argument("--tangent", type=float, default=0.0,
-                   help="sdei/sdee: add this weight times |f(x, tau, tau) - teacher(x, tau)|^2 (tangent anchor)")
+    p.add_argument("--tangent", type=float, default=None,
+                   help="sdei/sdee: add this weight times |f(x, tau, tau) - teacher(x, tau)|^2, the tangent "
+                        "anchor (default 1 for them, 0 otherwise)")
     p.add_argument("--init", default="", metavar="NAME",
                    help="start from secant file NAME in the artifact (e.g. to continue or specialise a "
                         "conversion with a new schedule or --steps) instead of the teacher's tangent")
@@ -414,11 +415,15 @@ def run(a, command=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     if not a.eval_only:
-        gi = a.loss.startswith("sd") if a.guidance_input is None else a.guidance_input
+        distil = a.loss.startswith("sd")
+        gi = distil if a.guidance_input is None else a.guidance_input
+        # the measured recipe (README): tangent anchor and unguided share on unless asked otherwise
+        tangent = (1.0 if distil else 0.0) if a.tangent is None else a.tangent
+        p_unguided = (0.5 if gi else 0.0) if a.p_unguided is None else a.p_unguided
         st = Settings(loss=a.loss, n_steps=a.steps, steps=a.iters, batch=a.batch, lr=a.lr,
                       lr_decay=a.lr_decay, ema=a.ema, seed=a.seed, start=a.start, guidance_input=gi,
-                      w_max=a.w_max, p_unguided=a.p_unguided, label_dropout=a.label_dropout,
-                      stei_lambda=a.stei_lambda, init=a.init, tangent=a.tangent,
+                      w_max=a.w_max, p_unguided=p_unguided, label_dropout=a.label_dropout,
+                      stei_lambda=a.stei_lambda, init=a.init, tangent=tangent,
                       ckpt_every=a.ckpt_every, log_every=a.log_every)
         train_secant(a.artifact, st, name, a.ckpt_dir, a.resume, a.threads, a.dtype, command)
     if not a.no_eval:

@@ -314,3 +314,26 @@ def test_tangent_anchor_is_zero_at_init_and_grads_only_the_student(teacher):
     assert loss.item() > 0 and f.out.bias.grad is not None
     assert all(p.grad is None for p in teacher.parameters())  # the teacher's target carries no graph
     teacher.requires_grad_(False)
+
+
+def test_cli_defaults_are_the_measured_recipe(tmp_path):
+    """`stride offline secant` with no recipe flags: tangent anchor 1 and half the samples at w = 1
+    for distillation with a guidance input; neither for STEE (no teacher, CFG at inference)."""
+    import json
+
+    from offline import cli
+    from solvers.artifact import save_artifact
+
+    cfg = {**TINY, "num_classes": 10}
+    src = {"dataset": "digits", "size": 8, "holdout": 0.2, "split_seed": 0}
+    net = UNet(cfg)
+    art = save_artifact(tmp_path / "a", net.config, net.state_dict(), FlowSchedule(), "flow", (1, 8, 8),
+                        [str(i) for i in range(10)], {}, data_source=src)
+    for loss in ("sdei", "stee"):
+        assert cli.main(["secant", str(art), "--loss", loss, "--iters", "1", "--batch", "2", "--no-eval",
+                         "--ckpt-dir", str(tmp_path / loss)]) == 0
+    sdei = json.loads((art / "secant.json").read_text())["settings"]
+    stee = json.loads((art / "secant-stee.json").read_text())["settings"]
+    assert sdei["tangent"] == 1.0 and sdei["p_unguided"] == 0.5 and sdei["guidance_input"]
+    assert sdei["lr_decay"] == "cosine" and sdei["w_max"] == 3.0
+    assert "tangent" not in stee and "p_unguided" not in stee and not stee["guidance_input"]
