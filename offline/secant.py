@@ -17,7 +17,8 @@ teacher are computed without a graph. (t, s): d ~ U[0, 1/N) with N drawn per sam
 t on the N-step grid {1, 1 - 1/N, ..., 1/N} (the reported best) or continuous, s = t - d; the EE
 losses also train the reversed pair (s, t) with probability 1/2, since their Picard estimate asks
 for the data -> noise secant f(x_r, r, t). r = t + U(0, 1) (s - t). The distillation losses with a
-guidance input draw w ~ U[1, w_max] per sample and distil the guided teacher (labels never dropped);
+guidance input draw w ~ U[1, w_max] per sample (a share --p-unguided exactly at 1, the scale
+served unguided) and distil the guided teacher (labels never dropped);
 without it, and for the training losses, labels drop to the null class with p = 0.1 and CFG is
 applied at inference with two branches.
 """
