@@ -81,7 +81,14 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     a = parser().parse_args(argv)
-    command = "stride offline " + shlex.join(argv)
+    try:
+        return _run(a, "stride offline " + shlex.join(argv))
+    except ValueError as e:  # bad input (flags, files, artifacts): the message, not a traceback
+        print(f"stride offline {a.cmd}: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(a, command: str) -> int:
     if a.cmd == "train":
         from offline.data import load_data
         from offline.train import Settings, train

@@ -316,7 +316,7 @@ def test_tangent_anchor_is_zero_at_init_and_grads_only_the_student(teacher):
     teacher.requires_grad_(False)
 
 
-def test_cli_defaults_are_the_measured_recipe(tmp_path):
+def test_cli_defaults_are_the_measured_recipe(tmp_path, capsys):
     """`stride offline secant` with no recipe flags: tangent anchor 1 and half the samples at w = 1
     for distillation with a guidance input; neither for STEE (no teacher, CFG at inference)."""
     import json
@@ -337,3 +337,8 @@ def test_cli_defaults_are_the_measured_recipe(tmp_path):
     assert sdei["tangent"] == 1.0 and sdei["p_unguided"] == 0.5 and sdei["guidance_input"]
     assert sdei["lr_decay"] == "cosine" and sdei["w_max"] == 3.0
     assert "tangent" not in stee and "p_unguided" not in stee and not stee["guidance_input"]
+    # bad flags: exit 2 with a message naming the flag, before anything is trained or written
+    before = sorted(p.name for p in art.iterdir())
+    assert cli.main(["secant", str(art), "--p-unguided", "2", "--no-eval", "--name", "secant-bad"]) == 2
+    assert "--p-unguided must lie in [0, 1]" in capsys.readouterr().err
+    assert sorted(p.name for p in art.iterdir()) == before
