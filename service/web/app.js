@@ -84,6 +84,7 @@ async function load() {
   try {
     const [m, s] = await Promise.all([api("/models").then((r) => r.json()), api("/solvers").then((r) => r.json())]);
     state.models = m.models;
+    state.default = m.default;
     state.solvers = s.models;
   } catch (e) {
     showError(e.message);
@@ -92,7 +93,7 @@ async function load() {
   }
   const sel = $("model"), keep = sel.value;
   sel.replaceChildren(...state.models.map((x) => option(x.name, `${x.name} (${x.num_classes} classes, ${x.size})`)));
-  sel.value = state.models.some((x) => x.name === keep) ? keep : m.default;
+  sel.value = state.models.some((x) => x.name === keep) ? keep : state.default;
   selectModel();
   refreshLatency();
 }
@@ -109,6 +110,7 @@ function selectModel() {
   $("n").max = m.max_images;
   $("compare").textContent = `Compare ${COMPARE_STEPS.filter((n) => m.steps.includes(n)).join(", ")} steps`;
   state.hidden = {};
+  state.colors = null;
   fillSolvers();
   drawQuality();
   drawLatency();
@@ -350,11 +352,7 @@ function qualitySeries() {
     if (!fams.has(f)) fams.set(f, []);
     fams.get(f).push([r.nfe, r[metric], `${r.solver}: ${r.nfe} steps, ${formatQuality(metric, r[metric])}`]);
   }
-  const names = [...fams.keys()];
-  const series = names.map((name, i) => ({
-    name, color: PALETTE[i % PALETTE.length], dash: DASHES[Math.floor(i / PALETTE.length) % DASHES.length],
-    points: fams.get(name),
-  }));
+  const series = [...fams.keys()].map((name) => ({ name, points: fams.get(name) }));
   return { metric, series };
 }
 
@@ -371,6 +369,14 @@ function defaultHidden(series, metric) {
 function drawQuality() {
   const { metric, series } = qualitySeries();
   if (!Object.keys(state.hidden).length) state.hidden = defaultHidden(series, metric);
+  // colours: the families shown by default first, so that they get distinct solid lines
+  const order = [...series.filter((s) => !state.hidden[s.name]), ...series.filter((s) => state.hidden[s.name])];
+  state.colors ||= Object.fromEntries(order.map((s, i) => [s.name, i]));
+  for (const s of series) {
+    const i = state.colors[s.name] ?? series.indexOf(s);
+    s.color = PALETTE[i % PALETTE.length];
+    s.dash = DASHES[Math.floor(i / PALETTE.length) % DASHES.length];
+  }
   const sel = family(resolvedSolver() || "");
   for (const s of series) s.selected = s.name === sel;
   drawChart($("quality-chart"), series.filter((s) => !state.hidden[s.name]), {
