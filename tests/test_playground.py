@@ -134,3 +134,35 @@ def test_playground_in_a_browser(api, browser, tmp_path):
                             ".map(e => e.tagName + '#' + e.id)]")
     assert wide == [390, []], wide
     screenshot(d, tmp_path / "playground-phone.png")
+
+
+def test_with_an_api_key_the_page_asks_for_it(browser):
+    """A keyed server: the page shows the 401 in the API's words, opens the key field, and works once
+    the key is typed; a model without eval.json says so instead of drawing an empty chart."""
+    srv = ApiServer(Settings(test_model="gmm", steps=[1, 2, 4, 8], threads=1, api_key="s3cret"))
+    d, wait = browser, WebDriverWait(browser, 30)
+    try:
+        d.get(srv.url + "/")
+        err = wait.until(lambda d: d.find_element(By.ID, "error").is_displayed() and d.find_element(By.ID, "error").text)
+        assert err.startswith("401") and "missing or wrong API key" in err
+        assert d.find_element(By.ID, "auth").get_attribute("open") is not None
+        key = d.find_element(By.ID, "key")
+        key.send_keys("s3cret")
+        key.send_keys(Keys.TAB)  # change -> reload with the key
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#class-names option")) == 10)
+        assert not d.find_element(By.ID, "error").is_displayed()
+        assert "no measured quality" in d.find_element(By.ID, "quality-chart").text
+        d.find_element(By.ID, "generate").click()
+        assert decoded(d, "#images img") == [64] * 4
+    finally:
+        srv.stop()
+
+
+def test_page_and_assets_are_served_with_a_same_origin_policy(api):
+    import httpx
+
+    r = httpx.get(api.url + "/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert "default-src 'self'" in r.headers["content-security-policy"]  # a CDN link could not load
+    for asset in re.findall(r'(?:href|src)="(/[^"]+)"', r.text):
+        assert httpx.get(api.url + asset).status_code == 200, asset
