@@ -87,7 +87,7 @@ def match_class(prompt, names: list[str]) -> int:
     key = prompt.strip().lower()
     if key in low:
         return low.index(key)
-    close = [names[low.index(c)] for c in difflib.get_close_matches(key, low, n=5, cutoff=0.0)]
+    close = [names[low.index(c)] for c in difflib.get_close_matches(key[:100], low, n=5, cutoff=0.0)]  # bounded work
     raise OpenAIError(400, f"prompt {prompt!r} is no class name of this model; closest: {close} "
                            "(GET /models lists them all)", "prompt", "unknown_class")
 
