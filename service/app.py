@@ -19,10 +19,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .jobs import Job
+from . import openai_api, playground
+from .jobs import Job, Result
 from .metrics import Metrics
 from .models import Registry, load_registry
-from .params import FIELDS, ApiError, GenerateBody, merge, parse
+from .params import ApiError, GenerateBody, GenerateParams, merge, parse
 from .queue import LocalQueue, Rejected
 from .settings import Settings
 from .worker import Worker
@@ -120,17 +121,9 @@ class Service:
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                            headers={"WWW-Authenticate": "Bearer"})
 
-    async def generate(self, request: Request) -> Response:
-        t0 = time.perf_counter()
-        self.check_key(request)
-        size = request.headers.get("content-length", "0")
-        if not size.isdigit() or int(size) > MAX_BODY:
-            raise ApiError(413, f"body larger than {MAX_BODY} bytes; /generate takes a few small fields")
-        try:
-            p = parse(merge(request.query_params.multi_items(), await request.body()), self.registry, self.settings)
-        except ApiError as e:
-            self.metrics.rejected.labels("unknown_model" if e.status == 404 else "invalid").inc()
-            raise
+    async def run(self, p: GenerateParams, t0: float) -> tuple[Job, Result]:
+        """Queue validated parameters, wait for the images, record the metrics: the one path that
+        /generate and /v1/images/generations share. Failures raise ApiError."""
         now = time.time()
         job = Job(f"{self.id_prefix}{next(self.counter):x}", p.entry.name, p.steps, p.solver, p.label, p.n, p.seed, p.guidance, p.format,
                   now + self.settings.deadline_s, now)
@@ -151,9 +144,27 @@ class Service:
         self.metrics.queue_seconds.labels(*labels).observe(max(0.0, res.queue_ms / 1e3))
         self.metrics.compute_seconds.labels(*labels).observe(max(0.0, res.compute_ms / 1e3))
         self.metrics.responses.labels("200").inc()
-        headers = {"X-Stride-Solver": res.solver, "X-Stride-NFE": str(res.nfe), "X-Stride-Queue-Ms": f"{res.queue_ms:.1f}",
-                   "X-Stride-Compute-Ms": f"{res.compute_ms:.1f}", "X-Stride-Seed": str(job.seed),
-                   "X-Stride-Model": job.model, "X-Stride-Request-Id": job.id}
+        return job, res
+
+    @staticmethod
+    def stride_headers(job: Job, res: Result) -> dict:
+        return {"X-Stride-Solver": res.solver, "X-Stride-NFE": str(res.nfe), "X-Stride-Queue-Ms": f"{res.queue_ms:.1f}",
+                "X-Stride-Compute-Ms": f"{res.compute_ms:.1f}", "X-Stride-Seed": str(job.seed),
+                "X-Stride-Model": job.model, "X-Stride-Request-Id": job.id}
+
+    async def generate(self, request: Request) -> Response:
+        t0 = time.perf_counter()
+        self.check_key(request)
+        size = request.headers.get("content-length", "0")
+        if not size.isdigit() or int(size) > MAX_BODY:
+            raise ApiError(413, f"body larger than {MAX_BODY} bytes; /generate takes a few small fields")
+        try:
+            p = parse(merge(request.query_params.multi_items(), await request.body()), self.registry, self.settings)
+        except ApiError as e:
+            self.metrics.rejected.labels("unknown_model" if e.status == 404 else "invalid").inc()
+            raise
+        job, res = await self.run(p, t0)
+        headers = self.stride_headers(job, res)
         if job.format == "png":
             return Response(res.images[0], media_type="image/png", headers=headers)
         e = self.registry[job.model]
@@ -226,8 +237,11 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     async def metrics():
         return Response(await svc.metrics_text(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/", include_in_schema=False)
-    async def root():
-        return {"name": "stride", "docs": "/docs", "generate": "POST /generate", "fields": list(FIELDS)}
+    @app.post("/v1/images/generations", summary="Generate images (OpenAI images API; prompt = class name)",
+              description=openai_api.DOC, openapi_extra=openai_api.openapi(), response_class=JSONResponse)
+    async def images_generations(request: Request):
+        return await openai_api.generations(svc, request, MAX_BODY)
+
+    playground.mount(app)
 
     return app

@@ -193,12 +193,25 @@ class ModelEntry:
             out[str(n)] = {"solver": solver, "nfe": n, "source": "eval.json" if row else "default", "quality": q}
         return out
 
+    def guidance_range(self, solver: str, guidance_max: float) -> tuple[float, float]:
+        """The scales a sampler is meant for: a guidance-input secant model its trained range (it
+        clamps outside), every other sampler 0..guidance_max."""
+        r = getattr(self.model_for(solver), "guidance_range", None)
+        return (float(r[0]), float(r[1])) if r else (0.0, float(guidance_max))
+
+    def image_size(self, scale: int) -> str:
+        """The served image's 'WxH' in pixels (samples are upscaled by `scale` for display)."""
+        _, h, w = self.shape
+        return f"{w * scale}x{h * scale}"
+
     def describe(self, settings) -> dict:
         return {
             "name": self.name, "classes": self.class_names, "num_classes": self.num_classes,
-            "shape": list(self.shape), "schedule": self.model.schedule.to_json(), "param": self.model.param,
-            "steps": settings.steps, "default_steps": settings.default_steps,
+            "shape": list(self.shape), "size": self.image_size(settings.png_scale),
+            "schedule": self.model.schedule.to_json(), "param": self.model.param,
+            "steps": settings.steps, "default_steps": settings.default_steps, "max_images": settings.max_images,
             "default_guidance": self.default_guidance, "solvers": self.solver_names(),
+            "guidance_ranges": {s: list(self.guidance_range(s, settings.guidance_max)) for s in self.solver_names()},
         }
 
 

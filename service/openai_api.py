@@ -1,0 +1,148 @@
+"""POST /v1/images/generations: the OpenAI images API over the /generate path.
+
+The prompt names a class (exact match, then case-insensitive); `size` must be the served image
+size; images come back as `b64_json` only (stride keeps no image store to serve URLs from).
+stride's own knobs ride along as extra body fields (`steps`, `seed`, `guidance`, `solver`), which
+the `openai` client sends with `extra_body=`. Errors use OpenAI's body
+`{"error": {"message", "type", "param", "code"}}` so that clients raise their usual exceptions.
+"""
+from __future__ import annotations
+
+import base64
+import difflib
+import json
+import time
+from typing import ClassVar
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from .params import ApiError, parse
+
+EXTRA_FIELDS = ("steps", "seed", "guidance", "solver")  # stride's, beside OpenAI's
+
+DOC = """Generate images of one class, following the OpenAI images API (`client.images.generate`).
+
+`prompt` is a class name (GET /models). `size` is optional and must equal the model's served size;
+`response_format` is `b64_json` (the default; `url` is refused). stride's extras `steps`, `seed`,
+`guidance` and `solver` are accepted as further body fields; image i uses seed + i. The same
+queue, limits, API key and metrics as /generate; the X-Stride-* response headers are the same too.
+
+Errors: 400 invalid value (unknown prompt: the closest class names), 404 unknown model, 401 missing
+or wrong API key, 503 + Retry-After, 504, 500; bodies are `{"error": {"message", "type", "param", "code"}}`.
+"""
+
+
+class ImagesBody(BaseModel):
+    """The JSON body of POST /v1/images/generations (documentation; the handler checks every field)."""
+
+    prompt: str = Field(..., description="a class name (GET /models): exact, else case-insensitive")
+    model: str | None = Field(None, description="model name (GET /models); default the first")
+    n: int = Field(1, description="number of images; image i uses seed + i")
+    size: str | None = Field(None, description="'WxH', the model's served size (GET /models: size), or 'auto'")
+    response_format: str = Field("b64_json", description="b64_json only")
+    user: str | None = Field(None, description="accepted and ignored")
+    steps: int | None = Field(None, description="stride: model evaluations, one of the offered step counts")
+    seed: int | None = Field(None, description="stride: random when absent (returned in X-Stride-Seed)")
+    guidance: float | None = Field(None, description="stride: classifier-free guidance scale; 1 = off")
+    solver: str = Field("auto", description="stride: 'auto' or a name from GET /solvers")
+
+
+def openapi() -> dict:
+    image = {"type": "object", "properties": {"b64_json": {"type": "string"}}}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ImagesBody.model_json_schema()}}},
+            "responses": {"200": {"description": "the images", "content": {"application/json": {"schema": {
+                "type": "object", "properties": {"created": {"type": "integer"},
+                                                 "data": {"type": "array", "items": image}}}}}}}}
+
+
+class OpenAIError(ApiError):
+    """An ApiError whose body has OpenAI's shape; invalid values are 400 there, not 422."""
+
+    CODES: ClassVar[dict[int, str]] = {401: "invalid_api_key", 404: "model_not_found", 413: "request_too_large", 503: "unavailable",
+             504: "timeout"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None, headers=None):
+        super().__init__(400 if status == 422 else status, message, param, headers=headers)
+        self.code = code or self.CODES.get(self.status, "invalid_value" if self.status == 400 else None)
+
+    @classmethod
+    def of(cls, e: ApiError) -> OpenAIError:
+        return e if isinstance(e, OpenAIError) else cls(e.status, e.detail, e.field, headers=e.headers)
+
+    def body(self) -> dict:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": self.detail, "type": kind, "param": self.field, "code": self.code}}
+
+
+def match_class(prompt, names: list[str]) -> int:
+    """The class a prompt names: exact, then ignoring case and surrounding space."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise OpenAIError(400, f"prompt must be a class name, one of {names[:20]}{' ...' if len(names) > 20 else ''} "
+                               "(GET /models lists them all)", "prompt", "missing_prompt")
+    if prompt in names:
+        return names.index(prompt)
+    low = [c.lower() for c in names]
+    key = prompt.strip().lower()
+    if key in low:
+        return low.index(key)
+    close = [names[low.index(c)] for c in difflib.get_close_matches(key[:100], low, n=5, cutoff=0.0)]  # bounded work
+    raise OpenAIError(400, f"prompt {prompt!r} is no class name of this model; closest: {close} "
+                           "(GET /models lists them all)", "prompt", "unknown_class")
+
+
+def to_generate(body: dict, registry, settings) -> dict:
+    """An images/generations body as /generate fields (format json: one PNG per image)."""
+    unknown = sorted(set(body) - set(FIELDS))
+    if unknown:
+        raise OpenAIError(400, f"unsupported field(s) {unknown}; allowed: {list(FIELDS)}", unknown[0])
+    name = body.get("model") or registry.default
+    if not isinstance(name, str) or name not in registry:
+        raise OpenAIError(404, f"unknown model {name!r}; available: {registry.names()}", "model")
+    e = registry[name]
+    fmt = body.get("response_format") or "b64_json"
+    if fmt != "b64_json":
+        why = "stride keeps no image store to serve URLs from; " if fmt == "url" else ""
+        raise OpenAIError(400, f"response_format {fmt!r} is not supported: {why}use 'b64_json'", "response_format")
+    size, want = body.get("size"), e.image_size(settings.png_scale)
+    if size not in (None, "auto", want):
+        raise OpenAIError(400, f"size {size!r} is not offered by model {name!r}: its images are {want} "
+                               f"(allowed: ['{want}', 'auto'])", "size")
+    out = {"model": name, "class_label": match_class(body.get("prompt"), e.class_names), "format": "json"}
+    for k in ("n", *EXTRA_FIELDS):
+        if body.get(k) is not None:
+            out[k] = body[k]
+    return out
+
+
+FIELDS = tuple(ImagesBody.model_fields)
+
+
+async def read_object(request: Request) -> dict:
+    try:
+        body = json.loads(await request.body() or b"null")
+    except (ValueError, UnicodeDecodeError) as err:
+        raise OpenAIError(400, f"body is not valid JSON: {err}") from None
+    if not isinstance(body, dict):
+        raise OpenAIError(400, f"body must be a JSON object with fields {list(FIELDS)}")
+    return body
+
+
+async def generations(svc, request: Request, max_body: int) -> JSONResponse:
+    t0 = time.perf_counter()
+    try:
+        svc.check_key(request)
+        size = request.headers.get("content-length", "0")
+        if not size.isdigit() or int(size) > max_body:
+            raise OpenAIError(413, f"body larger than {max_body} bytes; an images request takes a few small fields")
+        try:
+            p = parse(to_generate(await read_object(request), svc.registry, svc.settings), svc.registry, svc.settings)
+        except ApiError as err:  # counted as /generate counts them
+            svc.metrics.rejected.labels("unknown_model" if err.status == 404 else "invalid").inc()
+            raise
+        job, res = await svc.run(p, t0)
+    except ApiError as err:
+        raise OpenAIError.of(err) from None
+    data = [{"b64_json": base64.b64encode(b).decode()} for b in res.images]
+    return JSONResponse({"created": int(time.time()), "data": data}, headers=svc.stride_headers(job, res))

@@ -1,0 +1,168 @@
+"""The playground page (GET /) in a real headless Chromium, driven by selenium through Debian's
+chromedriver: it loads from the embedded server, generates digits from the keyboard, runs compare
+mode, draws both charts, shows the API's own error message, stays within a phone's width, and
+logs no console errors. STRIDE_SCREENSHOT=path also writes the README's screenshot there."""
+import base64
+import os
+import re
+import shutil
+
+import pytest
+from service_fixtures import ROOT, ApiServer
+
+from service.settings import Settings
+
+webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.webdriver.chrome.service import Service as ChromeService
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.ui import Select, WebDriverWait
+
+CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def api():
+    srv = ApiServer(Settings(artifacts=[os.path.join(ROOT, "artifacts", "digits")], steps=[1, 2, 4, 8, 16],
+                             threads=1, max_wait_ms=2, max_images=8))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (CHROMIUM and DRIVER):
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the browser test: .ci/run installs chromium and chromium-driver")
+        pytest.skip("chromium / chromedriver not installed (apt-get install chromium chromium-driver)")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,900",
+              "--force-device-scale-factor=1"):
+        opts.add_argument(a)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=opts, service=ChromeService(DRIVER))  # no driver download: Debian's
+    yield driver
+    driver.quit()
+
+
+def errors(driver) -> list[dict]:
+    return [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def decoded(driver, css: str) -> list[int]:
+    """naturalWidth of every image under `css` once all have finished loading (0 = did not decode)."""
+    return WebDriverWait(driver, 10).until(lambda d: d.execute_script(
+        "const im = [...document.querySelectorAll(arguments[0])];"
+        "return im.length && im.every(i => i.complete) ? im.map(i => i.naturalWidth) : null;", css))
+
+
+def screenshot(driver, path):
+    """The whole page, not just the viewport."""
+    w, h = driver.execute_script("return [document.documentElement.scrollWidth, document.documentElement.scrollHeight]")
+    shot = driver.execute_cdp_cmd("Page.captureScreenshot", {"captureBeyondViewport": True, "clip": {
+        "x": 0, "y": 0, "width": w, "height": h, "scale": 1}})
+    with open(path, "wb") as f:
+        f.write(base64.b64decode(shot["data"]))
+
+
+def test_playground_in_a_browser(api, browser, tmp_path):
+    d, wait = browser, WebDriverWait(browser, 30)
+    d.get(api.url + "/")
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#class-names option")) == 10)
+    assert [o.get_attribute("value") for o in d.find_elements(By.CSS_SELECTOR, "#class-names option")] == \
+        [str(i) for i in range(10)]
+    # every control is labelled (keyboard and screen-reader use)
+    assert d.execute_script("return [...document.querySelectorAll('#controls input, #controls select')]"
+                            ".filter(e => !e.labels.length).map(e => e.id)") == []
+
+    # the sampler list: auto first, then the samplers measured at this step count with their quality
+    Select(d.find_element(By.ID, "steps")).select_by_value("4")
+    labels = [o.text for o in Select(d.find_element(By.ID, "solver")).options]
+    assert labels[0].startswith("auto → secant-tan-pu") and any(
+        re.match(r"searched-nfe4 — 1\.\d\d× reference FD", t) for t in labels), labels
+    assert d.find_element(By.ID, "guidance").get_attribute("max") == "3"  # secant-tan-pu's trained range
+
+    # generate from the keyboard: type the class, the seed, Enter
+    cls = d.find_element(By.ID, "class")
+    cls.clear()
+    cls.send_keys("3")
+    seed = d.find_element(By.ID, "seed")
+    seed.send_keys("12")
+    seed.send_keys(Keys.ENTER)
+    widths = decoded(d, "#images img")
+    assert widths == [128] * 4
+    status = wait.until(lambda d: (t := d.find_element(By.ID, "status").text) and "NFE" in t and t)
+    assert re.search(r"“3” · secant-tan-pu · NFE 4 · queue [\d.]+ ms · compute [\d.]+ ms · round trip [\d.]+ ms",
+                     status), status
+
+    # compare: one seed and class at 1, 2, 4, 8 steps, each with its latency
+    d.find_element(By.ID, "compare").click()
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#compare-row figure")) == 4
+               and d.find_element(By.ID, "compare").is_enabled())
+    assert decoded(d, "#compare-row img") == [128] * 4
+    caps = [f.text for f in d.find_elements(By.CSS_SELECTOR, "#compare-row figcaption")]
+    for n, cap in zip((1, 2, 4, 8), caps):
+        assert re.search(rf"^{n} steps?\n.+\ncompute [\d.]+ ms\nqueue [\d.]+ ms · total [\d.]+ ms$", cap), cap
+
+    # the charts: measured quality per family (digits has eval.json), observed latency per NFE
+    assert len(d.find_elements(By.CSS_SELECTOR, "#quality-chart path.series")) >= 3
+    assert "secant-tan-pu" in d.find_element(By.ID, "quality-legend").text
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#latency-chart circle")) >= 10)  # 5 requests, 2 dots
+    assert len(d.find_elements(By.CSS_SELECTOR, "#latency-chart path.series")) >= 1  # /metrics means over 4 counts
+    assert errors(d) == []
+
+    screenshot(d, tmp_path / "playground.png")
+    if os.environ.get("STRIDE_SCREENSHOT"):
+        screenshot(d, os.environ["STRIDE_SCREENSHOT"])
+
+    # a bad value: the API's own message, shown to the person
+    g = d.find_element(By.ID, "guidance")
+    g.clear()
+    g.send_keys("99")
+    d.find_element(By.ID, "generate").click()
+    err = wait.until(lambda d: d.find_element(By.ID, "error").is_displayed() and d.find_element(By.ID, "error").text)
+    assert "422" in err and "guidance must be a finite number in [0, 20] (got 99)" in err, err
+    # the only console error is Chromium's note of that 422 response
+    assert [e for e in errors(d) if not ("/generate" in e["message"] and "422" in e["message"])] == []
+
+    # phone width: nothing wider than the screen
+    d.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {"width": 390, "height": 844, "deviceScaleFactor": 1,
+                                                             "mobile": True})
+    wide = d.execute_script("return [window.innerWidth, [...document.querySelectorAll('body *')]"
+                            ".filter(e => e.getBoundingClientRect().right > window.innerWidth + 0.5)"
+                            ".map(e => e.tagName + '#' + e.id)]")
+    assert wide == [390, []], wide
+    screenshot(d, tmp_path / "playground-phone.png")
+
+
+def test_with_an_api_key_the_page_asks_for_it(browser):
+    """A keyed server: the page shows the 401 in the API's words, opens the key field, and works once
+    the key is typed; a model without eval.json says so instead of drawing an empty chart."""
+    srv = ApiServer(Settings(test_model="gmm", steps=[1, 2, 4, 8], threads=1, api_key="s3cret"))
+    d, wait = browser, WebDriverWait(browser, 30)
+    try:
+        d.get(srv.url + "/")
+        err = wait.until(lambda d: d.find_element(By.ID, "error").is_displayed() and d.find_element(By.ID, "error").text)
+        assert err.startswith("401") and "missing or wrong API key" in err
+        assert d.find_element(By.ID, "auth").get_attribute("open") is not None
+        key = d.find_element(By.ID, "key")
+        key.send_keys("s3cret")
+        key.send_keys(Keys.TAB)  # change -> reload with the key
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#class-names option")) == 10)
+        assert not d.find_element(By.ID, "error").is_displayed()
+        assert "no measured quality" in d.find_element(By.ID, "quality-chart").text
+        d.find_element(By.ID, "generate").click()
+        assert decoded(d, "#images img") == [64] * 4
+    finally:
+        srv.stop()
+
+
+def test_page_and_assets_are_served_with_a_same_origin_policy(api):
+    import httpx
+
+    r = httpx.get(api.url + "/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert "default-src 'self'" in r.headers["content-security-policy"]  # a CDN link could not load
+    for asset in re.findall(r'(?:href|src)="(/[^"]+)"', r.text):
+        assert httpx.get(api.url + asset).status_code == 200, asset
