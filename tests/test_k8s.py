@@ -375,3 +375,47 @@ def test_grafana_gets_the_compose_dashboard_itself(overlay):
     prom = one(objs, "Service", "prometheus")
     assert (url.hostname, url.port) == (prom["metadata"]["name"], prom["spec"]["ports"][0]["port"])
     assert not list(K8S.rglob("*.json")), "no second copy of a dashboard under deploy/k8s"
+
+
+def test_keda_reads_running_and_waiting_requests_from_strides_stream():
+    """What KEDA's redis-streams scaler reads (XPENDING's count; XINFO GROUPS' lag, Redis >= 7) is, on
+    stride's stream as the worker transport uses it (acknowledged entries are also deleted): the
+    requests running and the requests no worker has read yet."""
+    import asyncio
+    import time
+
+    from service_fixtures import RedisServer
+
+    from service.jobs import Job, Result
+    from service.metrics import Metrics
+    from service.redis_queue import GROUP, RedisWorkerTransport
+    from service.settings import Settings
+
+    rs = RedisServer()
+    try:
+        r = rs.client()
+        if int(r.info()["redis_version"].split(".")[0]) < 7:
+            pytest.skip("XINFO GROUPS lag needs Redis >= 7")
+        s = Settings(role="worker", redis_url=rs.url, test_model="gmm", worker_id="w1")
+
+        async def scenario():
+            t = RedisWorkerTransport(s, ["gmm"], Metrics(process=False))
+            await t.start()  # creates the group, as a worker does
+            stream = t.streams[0]
+            now = time.time()
+            for i in range(10):
+                await t.r.xadd(stream, {"job": Job(f"j{i}", "gmm", 4, "euler", 0, 1, i, 1.0, "png", now + 30,
+                                                   now).dumps()})
+            jobs = await t.fetch(4, 0)  # a worker takes 4 ...
+            for j in jobs[:3]:  # ... and finishes 3
+                await t.complete(j, Result(j.id, 200, ""))
+            await t.close()
+            return stream
+
+        stream = asyncio.run(scenario())
+        group = next(g for g in r.xinfo_groups(stream) if g["name"].decode() == GROUP)
+        assert r.xpending(stream, GROUP)["pending"] == 1  # pendingEntriesCount: running
+        assert group["lag"] == 6  # lagCount: waiting, never read
+        assert r.xlen(stream) == 7
+    finally:
+        rs.stop()
