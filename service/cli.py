@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -46,6 +47,8 @@ FLAGS = [
     ("--claim-idle-ms", "claim_idle_ms", int, "re-claim entries idle this long (their worker died)"),
     ("--max-deliveries", "max_deliveries", int, "deliveries before an entry goes to the dead-letter stream"),
     ("--result-ttl-s", "result_ttl_s", int, "TTL of stored results"),
+    ("--drain-timeout-s", "drain_timeout_s", float, ("worker: on SIGTERM, finish the requests taken for at most "
+                                                     "this long, then exit; a second SIGTERM stops at once")),
 ]
 
 
@@ -119,10 +122,16 @@ async def run_worker(settings: Settings):
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
     await transport.start()
+    drained = False
     try:
-        await worker.run()
+        drained = await worker.run()
     finally:
         await transport.close()
+    if not drained:
+        # Cut short (second SIGTERM or drain_timeout_s): a step may still be running on its thread,
+        # and interpreter shutdown would wait for it. What this worker held stays pending in Redis.
+        logging.shutdown()
+        os._exit(1)
 
 
 def main(argv=None) -> int:

@@ -45,6 +45,8 @@ class Metrics:
         self.step_seconds = Histogram("stride_step_duration_seconds", "One model call + fused update", ["model"],
                                       buckets=STEP, registry=r)
         self.worker_ready = Gauge("stride_worker_ready", "1 once this process's worker has warmed up", registry=r)
+        self.worker_draining = Gauge("stride_worker_draining", "1 once this worker was told to stop: it takes no "
+                                     "new work and finishes what it holds", registry=r)
         self.rows_in_flight = Gauge("stride_worker_rows", "Rows running in this worker's batch", registry=r)
         self.redelivered = Counter("stride_redelivered_total", "Queue entries re-claimed from a dead worker",
                                    registry=r)

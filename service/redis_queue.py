@@ -7,6 +7,10 @@ Keys, with P the key prefix (default 'stride'):
   P:worker:<id>        heartbeat, SET ... EX 3 x heartbeat; P:workers is the set of ids to look them up
   P:dead               dead-letter stream: entries delivered more than max_deliveries times
 
+On SIGTERM a worker drains: it reads nothing more, finishes and acknowledges what it holds (its
+ownership refresh goes on meanwhile), then leaves the group (XGROUP DELCONSUMER) if nothing is
+pending under its name. A drain cut short leaves its entries pending, re-claimed as a dead worker's.
+
 Delivery is at least once. An entry is deleted (XACK + XDEL in one MULTI, after the SET) once its
 result is stored, so XLEN is exactly "queued or running" and bounds admission. Workers refresh
 ownership of what they hold (XCLAIM JUSTID) every heartbeat, so XAUTOCLAIM's min idle time only
@@ -45,6 +49,17 @@ ADMIT = """
 local n = redis.call('XLEN', KEYS[1])
 if n >= tonumber(ARGV[1]) then return {0, n} end
 return {1, redis.call('XADD', KEYS[1], '*', 'job', ARGV[2])}
+"""
+
+
+# Leave the group once nothing is pending under our name (a clean drain): the group's consumer list
+# does not fill with the names of pods long gone. DELCONSUMER drops a consumer's pending entries
+# with it, where nobody could re-claim them, so a consumer that still holds any stays.
+LEAVE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local ok, mine = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
+if not ok or #mine > 0 then return 0 end
+return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 """
 
 
@@ -242,6 +257,7 @@ class RedisWorkerTransport:
         self.backlog: list[Job] = []  # own pending entries after a restart, and re-claimed ones
         self._tasks: list[asyncio.Task] = []
         self._closed = False
+        self._leave = self.r.register_script(LEAVE)
 
     async def start(self):
         await self._ensure_groups(retry=True)
@@ -256,6 +272,8 @@ class RedisWorkerTransport:
         try:
             await self.r.delete(self.keys.worker(self.consumer))
             await self.r.srem(self.keys.workers, self.consumer)
+            for s in self.streams:
+                await self._leave(keys=[s], args=[GROUP, self.consumer])
         except (RedisError, OSError):
             pass
         await self.r.aclose()
@@ -436,7 +454,9 @@ class RedisWorkerTransport:
     async def _refresh_ownership(self):
         """Reset the idle time of the entries we hold and still own, so XAUTOCLAIM leaves them be."""
         held = {}
-        for j in (self.worker.held() if self.worker else []) + self.backlog:
+        # a draining worker runs no more of its backlog: let those entries idle out to other workers
+        backlog = [] if self.worker and self.worker.stopping else self.backlog
+        for j in (self.worker.held() if self.worker else []) + backlog:
             if j.entry:
                 held.setdefault(j.stream, set()).add(j.entry)
         for s, ids in held.items():

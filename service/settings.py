@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     claim_idle_ms: int = Field(5000, ge=10)
     max_deliveries: int = Field(3, ge=1)
     result_ttl_s: int = Field(300, ge=1)
+    # SIGTERM: finish what is held for at most this long; the orchestrator's grace period must exceed it
+    drain_timeout_s: float = Field(25.0, gt=0)
 
     warmup: bool = True
     test_model: str | None = None  # hidden: an analytic model instead of artifacts (tests, benchmarks)

@@ -61,7 +61,9 @@ class Worker:
         self.engine: Engine | None = None
         self.tasks: dict[str, Task] = {}
         self.ready = False
-        self.stopping = False
+        self.stopping = False  # draining: no new work; what was taken is finished (see stop)
+        self.cut: asyncio.Event | None = None  # set by a second stop(): leave the rest to other workers
+        self.intake_open = True  # the step loop ends only after intake has stopped: a read in flight is run too
         self.lock = threading.Lock()
         self.work = threading.Condition(self.lock)  # the step loop waits on it when idle
         self.encoder = ThreadPoolExecutor(2, thread_name_prefix="stride-png")
@@ -123,26 +125,59 @@ class Worker:
             return [t.job for t in self.tasks.values()]
 
     def stop(self):
-        self.stopping = True
+        """First call (SIGTERM): drain. Stop taking work, report not ready (the API stops counting
+        this worker), finish and answer every request already taken, bounded by drain_timeout_s.
+        Second call: stop now; what is left unanswered stays pending and is re-claimed by others."""
+        if self.stopping:
+            if self.loop is not None and self.cut is not None:
+                self.loop.call_soon_threadsafe(self.cut.set)
+            return
+        self.stopping, self.ready = True, False
+        self.metrics.worker_draining.set(1)
         with self.work:
             self.work.notify()
 
-    async def run(self):
-        self.loop, self.room = asyncio.get_running_loop(), asyncio.Event()
+    async def run(self) -> bool:
+        """Serve until stop(); True when the drain finished everything taken, False when it was cut."""
+        self.loop, self.room, self.cut = asyncio.get_running_loop(), asyncio.Event(), asyncio.Event()
         await self.loop.run_in_executor(None, self.warm_up)
-        self.ready = True
+        self.ready = not self.stopping
         log.info("worker %s ready", self.name)
         stepper = threading.Thread(target=self._step_loop, name="stride-steps", daemon=True)
         stepper.start()
         try:
             while not self.stopping:
                 await self._intake()
-            await self.loop.run_in_executor(None, stepper.join)  # drains: everything read gets an answer
-            while self._pending:
-                await asyncio.gather(*list(self._pending), return_exceptions=True)
+            with self.work:
+                self.intake_open = False
+                self.work.notify()
+            return await self._drain(stepper)
         finally:
             self.ready = False
             self.encoder.shutdown(wait=False)
+
+    async def _drain(self, stepper: threading.Thread) -> bool:
+        """Wait for every request read to be answered (the step loop ends once none is left) and its
+        answer written, until drain_timeout_s passes or a second stop() comes."""
+        t0 = time.monotonic()
+
+        async def finish():
+            await self.loop.run_in_executor(None, stepper.join)
+            while self._pending:
+                await asyncio.gather(*list(self._pending), return_exceptions=True)
+
+        done, cut = asyncio.ensure_future(finish()), asyncio.ensure_future(self.cut.wait())
+        await asyncio.wait({done, cut}, timeout=self.settings.drain_timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        cut.cancel()
+        if done.done():
+            log.info("worker %s drained in %.1f s", self.name, time.monotonic() - t0)
+            return True
+        with self.lock:
+            left = sum(not t.answered for t in self.tasks.values())
+        why = "a second stop signal" if self.cut.is_set() else f"drain_timeout_s={self.settings.drain_timeout_s}"
+        log.warning("worker %s: drain cut short by %s with %d requests unanswered; other workers re-claim them",
+                    self.name, why, left)
+        return False
 
     # -- event loop: intake and answers ---------------------------------------------------------
     async def _intake(self):
@@ -231,7 +266,7 @@ class Worker:
                     wake = self._schedule()
                     if not self.engine.busy:
                         waiting = any(not t.answered for t in self.tasks.values())
-                        if self.stopping and not waiting:
+                        if not self.intake_open and not waiting:
                             return
                         self.work.wait(max(0.0, wake - time.time()) if wake is not None else IDLE_WAIT_S)
                         continue
