@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from . import learned
 from .adapters import DTYPES, Adapter, IdentityDecoder, VAEDecoder, adapter_class, dtype_name
 from .nets import build_net
+from .nets.diffusers_nets import set_time_freq_shift
 from .param import check_param
 from .schedules import Schedule, schedule_from_json
 from .table import FORMAT as TABLE_FORMAT
@@ -271,6 +272,8 @@ def load_artifact(path, device="cpu", dtype: str | None = None) -> Artifact:
     if net_classes != num_classes:
         raise ValueError(f"{where}: {num_classes} class names, but the network has num_classes={net_classes}")
     net = read_net(path, meta, str(where), device)
+    if ad.get("time_freq_shift") is not None:  # DiT repository checkpoints (see set_time_freq_shift)
+        set_time_freq_shift(net, ad["time_freq_shift"])
     model = cls(net, schedule_from_json(meta["schedule"]), meta["param"], shape, num_classes,
                 secant=bool(arch["config"].get("secant", False)), sha256=meta["weights"]["sha256"],
                 null_class=ad.get("null_class"), dtype=dt)
@@ -296,8 +299,8 @@ def load_artifact(path, device="cpu", dtype: str | None = None) -> Artifact:
 
 
 def read_decoder(path: Path, meta: dict, shape, where: str, device="cpu", dtype: str | None = None):
-    """model.json's `decoder` section -> a decoder; none means identity over the data range."""
-    dec = meta.get("decoder") or {"kind": "identity"}
+    """The adapter section's `decoder` -> a decoder; none means identity over the data range."""
+    dec = (meta.get("adapter") or {}).get("decoder") or {"kind": "identity"}
     if dec.get("kind") == "identity":
         return IdentityDecoder(shape, meta["data"].get("range", (-1.0, 1.0)))
     if dec.get("kind") == "vae":

@@ -17,7 +17,7 @@ the network.
 """
 from .base import DTYPES, Adapter, dtype_name
 from .decoders import IdentityDecoder, VAEDecoder
-from .discrete import DiscreteIndex
+from .discrete import DiscreteIndex, discrete_index
 from .reversed_flow import ReversedFlow
 from .stride_net import StrideNet
 

@@ -34,6 +34,12 @@ def dtype_name(name: str) -> str:
     return name
 
 
+def to_dtype(net, dtype: str) -> None:
+    """Cast the weights only when they differ (diffusers warns about every cast)."""
+    if any(p.dtype != DTYPES[dtype] for p in net.parameters()):
+        net.to(DTYPES[dtype])
+
+
 class Adapter:
     """Base adapter: subclasses define `forward(x, t, s, label)` on the network's own terms."""
 
@@ -47,7 +53,7 @@ class Adapter:
         self.null_class = self.num_classes if null_class is None else int(null_class)
         self.secant, self.sha256 = secant, sha256
         self.dtype = dtype_name(dtype)
-        self.net.to(DTYPES[self.dtype])
+        to_dtype(self.net, self.dtype)
         self.channels_last = False
 
     @property

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import DTYPES, dtype_name
+from .base import dtype_name, to_dtype
 
 
 class IdentityDecoder:
@@ -24,9 +24,9 @@ class IdentityDecoder:
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float().reshape(x.shape[0], *self.image_shape)
-        if (self.lo, self.hi) == (-1.0, 1.0):
-            return x
-        return (x - self.lo) * (2.0 / (self.hi - self.lo)) - 1.0
+        if (self.lo, self.hi) != (-1.0, 1.0):
+            x = (x - self.lo) * (2.0 / (self.hi - self.lo)) - 1.0
+        return x.clamp(-1, 1)
 
     def to_json(self) -> dict:
         return {"kind": self.kind}
@@ -40,7 +40,7 @@ class VAEDecoder:
     def __init__(self, vae, latent_shape, scaling_factor: float, shift_factor: float | None = None,
                  dtype: str = "float32"):
         self.vae, self.dtype = vae.eval().requires_grad_(False), dtype_name(dtype)
-        self.vae.to(DTYPES[self.dtype])
+        to_dtype(self.vae, self.dtype)
         self.scaling_factor, self.shift_factor = float(scaling_factor), float(shift_factor or 0.0)
         _, h, w = latent_shape
         f = 2 ** (len(vae.config.block_out_channels) - 1)  # each down block but the last halves the size

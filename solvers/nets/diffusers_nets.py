@@ -20,3 +20,12 @@ def build_diffusers(kind: str, config: dict):
         raise ValueError(f"architecture {kind!r} needs diffusers: pip install 'stride[diffusers]'") from e
     cfg = {k: v for k, v in config.items() if not k.startswith("_")}
     return getattr(diffusers, name).from_config(cfg)
+
+
+def set_time_freq_shift(net, shift: float) -> None:
+    """Set the frequency shift of every sinusoidal timestep embedding in `net`. diffusers' DiT uses
+    exp(-log(10000) i / (half - 1)) (shift 1); the DiT repository's checkpoints were trained with
+    exp(-log(10000) i / half) (shift 0)."""
+    for m in net.modules():
+        if type(m).__name__ == "Timesteps":
+            m.downscale_freq_shift = shift
