@@ -4,13 +4,13 @@ and time grid (the scheduler's timesteps) give the same final latents and decode
 scaling are right (DESIGN section 8)."""
 import pytest
 import torch
+from tiny_models import ddim, dit_pipeline, dpm, grid_from_scheduler, unet_pipeline
 
 from offline.importer import import_diffusers
 from solvers import sample
 from solvers.adapters import discrete_index
 from solvers.artifact import load_artifact
 from solvers.builders import build
-from tiny_models import ddim, dit_pipeline, dpm, grid_from_scheduler, unet_pipeline
 
 STEPS = 10
 LABELS = [1, 7, 3]
