@@ -16,6 +16,7 @@ from solvers.grids import GRIDS
 from solvers.table import Table
 
 log = logging.getLogger("stride.models")
+SMALL_IMAGE = 64  # px: below this on the long side, PNGs are upscaled by --png-scale for display
 
 
 class SolverError(ValueError):
@@ -42,10 +43,10 @@ class ModelEntry:
             self.decoder = IdentityDecoder(self.shape, self.data_range)
 
     @classmethod
-    def from_artifact(cls, path: str, device: str = "cpu") -> ModelEntry:
+    def from_artifact(cls, path: str, device: str = "cpu", dtype: str | None = None) -> ModelEntry:
         from solvers.artifact import default_guidance, load_artifact
 
-        art = load_artifact(path, device)
+        art = load_artifact(path, device, dtype)
         meta = dict(art.meta)
         data = meta.get("data", {})
         names = data.get("class_names") or meta.get("class_names") or list(range(art.model.num_classes))
@@ -199,6 +200,11 @@ class ModelEntry:
     def image_shape(self) -> tuple[int, ...]:
         return tuple(self.decoder.image_shape)
 
+    def png_scale(self, scale: int) -> int:
+        """The display upscale applies to tiny images only (the demo models); decoded real-size
+        images (64 px and more on the long side) come back at their own size."""
+        return scale if max(self.image_shape[1:]) < SMALL_IMAGE else 1
+
     def describe(self, settings) -> dict:
         C, H, W = self.image_shape
         return {
@@ -288,6 +294,6 @@ def load_registry(settings, device: str | None = None) -> Registry:
         if not os.path.isdir(path):
             raise FileNotFoundError(f"no artifact directory at {path!r}; train one (`stride offline ...`) or pass "
                                     f"--artifacts DIR")
-        entries.append(ModelEntry.from_artifact(path, dev))
+        entries.append(ModelEntry.from_artifact(path, dev, settings.dtype))
     return Registry(entries)
 

@@ -203,7 +203,8 @@ class Worker:
             entry = self.registry[t.job.model]
             with torch.inference_mode():  # finished latents -> images in [-1, 1], one batch per request
                 imgs = entry.decoder.decode(torch.stack([t.done[i] for i in range(t.job.n)]))
-            out.append(images.encode(list(imgs), (-1.0, 1.0), self.settings.png_scale, t.job.format == "png"))
+            out.append(images.encode(list(imgs), (-1.0, 1.0), entry.png_scale(self.settings.png_scale),
+                                     t.job.format == "png"))
         return out
 
     async def _deliver(self, t: Task, result: Result):
