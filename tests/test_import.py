@@ -12,7 +12,6 @@ from service_fixtures import ApiServer
 from tiny_models import ddim, dit_pipeline, tiny_dit, tiny_unet, tiny_vae
 
 from offline import cli
-from offline.importer import dit_to_diffusers
 from service import images
 from service.models import ModelEntry, Registry
 from service.settings import Settings
