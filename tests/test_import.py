@@ -215,3 +215,41 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err and list(out.iterdir()) == []
     # and the good folder imports
     assert run("diffusers", tmp_path / "pipe", "--name", "ok", "--out", tmp_path / "ok") == 0
+
+
+def test_loader_refuses_a_changed_adapter_section_or_decoder(tmp_path):
+    dit_pipeline(tmp_path / "pipe")
+    assert run("diffusers", tmp_path / "pipe", "--name", "a", "--out", tmp_path / "a") == 0
+    mj = tmp_path / "a" / "model.json"
+    good = json.loads(mj.read_text())
+
+    def refused(meta, *says):
+        mj.write_text(json.dumps(meta))
+        with pytest.raises(ValueError) as e:
+            load_artifact(tmp_path / "a")
+        assert all(s in str(e.value) for s in says), str(e.value)
+
+    refused({**good, "adapter": {**good["adapter"], "time_map": "reversed-flow"}}, "not the one of kind 'dit'",
+            "discrete")
+    refused({**good, "adapter": {**good["adapter"], "kind": "sdxl"}}, "unknown network kind 'sdxl'", "unet2d")
+    refused({**good, "data": {**good["data"], "shape": [4, 8, 7]}}, "multiples of 2")
+    mj.write_text(json.dumps(good))
+    dec = tmp_path / "a" / "decoder.safetensors"
+    dec.write_bytes(dec.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(ValueError, match="decoder.safetensors: sha256 is"):
+        load_artifact(tmp_path / "a")
+
+
+def test_older_transformer2d_dit_layout_imports_as_dit(tmp_path):
+    """diffusers < 0.28 saved DiT as Transformer2DModel (same tensors, a config with more keys)."""
+    dit_pipeline(tmp_path / "pipe")
+    cfg = tmp_path / "pipe" / "transformer" / "config.json"
+    c = json.loads(cfg.read_text())
+    assert run("diffusers", tmp_path / "pipe", "--name", "new", "--out", tmp_path / "new") == 0
+    cfg.write_text(json.dumps({**c, "_class_name": "Transformer2DModel", "cross_attention_dim": None,
+                               "use_linear_projection": False, "only_cross_attention": False}))
+    assert run("diffusers", tmp_path / "pipe", "--name", "old", "--out", tmp_path / "old") == 0
+    new, old = load_artifact(tmp_path / "new"), load_artifact(tmp_path / "old")
+    assert new.sha256 == old.sha256 and old.model.shape == (4, 8, 8)
+    cfg.write_text(json.dumps({**c, "_class_name": "Transformer2DModel", "norm_type": "layer_norm"}))
+    assert run("diffusers", tmp_path / "pipe", "--name", "x", "--out", tmp_path / "x") == 2
