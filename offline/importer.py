@@ -65,7 +65,7 @@ def read_state_dict(path: Path) -> dict:
             f"{path} cannot be read without running its pickled code ({type(e).__name__}), and stride never does. "
             "Convert it where that code is available: load it there and save the plain tensors, e.g. "
             "torch.save(model.state_dict(), 'weights.pt') or safetensors.torch.save_file(state_dict, "
-            "'weights.safetensors').") from e
+            "'weights.safetensors'); for a training checkpoint, save its 'ema' (or 'model') entry alone.") from e
     if isinstance(sd, dict) and set(sd) & {"model", "ema", "state_dict"} and not all(torch.is_tensor(v) for v in sd.values()):
         key = "ema" if "ema" in sd else ("model" if "model" in sd else "state_dict")  # training checkpoints
         sd = sd[key]
@@ -384,7 +384,7 @@ def import_dit_checkpoint(file, out, *, schedule="vp", vae=None, dtype="float32"
     net = diffusers.DiTTransformer2DModel(
         num_attention_heads=heads, attention_head_dim=hidden // heads, in_channels=C, out_channels=out_ch,
         num_layers=depth, sample_size=side or _shape(latent_shape, None)[1], patch_size=p,
-        num_embeds_ada_norm=rows - 1)
+        num_embeds_ada_norm=rows - 1, norm_eps=1e-6)  # DiT's LayerNorms all use 1e-6 (diffusers' default: 1e-5)
     fill(net, dit_to_diffusers(sd, depth), str(f))
     if "pos_embed" in sd and not torch.allclose(sd["pos_embed"].float(), net.pos_embed.pos_embed, atol=1e-5):
         raise ValueError(f"{f}: tensor 'pos_embed' is not the sin-cos embedding DiT and diffusers compute")
