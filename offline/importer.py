@@ -176,8 +176,8 @@ def _vae(vae_dir, latent_shape, dtype: str):
     return vae, rec, shas
 
 
-def write_artifact(out: Path, net, arch_kind: str, schedule, param: str, adapter: dict, class_names: list,
-                   vae, decoder: dict | None, source: dict, command: str) -> Path:
+def write_artifact(out: Path, name: str | None, net, arch_kind: str, schedule, param: str, adapter: dict,
+                   class_names: list, vae, decoder: dict | None, source: dict, command: str) -> Path:
     """Check the adapter by one call, then write everything into a temporary folder renamed to `out`."""
     out = Path(out)
     if out.exists():
@@ -206,7 +206,7 @@ def write_artifact(out: Path, net, arch_kind: str, schedule, param: str, adapter
         if vae is not None:
             decoder["weights"] = write_weights(tmp / "decoder.safetensors", vae.state_dict(), decoder["dtype"])
         meta = {
-            "format": MODEL_FORMAT, "name": out.name, "architecture": arch, "schedule": schedule.to_json(),
+            "format": MODEL_FORMAT, "name": name or out.name, "architecture": arch, "schedule": schedule.to_json(),
             "param": param,
             "data": {"shape": list(shape), "range": [-1.0, 1.0], "class_names": class_names,
                      "num_classes": len(class_names), "source": source},
@@ -250,7 +250,7 @@ def _shape(arg, default) -> list:
 
 # -- import diffusers ---------------------------------------------------------------------------------
 
-def import_diffusers(src, out, *, dtype="float32", null_class=None, class_names=None, vae=None,
+def import_diffusers(src, out, *, name=None, dtype="float32", null_class=None, class_names=None, vae=None,
                      latent_shape=None, prediction_type=None, time_map=None, command="") -> Path:
     d = Path(src)
     if not d.is_dir():
@@ -316,7 +316,7 @@ def import_diffusers(src, out, *, dtype="float32", null_class=None, class_names=
     adapter = _adapter(kind, time_map, c.out_channels, num_classes, null_class, shape, dtype, names_src, rows,
                        network=cls, sources=({**shas, **vshas}))
     source = {"kind": "diffusers", "path": str(d.resolve()), "scheduler": sched_cfg}
-    return write_artifact(Path(out), net, arch_kind, schedule, param, adapter, names, v, dec, source, command)
+    return write_artifact(Path(out), name, net, arch_kind, schedule, param, adapter, names, v, dec, source, command)
 
 
 # -- import dit-checkpoint -------------------------------------------------------------------------------
@@ -354,7 +354,7 @@ def dit_to_diffusers(sd: dict, depth: int) -> dict:
     return out
 
 
-def import_dit_checkpoint(file, out, *, schedule="vp", vae=None, dtype="float32", null_class=None,
+def import_dit_checkpoint(file, out, *, name=None, schedule="vp", vae=None, dtype="float32", null_class=None,
                           class_names=None, heads=None, latent_shape=None, time_map=None, command="") -> Path:
     f = Path(file)
     if not f.is_file():
@@ -398,6 +398,6 @@ def import_dit_checkpoint(file, out, *, schedule="vp", vae=None, dtype="float32"
                        network="DiT checkpoint", time_freq_shift=0,
                        sources={f.name: sha256_file(f), **vshas})
     source = {"kind": "dit-checkpoint", "path": str(f.resolve())}
-    return write_artifact(Path(out), net, "diffusers.DiTTransformer2DModel", sched, param, adapter, names, v, dec,
+    return write_artifact(Path(out), name, net, "diffusers.DiTTransformer2DModel", sched, param, adapter, names, v, dec,
                           source, command)
 

@@ -129,14 +129,20 @@ def dit_embedding(t, dim=256):
 def dit_reference(sd, x, t, y, depth, heads, p):
     """DiT's forward (facebookresearch/DiT models.py) written from its state dict: the check that
     the key map, qkv split, adaLN chunk order, LayerNorm eps and time embedding are all DiT's."""
-    lin = lambda h, n: F.linear(h, sd[n + ".weight"], sd[n + ".bias"])  # noqa: E731
+    def lin(h, n):
+        return F.linear(h, sd[n + ".weight"], sd[n + ".bias"])
+
+    def ln(v):
+        return F.layer_norm(v, (v.shape[-1],), eps=1e-6)
+
+    def mod(v, shift, scale):
+        return v * (1 + scale[:, None]) + shift[:, None]
+
     B, _, H, W = x.shape
     h = F.conv2d(x, sd["x_embedder.proj.weight"], sd["x_embedder.proj.bias"], stride=p).flatten(2).transpose(1, 2)
     h = h + sd["pos_embed"]
     D = h.shape[-1]
     c = lin(F.silu(lin(dit_embedding(t), "t_embedder.mlp.0")), "t_embedder.mlp.2") + sd["y_embedder.embedding_table.weight"][y]
-    ln = lambda v: F.layer_norm(v, (D,), eps=1e-6)  # noqa: E731
-    mod = lambda v, shift, scale: v * (1 + scale[:, None]) + shift[:, None]  # noqa: E731
     for i in range(depth):
         b = f"blocks.{i}."
         sm, scm, gm, sf, scf, gf = lin(F.silu(c), b + "adaLN_modulation.1").chunk(6, 1)
@@ -171,8 +177,8 @@ def test_dit_checkpoint_round_trips_through_the_importer(tmp_path, schedule):
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     st, lab = torch.tensor([0.25, 0.75]), torch.tensor([2, 10])
     with torch.no_grad():
-        raw = lambda tt: dit_reference(sd, x, tt, lab, 2, 2, 2)[:, :4]  # noqa: E731
-        want = raw(st * 1000 - 1) if schedule == "vp" else -raw(1 - st)
+        tt = st * 1000 - 1 if schedule == "vp" else 1 - st
+        want = dit_reference(sd, x, tt, lab, 2, 2, 2)[:, :4] * (1 if schedule == "vp" else -1)
     assert art.model.param == ("eps" if schedule == "vp" else "flow")
     torch.testing.assert_close(art.model(x, st, None, lab), want)
 
