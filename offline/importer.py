@@ -196,7 +196,11 @@ def write_artifact(out: Path, name: str | None, net, arch_kind: str, schedule, p
         net, schedule, param, shape, adapter["num_classes"], null_class=adapter["null_class"])
     with torch.no_grad():  # one evaluation: the network runs on these latents and gives their shape back
         x = torch.zeros(1, *shape)
-        y = model(x, torch.tensor([0.5 * (schedule.t_min + schedule.t_max)]), None, torch.tensor([model.null_class]))
+        try:
+            y = model(x, torch.tensor([0.5 * (schedule.t_min + schedule.t_max)]), None,
+                      torch.tensor([model.null_class]))
+        except RuntimeError as e:
+            raise ValueError(f"the network does not run on latents of shape {shape}: {e}") from e
         if y.shape != x.shape:
             raise ValueError(f"the network returns shape {tuple(y.shape)} for latents {tuple(x.shape)}")
     out.parent.mkdir(parents=True, exist_ok=True)

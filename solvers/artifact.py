@@ -146,6 +146,9 @@ def check_net_shape(arch: dict, shape, where) -> None:
         f = 2 ** (len(cfg.get("down_block_types", ())) - 1)
     else:
         f = int(cfg.get("patch_size") or 1)
+    if kind == "diffusers.DiTTransformer2DModel" and shape[1] != shape[2]:
+        raise ValueError(f"{where}: data shape {shape}: diffusers' DiTTransformer2DModel unpatchifies square "
+                         "latents only (H == W)")
     if shape[1] % f or shape[2] % f:
         raise ValueError(f"{where}: data shape {shape}: height and width must be multiples of {f} for {kind}")
 

@@ -230,6 +230,7 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys):
     refused("diffusers", tmp_path / "pipe", "--time-map", "cosmic", says=["unknown time map 'cosmic'", "discrete",
                                                                         "reversed-flow"])
     refused("diffusers", tmp_path / "pipe", "--time-map", "reversed-flow", says=["not the one of kind 'dit'"])
+    refused("diffusers", tmp_path / "pipe", "--latent-shape", "4,8,6", says=["square latents only"])
     refused("diffusers", tmp_path / "pipe", "--dtype", "fp8", says=["unknown dtype 'fp8'", "bf16"])
     refused("diffusers", tmp_path / "pipe", "--null-class", "11", says=["null class 11", "0..10"])
     (tmp_path / "three.txt").write_text("a\nb\nc\n")
