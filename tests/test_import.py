@@ -281,3 +281,13 @@ def test_older_transformer2d_dit_layout_imports_as_dit(tmp_path):
     assert new.sha256 == old.sha256 and old.model.shape == (4, 8, 8)
     cfg.write_text(json.dumps({**c, "_class_name": "Transformer2DModel", "norm_type": "layer_norm"}))
     assert run("diffusers", tmp_path / "pipe", "--name", "x", "--out", tmp_path / "x") == 2
+
+
+def test_class_names_come_from_id2label(tmp_path):
+    """facebook/DiT-XL-2-256's model_index.json carries ImageNet's id2label; DiTPipeline reads it."""
+    dit_pipeline(tmp_path / "pipe")
+    mi = tmp_path / "pipe" / "model_index.json"
+    mi.write_text(json.dumps({**json.loads(mi.read_text()), "id2label": {str(i): n for i, n in enumerate(NAMES)}}))
+    assert run("diffusers", tmp_path / "pipe", "--name", "a", "--out", tmp_path / "a") == 0
+    meta = json.loads((tmp_path / "a" / "model.json").read_text())
+    assert meta["data"]["class_names"] == NAMES and meta["adapter"]["class_names"] == "id2label"
