@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import pickle
 import shutil
 import tempfile
 import time
@@ -60,12 +61,14 @@ def read_state_dict(path: Path) -> dict:
             raise ValueError(f"{path}: not a readable safetensors file: {e}") from e
     try:
         sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError and friends: the file needs code to load
+    except pickle.UnpicklingError as e:  # weights_only refuses every global outside tensors and containers
         raise ValueError(
             f"{path} cannot be read without running its pickled code ({type(e).__name__}), and stride never does. "
             "Convert it where that code is available: load it there and save the plain tensors, e.g. "
             "torch.save(model.state_dict(), 'weights.pt') or safetensors.torch.save_file(state_dict, "
             "'weights.safetensors'); for a training checkpoint, save its 'ema' (or 'model') entry alone.") from e
+    except (RuntimeError, OSError, EOFError) as e:
+        raise ValueError(f"{path}: not a readable torch checkpoint: {e}") from e
     if isinstance(sd, dict) and set(sd) & {"model", "ema", "state_dict"} and not all(torch.is_tensor(v) for v in sd.values()):
         key = "ema" if "ema" in sd else ("model" if "model" in sd else "state_dict")  # training checkpoints
         sd = sd[key]

@@ -291,3 +291,10 @@ def test_class_names_come_from_id2label(tmp_path):
     assert run("diffusers", tmp_path / "pipe", "--name", "a", "--out", tmp_path / "a") == 0
     meta = json.loads((tmp_path / "a" / "model.json").read_text())
     assert meta["data"]["class_names"] == NAMES and meta["adapter"]["class_names"] == "id2label"
+
+
+def test_a_truncated_checkpoint_is_named_as_such(tmp_path, capsys):
+    torch.save({"w": torch.zeros(3)}, tmp_path / "ok.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "ok.pt").read_bytes()[:40])
+    assert run("dit-checkpoint", tmp_path / "cut.pt", "--name", "x", "--out", tmp_path / "x") == 2
+    assert "not a readable torch checkpoint" in capsys.readouterr().err and no_leftovers(tmp_path, "x")
