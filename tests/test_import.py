@@ -260,7 +260,7 @@ def test_loader_refuses_a_changed_adapter_section_or_decoder(tmp_path):
     refused({**good, "adapter": {**good["adapter"], "time_map": "reversed-flow"}}, "not the one of kind 'dit'",
             "discrete")
     refused({**good, "adapter": {**good["adapter"], "kind": "sdxl"}}, "unknown network kind 'sdxl'", "unet2d")
-    refused({**good, "data": {**good["data"], "shape": [4, 8, 7]}}, "multiples of 2")
+    refused({**good, "data": {**good["data"], "shape": [4, 7, 7]}}, "multiples of 2")
     mj.write_text(json.dumps(good))
     dec = tmp_path / "a" / "decoder.safetensors"
     dec.write_bytes(dec.read_bytes()[:-4] + b"\0\0\0\0")
