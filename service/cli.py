@@ -23,6 +23,7 @@ FLAGS = [
                               "in-process queue); api | worker: separate processes, need REDIS_URL")),
     ("--artifacts", "artifacts", "DIR", "artifact directories to serve (env: comma-separated)"),
     ("--device", "device", "DEV", "torch device of the worker (cpu, cuda, cuda:1)"),
+    ("--dtype", "dtype", None, "network and decoder precision (fp32, bf16, fp16); default: the artifact's"),
     ("--threads", "threads", int, "torch intra-op threads (default: all cores; role all on the CPU: all but one)"),
     ("--host", "host", "ADDR", "bind address of the API and of the worker's metrics port"),
     ("--port", "port", int, "API port"),
@@ -35,7 +36,7 @@ FLAGS = [
     ("--default-steps", "default_steps", int, "steps when a request gives none"),
     ("--max-images", "max_images", int, "largest n per request"),
     ("--guidance-max", "guidance_max", float, "largest guidance scale accepted"),
-    ("--png-scale", "png_scale", int, "nearest-neighbour upscale of returned PNGs"),
+    ("--png-scale", "png_scale", int, "nearest-neighbour upscale of returned PNGs under 64 px"),
     ("--api-key", "api_key", "KEY", ("require 'Authorization: Bearer KEY' (prefer the env var: flags show in "
                                      "ps); /healthz, /readyz, /metrics stay open")),
     ("--redis-url", "redis_url", "URL", "redis://[user:password@]host:port/db, or rediss:// for TLS"),
@@ -73,6 +74,8 @@ def parser() -> argparse.ArgumentParser:
         kw = {"help": h}
         if field == "role":
             kw["choices"] = ["all", "api", "worker"]
+        elif field == "dtype":
+            kw["choices"] = ["fp32", "bf16", "fp16"]
         elif field == "artifacts":
             kw.update(nargs="+", metavar="DIR")
         elif kind in (int, float):

@@ -16,6 +16,7 @@ from solvers.grids import GRIDS
 from solvers.table import Table
 
 log = logging.getLogger("stride.models")
+SMALL_IMAGE = 64  # px: below this on the long side, PNGs are upscaled by --png-scale for display
 
 
 class SolverError(ValueError):
@@ -32,19 +33,20 @@ class ModelEntry:
     learned: dict[str, Table] = field(default_factory=dict)
     # samplers that are their own network (secant models): name -> model with .table(n)
     variants: dict[str, object] = field(default_factory=dict)
+    # finished samples -> images in [-1, 1] (solvers.adapters.decoders); identity over data_range if None
+    decoder: object = None
     _tables: dict = field(default_factory=dict, repr=False)
 
-    @classmethod
-    def from_artifact(cls, path: str, device: str = "cpu") -> ModelEntry:
-        from solvers.artifact import SOLVER_LOADERS, default_guidance, load_artifact, register_solver_loader
+    def __post_init__(self):
+        if self.decoder is None:
+            from solvers.adapters import IdentityDecoder
+            self.decoder = IdentityDecoder(self.shape, self.data_range)
 
-        try:  # learned-solver files (searched, D-ODE): register their loader if solvers has not yet
-            from solvers import learned
-            if learned.FORMAT not in SOLVER_LOADERS:
-                register_solver_loader(learned.FORMAT, learned.artifact_loader)
-        except (ImportError, AttributeError):
-            pass
-        art = load_artifact(path, device)
+    @classmethod
+    def from_artifact(cls, path: str, device: str = "cpu", dtype: str | None = None) -> ModelEntry:
+        from solvers.artifact import default_guidance, load_artifact
+
+        art = load_artifact(path, device, dtype)
         meta = dict(art.meta)
         data = meta.get("data", {})
         names = data.get("class_names") or meta.get("class_names") or list(range(art.model.num_classes))
@@ -64,7 +66,8 @@ class ModelEntry:
                 continue
             seen = {(r.get("solver"), r.get("nfe")) for r in rows}
             rows += [r for r in (m.meta.get("eval") or {}).get("rows", []) if (r.get("solver"), r.get("nfe")) not in seen]
-        return cls(art.name, art.model, [str(c) for c in names], meta, rows, dict(art.solvers or {}), variants)
+        return cls(art.name, art.model, [str(c) for c in names], meta, rows, dict(art.solvers or {}), variants,
+                   art.decoder)
 
     # -- shape of the model -------------------------------------------------------------------
     @property
@@ -199,15 +202,29 @@ class ModelEntry:
         r = getattr(self.model_for(solver), "guidance_range", None)
         return (float(r[0]), float(r[1])) if r else (0.0, float(guidance_max))
 
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(self.decoder.image_shape)
+
+    def png_scale(self, scale: int) -> int:
+        """The display upscale applies to tiny images only (the demo models); decoded real-size
+        images (64 px and more on the long side) come back at their own size."""
+        return scale if max(self.image_shape[1:]) < SMALL_IMAGE else 1
+
     def image_size(self, scale: int) -> str:
-        """The served image's 'WxH' in pixels (samples are upscaled by `scale` for display)."""
-        _, h, w = self.shape
-        return f"{w * scale}x{h * scale}"
+        """The served image's 'WxH' in pixels, display upscale included."""
+        _, h, w = self.image_shape
+        k = self.png_scale(scale)
+        return f"{w * k}x{h * k}"
 
     def describe(self, settings) -> dict:
+        C, H, W = self.image_shape
         return {
             "name": self.name, "classes": self.class_names, "num_classes": self.num_classes,
-            "shape": list(self.shape), "size": self.image_size(settings.png_scale),
+            "shape": list(self.shape), "latent_shape": list(self.shape), "size": self.image_size(settings.png_scale),
+            "image": {"width": W, "height": H, "channels": C},
+            "dtype": getattr(self.model, "dtype", "float32"), "decoder": self.decoder.kind,
+            "decoder_dtype": self.decoder.dtype,
             "schedule": self.model.schedule.to_json(), "param": self.model.param,
             "steps": settings.steps, "default_steps": settings.default_steps, "max_images": settings.max_images,
             "default_guidance": self.default_guidance, "solvers": self.solver_names(),
@@ -290,6 +307,6 @@ def load_registry(settings, device: str | None = None) -> Registry:
         if not os.path.isdir(path):
             raise FileNotFoundError(f"no artifact directory at {path!r}; train one (`stride offline ...`) or pass "
                                     f"--artifacts DIR")
-        entries.append(ModelEntry.from_artifact(path, dev))
+        entries.append(ModelEntry.from_artifact(path, dev, settings.dtype))
     return Registry(entries)
 

@@ -19,6 +19,7 @@ class Settings(BaseSettings):
     role: Literal["all", "api", "worker"] = "all"
     artifacts: Annotated[list[str], NoDecode] = ["artifacts/digits"]
     device: str = "cpu"
+    dtype: Literal["fp32", "bf16", "fp16"] | None = None  # network + decoder; None: what the artifact records
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's)")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
