@@ -180,8 +180,8 @@ def test_dockerfile_structure():
     assert args["TORCH_VERSION"] == ci_pin, "the image pins torch as .ci/run does"
     assert args["TORCH_CPU_INDEX"] == "https://download.pytorch.org/whl/cpu"
     assert args["ARTIFACTS"] == "artifacts"
-    for builder, extras, index in (("cpu-builder", "serve", "TORCH_CPU_INDEX"),
-                                   ("cuda-builder", "serve,gpu", "TORCH_CUDA_INDEX")):
+    for builder, extras, index in (("cpu-builder", "serve,diffusers", "TORCH_CPU_INDEX"),
+                                   ("cuda-builder", "serve,gpu,diffusers", "TORCH_CUDA_INDEX")):
         runs = [a for k, a in stages[builder][1] if k == "RUN"]
         assert any('"torch==${TORCH_VERSION}"' in r and f'"${{{index}}}"' in r for r in runs), builder
         assert any(f'"/src[{extras}]" "torch==${{TORCH_VERSION}}"' in r for r in runs), builder
