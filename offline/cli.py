@@ -66,6 +66,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--cache", default=".cache/stride/eval")
     e.add_argument("--batch", type=int, default=1000)
     e.add_argument("--threads", type=int, default=None)
+    e.add_argument("--device", default="cpu", help="torch device of the model, e.g. cuda")
     e.add_argument("--no-images", action="store_true", help="skip plots and sample grids")
     e.add_argument("--no-learned", action="store_true", help="skip the learned solvers in <artifact>/solvers")
     e.add_argument("--secant-steps", type=_ints, default=[1, 2, 4, 8],
@@ -133,7 +134,7 @@ def _run(a, command: str) -> int:
                        reference=a.reference, cache=a.cache,
                        batch=a.batch, threads=a.threads, images=not a.no_images,
                        learned=not a.no_learned, secant_steps=[k for k in a.secant_steps if k > 0],
-                       command=command)
+                       command=command, device=a.device)
         print(json.dumps({k: res[k] for k in ("guidance", "floor", "reference")}, indent=1))
     elif a.cmd == "import":
         from offline import importer
