@@ -94,8 +94,9 @@ class Worker:
                                seeded_noise(range(b), e.shape, device=s.device), [0] * b, 1.0)
                         st.step()
                     for n in s.steps:  # and every step count's table, end to end
-                        sample(model, self._warm_table(e, variant, n), seeded_noise([0], e.shape, device=s.device),
-                               torch.zeros(1, dtype=torch.long))
+                        y = sample(model, self._warm_table(e, variant, n), seeded_noise([0], e.shape, device=s.device),
+                                   torch.zeros(1, dtype=torch.long))
+                e.decoder.decode(y)  # and the decoder (a VAE's first call allocates too)
         log.info("warm-up done in %.1f s (buckets %s, steps %s)", time.perf_counter() - t0, buckets(s.max_batch), s.steps)
 
     @staticmethod

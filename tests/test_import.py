@@ -129,14 +129,20 @@ def dit_embedding(t, dim=256):
 def dit_reference(sd, x, t, y, depth, heads, p):
     """DiT's forward (facebookresearch/DiT models.py) written from its state dict: the check that
     the key map, qkv split, adaLN chunk order, LayerNorm eps and time embedding are all DiT's."""
-    lin = lambda h, n: F.linear(h, sd[n + ".weight"], sd[n + ".bias"])  # noqa: E731
+    def lin(h, n):
+        return F.linear(h, sd[n + ".weight"], sd[n + ".bias"])
+
+    def ln(v):
+        return F.layer_norm(v, (v.shape[-1],), eps=1e-6)
+
+    def mod(v, shift, scale):
+        return v * (1 + scale[:, None]) + shift[:, None]
+
     B, _, H, W = x.shape
     h = F.conv2d(x, sd["x_embedder.proj.weight"], sd["x_embedder.proj.bias"], stride=p).flatten(2).transpose(1, 2)
     h = h + sd["pos_embed"]
     D = h.shape[-1]
     c = lin(F.silu(lin(dit_embedding(t), "t_embedder.mlp.0")), "t_embedder.mlp.2") + sd["y_embedder.embedding_table.weight"][y]
-    ln = lambda v: F.layer_norm(v, (D,), eps=1e-6)  # noqa: E731
-    mod = lambda v, shift, scale: v * (1 + scale[:, None]) + shift[:, None]  # noqa: E731
     for i in range(depth):
         b = f"blocks.{i}."
         sm, scm, gm, sf, scf, gf = lin(F.silu(c), b + "adaLN_modulation.1").chunk(6, 1)
@@ -171,8 +177,8 @@ def test_dit_checkpoint_round_trips_through_the_importer(tmp_path, schedule):
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     st, lab = torch.tensor([0.25, 0.75]), torch.tensor([2, 10])
     with torch.no_grad():
-        raw = lambda tt: dit_reference(sd, x, tt, lab, 2, 2, 2)[:, :4]  # noqa: E731
-        want = raw(st * 1000 - 1) if schedule == "vp" else -raw(1 - st)
+        tt = st * 1000 - 1 if schedule == "vp" else 1 - st
+        want = dit_reference(sd, x, tt, lab, 2, 2, 2)[:, :4] * (1 if schedule == "vp" else -1)
     assert art.model.param == ("eps" if schedule == "vp" else "flow")
     torch.testing.assert_close(art.model(x, st, None, lab), want)
 
@@ -224,6 +230,7 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys):
     refused("diffusers", tmp_path / "pipe", "--time-map", "cosmic", says=["unknown time map 'cosmic'", "discrete",
                                                                         "reversed-flow"])
     refused("diffusers", tmp_path / "pipe", "--time-map", "reversed-flow", says=["not the one of kind 'dit'"])
+    refused("diffusers", tmp_path / "pipe", "--latent-shape", "4,8,6", says=["square latents only"])
     refused("diffusers", tmp_path / "pipe", "--dtype", "fp8", says=["unknown dtype 'fp8'", "bf16"])
     refused("diffusers", tmp_path / "pipe", "--null-class", "11", says=["null class 11", "0..10"])
     (tmp_path / "three.txt").write_text("a\nb\nc\n")
@@ -253,7 +260,7 @@ def test_loader_refuses_a_changed_adapter_section_or_decoder(tmp_path):
     refused({**good, "adapter": {**good["adapter"], "time_map": "reversed-flow"}}, "not the one of kind 'dit'",
             "discrete")
     refused({**good, "adapter": {**good["adapter"], "kind": "sdxl"}}, "unknown network kind 'sdxl'", "unet2d")
-    refused({**good, "data": {**good["data"], "shape": [4, 8, 7]}}, "multiples of 2")
+    refused({**good, "data": {**good["data"], "shape": [4, 7, 7]}}, "multiples of 2")
     mj.write_text(json.dumps(good))
     dec = tmp_path / "a" / "decoder.safetensors"
     dec.write_bytes(dec.read_bytes()[:-4] + b"\0\0\0\0")
@@ -274,3 +281,20 @@ def test_older_transformer2d_dit_layout_imports_as_dit(tmp_path):
     assert new.sha256 == old.sha256 and old.model.shape == (4, 8, 8)
     cfg.write_text(json.dumps({**c, "_class_name": "Transformer2DModel", "norm_type": "layer_norm"}))
     assert run("diffusers", tmp_path / "pipe", "--name", "x", "--out", tmp_path / "x") == 2
+
+
+def test_class_names_come_from_id2label(tmp_path):
+    """facebook/DiT-XL-2-256's model_index.json carries ImageNet's id2label; DiTPipeline reads it."""
+    dit_pipeline(tmp_path / "pipe")
+    mi = tmp_path / "pipe" / "model_index.json"
+    mi.write_text(json.dumps({**json.loads(mi.read_text()), "id2label": {str(i): n for i, n in enumerate(NAMES)}}))
+    assert run("diffusers", tmp_path / "pipe", "--name", "a", "--out", tmp_path / "a") == 0
+    meta = json.loads((tmp_path / "a" / "model.json").read_text())
+    assert meta["data"]["class_names"] == NAMES and meta["adapter"]["class_names"] == "id2label"
+
+
+def test_a_truncated_checkpoint_is_named_as_such(tmp_path, capsys):
+    torch.save({"w": torch.zeros(3)}, tmp_path / "ok.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "ok.pt").read_bytes()[:40])
+    assert run("dit-checkpoint", tmp_path / "cut.pt", "--name", "x", "--out", tmp_path / "x") == 2
+    assert "not a readable torch checkpoint" in capsys.readouterr().err and no_leftovers(tmp_path, "x")
