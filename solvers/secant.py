@@ -11,6 +11,8 @@ gate * (temb2(s) - temb2(t)), gate = 0 at init) plus, optionally, a guidance-sca
 (emb += wemb(w_norm), last layer zero at init), so that at initialisation f(x, t, s, y, w) is the
 teacher's v(x, t, y) exactly, for every s and w. With the guidance input a guided step costs one
 evaluation; without it the executor batches the two CFG branches.
+For a DiT-architecture flow teacher (SiT) the net is solvers.secant_dit.SecantDiT: the same
+construction on DiT's conditioning embedding (`secant_from_teacher` picks by the teacher's network).
 
 Files: <artifact>/<name>.json (FORMAT) + <name>.safetensors, keyed by the teacher's sha256.
 """
