@@ -109,7 +109,22 @@ def main(argv=None) -> int:
         return 2
 
 
+def check_device(name: str) -> str:
+    """--device: a torch device this machine has; ValueError (exit 2) otherwise."""
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"unknown --device {name!r}; e.g. cpu, cuda, cuda:1 ({e})") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    return name
+
+
 def _run(a, command: str) -> int:
+    if getattr(a, "device", None) is not None:
+        check_device(a.device)
     if a.cmd == "train":
         from offline.data import load_data
         from offline.train import Settings, train

@@ -226,7 +226,7 @@ def train_secant(artifact, st: Settings, name: str = "secant", ckpt_dir=None, re
     else:  # an imported network: its own samples stand in for the data it was trained on
         x_all, y_all = teacher_pool(m, st.pool, st.pool_solver, log=log)
     torch.manual_seed(st.seed)
-    net = secant_from_teacher(m, (1.0, st.w_max) if st.guidance_input else None).train()
+    net = secant_from_teacher(m, (1.0, st.w_max) if st.guidance_input else None).to(m.device).train()
     init = warm_start(net, art, st.init) if st.init else None
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=st.lr, betas=(0.9, 0.99), weight_decay=st.weight_decay)

@@ -170,3 +170,11 @@ def test_secant_conversion_of_an_imported_sit_is_served(sit_ckpt, tmp_path):
         assert r.status_code == 200 and images.decode(r.content).shape == (128, 128, 3)  # 16 px x png_scale 8
     finally:
         srv.stop()
+
+
+def test_a_bad_device_exits_2_naming_it(pipe, tmp_path, capsys):
+    art_dir = imported_dit(pipe, tmp_path)
+    for cmd in ("search", "dode", "eval", "secant"):
+        assert cli.main([cmd, str(art_dir), "--device", "gpu0"]) == 2
+        assert "unknown --device 'gpu0'" in capsys.readouterr().err
+    assert not (art_dir / "solvers").exists() and not (art_dir / "eval.json").exists()
