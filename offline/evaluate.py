@@ -234,6 +234,9 @@ def evaluate(artifact, solvers=("euler", "heun", "ddim", "dpmpp-2m", "dpmpp-3m",
         floor_fd.append(fd_features(features(clf, data.train_x[idx]), p.f_real))
     if clf is not None:
         real_acc = float((predict(clf, data.test_x) == data.test_y).to(F64).mean())
+    else:
+        say(f"{art.path}: no classifier.json, so RMSE only (FD and accuracy need stride's classifier and data "
+            "split); the best per NFE is the lowest RMSE")
     if sweep and clf is None:
         raise ValueError("--sweep picks the guidance by FD, which needs the artifact's classifier and data "
                          "(classifier.json); pass --guidance instead")
