@@ -66,6 +66,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--cache", default=".cache/stride/eval")
     e.add_argument("--batch", type=int, default=1000)
     e.add_argument("--threads", type=int, default=None)
+    e.add_argument("--device", default="cpu", help="torch device of the model, e.g. cuda")
     e.add_argument("--no-images", action="store_true", help="skip plots and sample grids")
     e.add_argument("--no-learned", action="store_true", help="skip the learned solvers in <artifact>/solvers")
     e.add_argument("--secant-steps", type=_ints, default=[1, 2, 4, 8],
@@ -108,7 +109,22 @@ def main(argv=None) -> int:
         return 2
 
 
+def check_device(name: str) -> str:
+    """--device: a torch device this machine has; ValueError (exit 2) otherwise."""
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"unknown --device {name!r}; e.g. cpu, cuda, cuda:1 ({e})") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    return name
+
+
 def _run(a, command: str) -> int:
+    if getattr(a, "device", None) is not None:
+        check_device(a.device)
     if a.cmd == "train":
         from offline.data import load_data
         from offline.train import Settings, train
@@ -133,7 +149,7 @@ def _run(a, command: str) -> int:
                        reference=a.reference, cache=a.cache,
                        batch=a.batch, threads=a.threads, images=not a.no_images,
                        learned=not a.no_learned, secant_steps=[k for k in a.secant_steps if k > 0],
-                       command=command)
+                       command=command, device=a.device)
         print(json.dumps({k: res[k] for k in ("guidance", "floor", "reference")}, indent=1))
     elif a.cmd == "import":
         from offline import importer

@@ -32,7 +32,7 @@ from solvers.learned import (
 from solvers.schedules import F64
 
 from .search import (
-    Progress, _ints, cfg_scale, cpu_s, heldout, load_model, metrics_for, model_call, reference, references,
+    Progress, _ints, cfg_scale, cpu_s, device_of, heldout, load_model, metrics_for, model_call, reference, references,
     rmse, trajectory,
 )
 
@@ -87,7 +87,7 @@ def fit_lambdas(model, base, semantics, noise, labels, targets, guidance=1.0, ep
         g = sum((G[k, j] * hs[j] for j in range(k + 1) if G[k, j] != 0), torch.zeros_like(yb))
         r = targets[k].reshape(B, -1).to(F64) - yb
         if k > 0:
-            lam[k] = ((g * r).sum() / ((g * g).sum() + g.numel() * eps ** 2)).clamp(-clip, clip)
+            lam[k] = float(((g * r).sum() / ((g * g).sum() + g.numel() * eps ** 2)).clamp(-clip, clip))
         y = (yb + lam[k] * g).to(noise.dtype)
         before.append(float(r.pow(2).mean().sqrt()))
         after.append(float((r - lam[k] * g).pow(2).mean().sqrt()))
@@ -99,8 +99,8 @@ def fit(model, bases, nfes, *, grid=None, C=8, teacher="dpmpp-2m", batch=64, gui
     """Fit every (base, nfe); teachers are shared between bases on the same grid (ddim, dpmpp-2m)."""
     log = log or Progress("dode")
     sch = model.schedule
-    noise = seeded_noise(range(fit_seed, fit_seed + batch), model.shape)
-    labels = torch.arange(batch) % model.num_classes
+    noise = seeded_noise(range(fit_seed, fit_seed + batch), model.shape, device=device_of(model))
+    labels = (torch.arange(batch) % model.num_classes).to(noise.device)
     vn, vl = heldout(model, val)
     ref = reference(model, vn, vl) if ref is None else ref
     ref_cfg = reference(model, vn, vl, cfg) if ref_cfg is None else ref_cfg
@@ -160,6 +160,7 @@ def add_parser(subparsers):
     p.add_argument("--cfg", type=float, default=None,
                    help="guidance for the CFG-on metrics (default: the artifact's, else 2)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="torch device of the model, e.g. cuda")
     p.add_argument("--dry-run", action="store_true")
     p.set_defaults(func=run)
     return p
@@ -168,7 +169,7 @@ def add_parser(subparsers):
 def run(args):
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, sha, art = load_model(args.artifact)
+    model, sha, art = load_model(args.artifact, args.device)
     args.cfg = cfg_scale(art, args.cfg)
     t_wall, t_cpu = time.time(), cpu_s()
     vn, vl, ref, ref_cfg, conv = references(model, args)

@@ -8,6 +8,10 @@ so balanced) every sampler is scored by
 and reported as mean ± std over the seed sets, FD also as a ratio to the reference's own FD. The
 floor is the FD of as many real *train* images against the held-out ones (same sample sizes, so
 the same estimator bias).
+
+FD and accuracy need the artifact's classifier (classifier.json) and the data split model.json
+records, so they exist only for models stride trained. An imported network has neither: its rows
+carry RMSE alone (fd, acc None), and the best sampler per NFE is the lowest RMSE.
 """
 from __future__ import annotations
 
@@ -66,7 +70,9 @@ def make_seed_sets(n: int, sets: int, firsts=None) -> list:
 
 
 def run(model, table, noise, labels, guidance, batch) -> torch.Tensor:
-    return torch.cat([sample(model, table, noise[i:i + batch], labels[i:i + batch], guidance)
+    """Samples in batches on the model's device; returned on the CPU."""
+    dev = getattr(model, "device", noise.device)
+    return torch.cat([sample(model, table, noise[i:i + batch].to(dev), labels[i:i + batch].to(dev), guidance).cpu()
                       for i in range(0, len(noise), batch)])
 
 
@@ -110,13 +116,12 @@ class Protocol:
     both measure through it, so their rows agree and reuse each other's cached solves."""
 
     def __init__(self, art, n: int, sets: list, cache=".cache/stride/eval", batch: int = 1000):
-        if art.classifier is None:
-            raise ValueError(f"{art.path} has no classifier.json; "
-                             f"run `stride offline train-classifier {art.path}` first")
         self.art, self.n, self.sets, self.batch = art, n, sets, batch
         self.model, self.clf, self.K = art.model.to_channels_last(), art.classifier, art.model.num_classes
-        self.data = data_from_source(art.meta["data"]["source"])
-        self.f_real = features(self.clf, self.data.test_x)
+        self.data = self.f_real = None  # without a classifier: RMSE only (module docstring)
+        if self.clf is not None:
+            self.data = data_from_source(art.meta["data"]["source"])
+            self.f_real = features(self.clf, self.data.test_x)
         self.labels = torch.arange(n) % self.K
         self.noise = torch.cat([seeded_noise(s, self.model.shape) for s in sets])
         self.lab = self.labels.repeat(len(sets))
@@ -133,6 +138,9 @@ class Protocol:
         for j in range(len(self.sets)):
             xs = x[j * n:(j + 1) * n]
             rmse = None if ref is None else float((xs - ref[j * n:(j + 1) * n]).to(F64).pow(2).mean().sqrt())
+            if self.clf is None:
+                out.append((rmse, None, None))
+                continue
             acc = float((predict(self.clf, xs) == self.labels).to(F64).mean())
             out.append((rmse, fd_features(features(self.clf, xs), self.f_real), acc))
         return out
@@ -152,7 +160,7 @@ class Protocol:
         tab = make_table(solver, self.model.schedule, self.model.param, nfe)
         x = cached_run(self.cache, self._key(sets, solver=solver, nfe=nfe, guidance=g),
                        lambda: run(self.model, tab, self.noise[:m], self.lab[:m], g, self.batch))
-        if not first_set_only:
+        if not first_set_only and self.clf is not None:
             self.ref_fd = [s[1] for s in self.score(x)]
         return x
 
@@ -161,7 +169,8 @@ class Protocol:
         for i, k in enumerate(("rmse", "fd", "acc")):
             vals = [s[i] for s in sc]
             r[k], r[k + "_std"] = (None, None) if vals[0] is None else _ms(vals)
-        r["fd_ratio"], r["fd_ratio_std"] = _ms([s[1] / f for s, f in zip(sc, self.ref_fd)])
+        r["fd_ratio"], r["fd_ratio_std"] = (None, None) if r["fd"] is None or not self.ref_fd else \
+            _ms([s[1] / f for s, f in zip(sc, self.ref_fd)])
         return {**r, **(extra or {})}
 
 
@@ -171,14 +180,15 @@ def secant_rows(p: Protocol, g: float, x_ref, steps=(1, 2, 4, 8), names=None, in
     from offline.secant import nfe_of
     from solvers.secant import load_secant, secant_names, secant_table
 
-    out = []
+    out, dev = [], p.model.device
     for name in secant_names(p.art.path) if names is None else names:
-        sm = load_secant(p.art.path, p.art.sha256, name=name)
+        sm = load_secant(p.art.path, p.art.sha256, dev, name=name)
         for n in steps:
             t0, tab = time.time(), secant_table(n)
             spec = {"secant": sm.sha256, "steps": n} | ({"interval": list(interval)} if interval else {})
             x = p.samples(spec, g, lambda: torch.cat([
-                sample(sm, tab, p.noise[i:i + p.batch], p.lab[i:i + p.batch], g, guidance_interval=interval)
+                sample(sm, tab, p.noise[i:i + p.batch].to(dev), p.lab[i:i + p.batch].to(dev), g,
+                       guidance_interval=interval).cpu()
                 for i in range(0, len(p.noise), p.batch)]))
             e = nfe_of(sm, n, g, interval)
             r = p.row(name, e, p.score(x, x_ref), {
@@ -187,8 +197,15 @@ def secant_rows(p: Protocol, g: float, x_ref, steps=(1, 2, 4, 8), names=None, in
                 "guidance_interval": interval, "seconds": round(time.time() - t0, 1)})
             out.append((r, x))
             if log:
-                print(f"{name:>9} steps {n:>2} nfe {e:>3}  rmse {r['rmse']:.4f}  fd {r['fd']:.3f}±{r['fd_std']:.3f}"
-                      f"  ratio {r['fd_ratio']:.2f}  acc {r['acc']:.3f}  ({r['seconds']:.0f}s)", file=log, flush=True)
+                print(f"{name:>9} steps {n:>2} nfe {e:>3}  {scores(r)}  ({r['seconds']:.0f}s)", file=log, flush=True)
+    return out
+
+
+def scores(r: dict) -> str:
+    """A row's numbers for the log; FD and accuracy only where measured."""
+    out = f"rmse {r['rmse']:.4f}"
+    if r.get("fd") is not None:
+        out += f"  fd {r['fd']:.3f}±{r['fd_std']:.3f}  ratio {r['fd_ratio']:.2f}  acc {r['acc']:.3f}"
     return out
 
 
@@ -198,24 +215,31 @@ def evaluate(artifact, solvers=("euler", "heun", "ddim", "dpmpp-2m", "dpmpp-3m",
              nfes=(1, 2, 3, 4, 5, 6, 8, 10, 16, 32), n=500, seed_sets=3, seeds=None, guidance=None,
              sweep=None, reference="dpmpp-3m:128", sweep_with="dpmpp-3m:32", cache=".cache/stride/eval",
              batch=1000, threads=None, images=True, learned=True, secant_steps=(1, 2, 4, 8), command=None,
-             log=sys.stderr) -> dict:
+             log=sys.stderr, device="cpu") -> dict:
     """With no `guidance` and a `sweep`, the sweep runs first and its lowest-FD scale becomes the
     guidance of every row and the artifact's measured default (eval.json's default_guidance)."""
     if threads:
         torch.set_num_threads(threads)
     t_start = time.time()
-    art = load_artifact(artifact)
+    art = load_artifact(artifact, device)
     p = Protocol(art, n, make_seed_sets(n, seed_sets, seeds), cache, batch)
     model, clf, K, data, S = p.model, p.clf, p.K, p.data, len(p.sets)
     say = lambda *a: print(*a, file=log, flush=True)
 
     # the floor: real train images vs held-out, the same n as the generated sets
-    floor_fd = []
-    for j in range(S):
+    floor_fd, real_acc = [], None
+    for j in range(S) if clf is not None else ():
         gj = torch.Generator().manual_seed(j)
         idx = torch.randperm(len(data.train_x), generator=gj)[:n]
         floor_fd.append(fd_features(features(clf, data.train_x[idx]), p.f_real))
-    real_acc = float((predict(clf, data.test_x) == data.test_y).to(F64).mean())
+    if clf is not None:
+        real_acc = float((predict(clf, data.test_x) == data.test_y).to(F64).mean())
+    else:
+        say(f"{art.path}: no classifier.json, so RMSE only (FD and accuracy need stride's classifier and data "
+            "split); the best per NFE is the lowest RMSE")
+    if sweep and clf is None:
+        raise ValueError("--sweep picks the guidance by FD, which needs the artifact's classifier and data "
+                         "(classifier.json); pass --guidance instead")
 
     # the guidance sweep; its lowest-FD scale is the default unless one was given
     sweep_rows = []
@@ -263,26 +287,31 @@ def evaluate(artifact, solvers=("euler", "heun", "ddim", "dpmpp-2m", "dpmpp-3m",
         r = p.row(solver, nfe, p.score(x, x_ref), {"grid": tab.meta.get("grid"), "table": tab.name,
                                                    "learned": solver in art.solvers, "seconds": round(dt, 1)})
         rows.append(r)
-        grids.setdefault(family(solver), []).append((nfe, x[:K].clone()))
-        say(f"{solver:>9} nfe {nfe:>3}  rmse {r['rmse']:.4f}  fd {r['fd']:.3f}±{r['fd_std']:.3f}  "
-            f"ratio {r['fd_ratio']:.2f}  acc {r['acc']:.3f}  ({dt:.0f}s)")
+        grids.setdefault(family(solver), []).append((nfe, shown(art, x)))
+        say(f"{solver:>9} nfe {nfe:>3}  {scores(r)}  ({dt:.0f}s)")
     for r, x in secant_rows(p, g, x_ref, secant_steps, log=log) if secant_steps else ():
         rows.append(r)
-        grids.setdefault(r["solver"], []).append((r["nfe"], x[:K].clone()))
+        grids.setdefault(r["solver"], []).append((r["nfe"], shown(art, x)))
 
-    best = {}
+    best, crit = {}, "fd" if clf is not None else "rmse"  # RMSE when FD cannot be measured
     for r in rows:
         b = best.get(str(r["nfe"]))
-        if b is None or r["fd"] < b["fd"]:
+        if b is None or r[crit] < b[crit]:
             best[str(r["nfe"])] = {"solver": r["solver"], "fd": r["fd"], "rmse": r["rmse"], "acc": r["acc"]}
     ref_row = p.row(ref_solver, ref_nfe, ref_scores)
-    ref_row["fd_ratio"], ref_row["fd_ratio_std"] = 1.0, 0.0
-    floor_mean, floor_std = _ms(floor_fd)
+    if clf is not None:
+        ref_row["fd_ratio"], ref_row["fd_ratio_std"] = 1.0, 0.0
+        floor_mean, floor_std = _ms(floor_fd)
+        floor = {"fd": floor_mean, "fd_std": floor_std, "fd_ratio": floor_mean / _ms(p.ref_fd)[0],
+                 "acc": real_acc, "what": f"{n} real train images vs the {len(data.test_x)} held-out ones; "
+                                           "acc: classifier on the held-out images"}
+    else:
+        floor = None
     ev = {
         "format": EVAL_FORMAT,
         "model": art.name,
         "model_sha256": art.sha256,
-        "classifier_sha256": art.classifier_meta["weights"]["sha256"],
+        "classifier_sha256": art.classifier_meta["weights"]["sha256"] if clf is not None else None,
         "guidance": g,
         "default_guidance": g,
         "n": n,
@@ -291,18 +320,19 @@ def evaluate(artifact, solvers=("euler", "heun", "ddim", "dpmpp-2m", "dpmpp-3m",
         "metrics": {"rmse": "RMSE vs the reference solve, pixels in [-1, 1]",
                     "fd": "Fréchet distance, classifier penultimate features, vs held-out real images",
                     "fd_ratio": "fd / the reference's fd on the same seed set",
-                    "acc": "fraction classified as the requested class", "std": "over seed sets"},
+                    "acc": "fraction classified as the requested class", "std": "over seed sets"}
+        if clf is not None else {"rmse": "RMSE vs the reference solve, in the model's data units (latents for a "
+                                         "latent model)", "fd": "not measured: no classifier.json / data split",
+                                 "std": "over seed sets"},
         "reference": {"solver": ref_solver, "nfe": ref_nfe,
                       "grid": make_table(ref_solver, model.schedule, model.param, 2).meta["grid"],
                       "converged_rmse": conv,
                       "converged_check": f"RMSE vs {ref_solver}@{ref_nfe // 2} on the first seed set"},
         "teacher": ref_row,
-        "floor": {"fd": floor_mean, "fd_std": floor_std, "fd_ratio": floor_mean / _ms(p.ref_fd)[0],
-                  "acc": real_acc, "what": f"{n} real train images vs the {len(data.test_x)} held-out ones; "
-                                            "acc: classifier on the held-out images"},
+        "floor": floor,
         "rows": rows,
         "best": best,
-        "best_criterion": "lowest mean fd at that NFE",
+        "best_criterion": f"lowest mean {crit} at that NFE",
         "guidance_sweep": sweep_rows,
         "wall_time_s": round(time.time() - t_start, 1),
         "threads": torch.get_num_threads(),
@@ -311,12 +341,18 @@ def evaluate(artifact, solvers=("euler", "heun", "ddim", "dpmpp-2m", "dpmpp-3m",
     write_json(art.path / "eval.json", ev)
     (art.path / "eval.md").write_text(markdown(ev))
     if images:
-        figures(art.path / "eval", ev, grids, x_ref[:K], art.class_names)
+        figures(art.path / "eval", ev, grids, shown(art, x_ref), art.class_names)
     say(f"wrote {art.path / 'eval.json'} ({ev['wall_time_s']:.0f}s)")
     return ev
 
 
 # -- reports -----------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def shown(art, x, most: int = 16) -> torch.Tensor:
+    """The first min(K, most) samples (one per class) as images: decoded (a latent model's VAE) on the CPU."""
+    return art.decoder.decode(x[:min(art.model.num_classes, most)]).cpu()
+
 
 def family(name: str) -> str:
     """Learned solvers are fitted per NFE (searched-nfe4, dode-heun-nfe4): one column, line and grid each."""
@@ -343,9 +379,11 @@ def markdown(ev: dict) -> str:
            f"RMSE to {ref['solver']} at {ref['nfe'] // 2} NFE: {ref['converged_rmse']:.2e}",
            f"- teacher FD {_pm(te['fd'], te['fd_std'])}, accuracy {_pm(te['acc'], te['acc_std'])}",
            f"- floor (real train vs held-out) FD {_pm(fl['fd'], fl['fd_std'])} "
-           f"(ratio {fl['fd_ratio']:.2f}); classifier accuracy on held-out real {fl['acc']:.3f}", ""]
-    for key, title, p in (("fd_ratio", "FD / teacher FD", 2), ("fd", "FD", 2),
-                          ("rmse", "RMSE vs reference", 3), ("acc", "class accuracy", 3)):
+           f"(ratio {fl['fd_ratio']:.2f}); classifier accuracy on held-out real {fl['acc']:.3f}" if fl else
+           "- no classifier / data split (an imported model): RMSE only; best = lowest RMSE", ""]
+    keys = (("fd_ratio", "FD / teacher FD", 2), ("fd", "FD", 2), ("rmse", "RMSE vs reference", 3),
+            ("acc", "class accuracy", 3))
+    for key, title, p in keys if fl else keys[2:3]:
         out += [f"## {title}", "", "| NFE | " + " | ".join(solvers) + " |", "|---:|" + "---:|" * len(solvers)]
         for nfe in nfes:
             cells = []
@@ -354,10 +392,11 @@ def markdown(ev: dict) -> str:
                 cells.append("" if r is None else _pm(r[key], r[key + "_std"], p))
             out.append(f"| {nfe} | " + " | ".join(cells) + " |")
         out.append("")
-    out += ["## Best sampler per NFE (lowest FD)", "",
+    out += [f"## Best sampler per NFE ({ev['best_criterion']})", "",
             "| NFE | sampler | FD | RMSE | acc |", "|---:|---|---:|---:|---:|"]
     for nfe, b in sorted(ev["best"].items(), key=lambda kv: int(kv[0])):
-        out.append(f"| {nfe} | {b['solver']} | {b['fd']:.2f} | {b['rmse']:.3f} | {b['acc']:.3f} |")
+        out.append(f"| {nfe} | {b['solver']} | {_pm(b['fd'], 0, 2).split(' ')[0]} | {b['rmse']:.3f} | "
+                   f"{_pm(b['acc'], 0).split(' ')[0]} |")
     if ev.get("guidance_sweep"):
         sw = ev["guidance_sweep"][0]
         out += ["", f"## Guidance sweep ({sw['solver']} at {sw['nfe']} NFE)", "",
@@ -379,10 +418,10 @@ def figures(d: Path, ev: dict, grids: dict, x_ref, class_names):
     te, fl = ev["teacher"], ev["floor"]
     specs = [("rmse", "RMSE vs reference", True, {}),
              ("fd", "Frechet distance (classifier features)", True,
-              {"teacher": te["fd"], "real floor": fl["fd"]}),
+              {"teacher": te["fd"], "real floor": fl["fd"]} if fl else {}),
              ("fd_ratio", "FD / teacher FD", True, {"teacher": 1.0}),
-             ("acc", "class accuracy", False, {"teacher": te["acc"], "real": fl["acc"]})]
-    for key, title, logy, h in specs:
+             ("acc", "class accuracy", False, {"teacher": te["acc"], "real": fl["acc"]} if fl else {})]
+    for key, title, logy, h in specs if fl else specs[:1]:
         series = {s: [(r["nfe"], r[key], r[key + "_std"]) for r in rs] for s, rs in by.items()}
         line_plot(d / f"{key}.png", series, f"{ev['model']}: {title} (guidance {ev['guidance']:g})",
                   "NFE", key, logy=logy, hlines=h)

@@ -110,9 +110,14 @@ def rmse(a, b) -> float:
     return float(d.pow(2).mean().sqrt())
 
 
+def device_of(model) -> torch.device:
+    return torch.device(getattr(model, "device", "cpu"))
+
+
 def heldout(model, n: int, guidance=1.0, seed0=VAL_SEED, dtype=torch.float32):
-    noise = seeded_noise(range(seed0, seed0 + n), model.shape, dtype=dtype)
-    labels = torch.arange(n) % model.num_classes  # uniform classes
+    dev = device_of(model)  # drawn on the CPU (seeded_noise), so the same on every device
+    noise = seeded_noise(range(seed0, seed0 + n), model.shape, device=dev, dtype=dtype)
+    labels = (torch.arange(n) % model.num_classes).to(dev)  # uniform classes
     return noise, labels
 
 
@@ -140,11 +145,11 @@ class Progress:
         sys.stderr.flush()
 
 
-def load_model(path):
+def load_model(path, device="cpu"):
     """(model, sha256 of its weights, artifact) via solvers.artifact (the network comes frozen)."""
     from solvers.artifact import load_artifact
 
-    art = load_artifact(str(path))
+    art = load_artifact(str(path), device)
     return art.model, art.sha256, art
 
 
@@ -299,8 +304,8 @@ def search(model, nfes, *, form=None, init="euler", restrict=False, iters=100, b
     lmsg = ""
     for it in range(1, iters + 1):
         t0 = cpu_s()
-        noise = torch.randn(batch, *model.shape, generator=gen)
-        labels = torch.randint(0, model.num_classes, (batch,), generator=gen)
+        noise = torch.randn(batch, *model.shape, generator=gen).to(device_of(model))
+        labels = torch.randint(0, model.num_classes, (batch,), generator=gen).to(device_of(model))
         T, X = trajectory(model, teach, noise, labels)  # CFG off while searching
         t_share += (cpu_s() - t0) / len(students)
         losses = []
@@ -363,6 +368,7 @@ def add_parser(subparsers):
                    help="guidance of the CFG-on metrics (default: the artifact's, else 2); search: CFG off")
     p.add_argument("--seed", type=int, default=TRAIN_SEED, help="training noise stream")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="torch device of the model, e.g. cuda")
     p.add_argument("--dry-run", action="store_true", help="do not write solver files")
     p.add_argument("--keep-better", action="store_true",
                    help="keep an existing file whose held-out error (same seeds, same reference) is lower")
@@ -395,7 +401,7 @@ def references(model, args):
 def run(args):
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, sha, art = load_model(args.artifact)
+    model, sha, art = load_model(args.artifact, args.device)
     args.cfg = cfg_scale(art, args.cfg)
     args.lr = args.lr or (2e-3 if args.init == "best" else 1e-2)
     t_wall, t_cpu = time.time(), cpu_s()

@@ -36,7 +36,7 @@ import torch
 from torch.nn import functional as F
 
 from solvers.artifact import load_artifact, read_json, write_json
-from solvers.secant import LOSSES, SecantUNet, load_secant, save_secant, secant_table
+from solvers.secant import LOSSES, load_secant, save_secant, secant_from_teacher, secant_table
 
 F64 = torch.float64
 
@@ -158,6 +158,8 @@ class Settings:
     stei_lambda: float = 1.0
     tangent: float | None = None  # + tangent * |f(x, tau, tau) - teacher(x, tau)|^2; None: 1 to distil, else 0
     init: str = ""  # start from this secant file in the artifact instead of the teacher's tangent
+    pool: int = 1024  # imported models (no data split): this many teacher samples stand in for data
+    pool_solver: str = "dpmpp-3m:32"
     teacher_sha256: str = ""
     ckpt_every: int = 250
     log_every: int = 50
@@ -189,9 +191,9 @@ def resolve_settings(st: Settings) -> None:
         raise ValueError(f"--p-unguided must lie in [0, 1] and needs a guidance input, got {st.p_unguided}")
 
 
-def warm_start(net: SecantUNet, art, name: str) -> dict:
+def warm_start(net, art, name: str) -> dict:
     """Load secant file `name` (same teacher, architecture and guidance range) into `net`; its record."""
-    src = load_secant(art.path, art.sha256, name=name)
+    src = load_secant(art.path, art.sha256, device=art.model.device, name=name)
     if src.net.config != net.config or src.guidance_range != net.guidance_range:
         raise ValueError(f"--init {name}: its net ({src.net.config}, guidance range {src.guidance_range}) "
                          f"differs from this run's ({net.config}, {net.guidance_range}); match --w-max and "
@@ -204,22 +206,27 @@ def warm_start(net: SecantUNet, art, name: str) -> dict:
 
 
 def train_secant(artifact, st: Settings, name: str = "secant", ckpt_dir=None, resume=False, threads=None,
-                 dtype="float16", command=None, log=sys.stderr) -> dict:
+                 dtype="float16", command=None, log=sys.stderr, device="cpu") -> dict:
     from offline.data import data_from_source
+    from offline.teacher_data import has_data, teacher_pool
     from offline.train import Progress, learning_rate, load_ckpt, optimise, save_ckpt
 
     if threads:
         torch.set_num_threads(threads)
-    art = load_artifact(artifact)
+    art = load_artifact(artifact, device)
     m = art.model
     if m.schedule.name != "flow" or m.param != "flow":
         raise ValueError(f"{art.path}: secant conversion needs a flow-schedule model with 'flow' output (its "
                          f"weights become the secant net's tangent); this one is {m.schedule.name}/{m.param}")
     st.teacher_sha256 = art.sha256
     resolve_settings(st)
-    data = data_from_source(art.meta["data"]["source"])
+    if has_data(art.meta):
+        data = data_from_source(art.meta["data"]["source"])
+        x_all, y_all = data.train_x, data.train_y
+    else:  # an imported network: its own samples stand in for the data it was trained on
+        x_all, y_all = teacher_pool(m, st.pool, st.pool_solver, log=log)
     torch.manual_seed(st.seed)
-    net = SecantUNet.from_teacher(m.net, (1.0, st.w_max) if st.guidance_input else None).train()
+    net = secant_from_teacher(m, (1.0, st.w_max) if st.guidance_input else None).to(m.device).train()
     init = warm_start(net, art, st.init) if st.init else None
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=st.lr, betas=(0.9, 0.99), weight_decay=st.weight_decay)
@@ -232,19 +239,19 @@ def train_secant(artifact, st: Settings, name: str = "secant", ckpt_dir=None, re
         print(f"resumed from {ckpt_dir} at step {step}", file=log)
     loss_fn, f, v = LOSS_FNS[st.loss], student(net), teacher_velocity(m)
     both, K = st.loss.endswith("ee"), m.num_classes
-    x_all, y_all = data.train_x, data.train_y
+    dev = m.device
     bar = Progress(st.steps, st.log_every, st.batch, log)
     t0, c0, seen = time.time(), time.process_time(), 0
     while step < st.steps:
         idx = torch.randint(0, len(x_all), (st.batch,), generator=g)
-        x0, y = x_all[idx], y_all[idx]
-        eps = torch.randn(x0.shape, generator=g)
-        tm = sample_times(st.batch, st.n_steps, g, both, st.start == "grid")
+        x0, y = x_all[idx].to(dev), y_all[idx].to(dev)
+        eps = torch.randn(x0.shape, generator=g).to(dev)
+        tm = {k: v.to(dev) for k, v in sample_times(st.batch, st.n_steps, g, both, st.start == "grid").items()}
         if st.guidance_input:  # distil the guided ODE at a per-sample scale; no label dropout
-            w = sample_guidance(st.batch, st.w_max, st.p_unguided, g)
+            w = sample_guidance(st.batch, st.w_max, st.p_unguided, g).to(dev)
         else:
             w = None
-            drop = torch.rand(st.batch, generator=g) < st.label_dropout
+            drop = (torch.rand(st.batch, generator=g) < st.label_dropout).to(dev)
             y = torch.where(drop, torch.full_like(y, K), y)
         lr = learning_rate(st.lr, step, st.warmup, st.lr_decay, st.steps)  # cosine: anneal the Picard targets' noise
         loss = loss_fn(f, v, x0, eps, y, w, lam=st.stei_lambda, **tm)
@@ -266,6 +273,8 @@ def train_secant(artifact, st: Settings, name: str = "secant", ckpt_dir=None, re
     for k in ("init", "tangent", "p_unguided"):  # recorded only when used
         if not s[k]:
             s.pop(k)
+    if has_data(art.meta):
+        s.pop("pool"), s.pop("pool_solver")
     info = {"loss": st.loss, "steps": sorted(st.n_steps), "iterations": st.steps, "settings": s,
             "optimizer": "AdamW(betas=(0.9, 0.99)) from the teacher's weights, linear warm-up, "
                          f"lr decay {st.lr_decay}",
@@ -276,6 +285,7 @@ def train_secant(artifact, st: Settings, name: str = "secant", ckpt_dir=None, re
         info["init"] = init
         info["cpu_minutes_total"] = round(info["cpu_minutes"] + init["cpu_minutes_total"], 2)
         info["iterations_total"] = st.steps + init["iterations_total"]
+    info["device"] = str(dev)
     meta = save_secant(art.path, name, ema, m.shape, K, art.sha256, info, dtype)
     print(f"wrote {art.path / name}.json ({wall / 60:.1f} min wall, {cpu / 60:.1f} CPU min)", file=log)
     return meta
@@ -294,17 +304,17 @@ def nfe_of(model, steps: int, guidance: float, interval=None) -> int:
 
 def evaluate_secant(artifact, names=None, steps=(1, 2, 4, 8), compare=(), compare_nfe=(1, 2, 4, 8), n=None,
                     seed_sets=None, guidance=None, interval=None, reference=None,
-                    cache=".cache/stride/eval", batch=500, write=True, log=sys.stderr) -> dict:
+                    cache=".cache/stride/eval", batch=500, write=True, log=sys.stderr, device="cpu") -> dict:
     """The secant rows through offline/evaluate.py's Protocol (same seeds, classes, classifier, cached
     reference and samples), optionally beside classic solvers; writes them into each <name>.json under
     'eval'. Unset n / seed sets / guidance / reference come from the artifact's eval.json, so the rows
     are comparable with its rows (FD's bias depends on n), else 500 x 3, the default guidance,
     dpmpp-3m:128."""
-    from offline.evaluate import Protocol, _ms, make_seed_sets, secant_rows
+    from offline.evaluate import Protocol, _ms, make_seed_sets, scores, secant_rows
     from solvers.artifact import default_guidance
     from solvers.builders import make_table
 
-    art = load_artifact(artifact)
+    art = load_artifact(artifact, device)
     ev0 = art.eval or {}
     g = float(guidance if guidance is not None else ev0.get("guidance", default_guidance(art)))
     firsts = [s["first_seed"] for s in ev0.get("seed_sets", [])] if n is None and seed_sets is None else None
@@ -325,17 +335,16 @@ def evaluate_secant(artifact, names=None, steps=(1, 2, 4, 8), compare=(), compar
             r = p.row(solver, k, p.score(x, x_ref), {"evaluations": k * (1 if g == 1 else 2),
                                                      "seconds": round(time.time() - t0, 1)})
             classic.append(r)
-            print(f"{solver:>12} nfe {k:>2}  evals {r['evaluations']:>2}  rmse {r['rmse']:.4f}  "
-                  f"fd {r['fd']:.3f}±{r['fd_std']:.3f}  ratio {r['fd_ratio']:.2f}  acc {r['acc']:.3f}",
-                  file=log, flush=True)
-    ref_mean, ref_std = _ms(p.ref_fd)
+            print(f"{solver:>12} nfe {k:>2}  evals {r['evaluations']:>2}  {scores(r)}", file=log, flush=True)
+    ref_mean, ref_std = _ms(p.ref_fd) if p.ref_fd else (None, None)
     ev = {"guidance": g, "guidance_interval": interval, "n": n,
           "seed_sets": [{"first_seed": s[0], "count": len(s)} for s in p.sets],
           "labels": f"seed index i -> class i mod {p.K} (balanced)",
           "reference": {"solver": ref_solver, "nfe": int(ref_nfe), "fd": ref_mean, "fd_std": ref_std,
                         "note": "the teacher's converged solve on FlowSchedule() (t 0.999 -> 0.001); "
                                 "secant runs 1 -> 0"},
-          "model_sha256": art.sha256, "classifier_sha256": art.classifier_meta["weights"]["sha256"]}
+          "model_sha256": art.sha256,
+          "classifier_sha256": art.classifier_meta["weights"]["sha256"] if art.classifier is not None else None}
     if write:
         for name in {r["solver"] for r in rows}:
             f = art.path / f"{name}.json"
@@ -399,6 +408,11 @@ def add_parser(subparsers):
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="torch device of the teacher and the secant net, e.g. cuda")
+    p.add_argument("--pool", type=int, default=d.pool,
+                   help="imported models (no data split in model.json): teacher samples that stand in for "
+                        "the training data")
+    p.add_argument("--pool-solver", default=d.pool_solver, help="solver:nfe that draws the teacher samples")
     e = p.add_argument_group("evaluation (after training, or alone with --eval-only)")
     e.add_argument("--no-eval", action="store_true")
     e.add_argument("--eval-only", action="store_true", help="measure the existing secant files; no training")
@@ -427,14 +441,14 @@ def run(a, command=None) -> int:
         st = Settings(loss=a.loss, n_steps=a.steps, steps=a.iters, batch=a.batch, lr=a.lr,
                       lr_decay=a.lr_decay, ema=a.ema, seed=a.seed, start=a.start, guidance_input=gi,
                       w_max=a.w_max, p_unguided=a.p_unguided, label_dropout=a.label_dropout,
-                      stei_lambda=a.stei_lambda, init=a.init, tangent=a.tangent,
-                      ckpt_every=a.ckpt_every, log_every=a.log_every)
-        train_secant(a.artifact, st, name, a.ckpt_dir, a.resume, a.threads, a.dtype, command)
+                      stei_lambda=a.stei_lambda, init=a.init, tangent=a.tangent, pool=a.pool,
+                      pool_solver=a.pool_solver, ckpt_every=a.ckpt_every, log_every=a.log_every)
+        train_secant(a.artifact, st, name, a.ckpt_dir, a.resume, a.threads, a.dtype, command, device=a.device)
     if not a.no_eval:
         names = [name] if not a.eval_only or a.name else None  # --eval-only alone: every secant file
         compare = [s for s in a.compare.split(",") if s]
         res = evaluate_secant(a.artifact, names, a.eval_steps, compare, a.compare_nfe, a.n, a.seed_sets,
-                              a.guidance, a.guidance_interval, a.reference, a.cache)
+                              a.guidance, a.guidance_interval, a.reference, a.cache, device=a.device)
         if a.report:
             Path(a.report).parent.mkdir(parents=True, exist_ok=True)
             Path(a.report).write_text(json.dumps(res, indent=1) + "\n")

@@ -11,6 +11,8 @@ gate * (temb2(s) - temb2(t)), gate = 0 at init) plus, optionally, a guidance-sca
 (emb += wemb(w_norm), last layer zero at init), so that at initialisation f(x, t, s, y, w) is the
 teacher's v(x, t, y) exactly, for every s and w. With the guidance input a guided step costs one
 evaluation; without it the executor batches the two CFG branches.
+For a DiT-architecture flow teacher (SiT) the net is solvers.secant_dit.SecantDiT: the same
+construction on DiT's conditioning embedding (`secant_from_teacher` picks by the teacher's network).
 
 Files: <artifact>/<name>.json (FORMAT) + <name>.safetensors, keyed by the teacher's sha256.
 """
@@ -97,6 +99,21 @@ class SecantUNet(UNet):
         cfg = {k: v for k, v in teacher.config.items() if k != "secant"}
         return cls(cfg, guidance_range).init_secant_from(teacher.state_dict())
 
+    def architecture(self) -> dict:
+        return {"kind": "unet", "config": dict(self.config)}
+
+
+def secant_from_teacher(model, guidance_range=None):
+    """The secant net of a flow teacher (an adapter): stride's U-Net or a DiT-architecture one (SiT)."""
+    from .secant_dit import SecantDiT
+
+    if isinstance(model.net, UNet):
+        return SecantUNet.from_teacher(model.net, guidance_range)
+    if type(model.net).__name__ == "DiTTransformer2DModel":
+        return SecantDiT.from_teacher(model, guidance_range)
+    raise ValueError(f"no secant net for {type(model.net).__name__}; allowed: stride's U-Net, "
+                     "diffusers DiTTransformer2DModel (flow teachers: SiT)")
+
 
 class SecantModel:
     """A secant net as the executor's model (flow schedule on [0, 1], 'flow' output = average dx/dt).
@@ -138,10 +155,9 @@ def save_secant(artifact_dir, name: str, net: SecantUNet, data_shape, num_classe
     """Write <name>.safetensors, then <name>.json (last: a crash leaves no valid-looking file)."""
     d = Path(artifact_dir)
     rec = write_weights(d / f"{name}.safetensors", net.state_dict(), dtype)
-    cfg = {k: v for k, v in net.config.items()}
     meta = {
         "format": FORMAT, "name": name,
-        "architecture": {"kind": "unet", "config": cfg},
+        "architecture": net.architecture(),
         "guidance": {"input": net.guidance_range is not None,
                      "range": None if net.guidance_range is None else list(net.guidance_range)},
         "schedule": secant_schedule().to_json(), "param": "flow",
@@ -178,14 +194,23 @@ def load_secant(artifact_dir, teacher_sha256: str, device="cpu", name: str = "se
     if meta["teacher_sha256"] != teacher_sha256:
         raise ValueError(f"{where} was converted from teacher sha256 {meta['teacher_sha256']}, but the model "
                          f"is {teacher_sha256}; re-run `stride offline secant` on this model")
-    cfg, shape = meta["architecture"]["config"], [int(v) for v in meta["data"]["shape"]]
-    check_net_shape(meta["architecture"], shape, where)
+    arch, shape = meta["architecture"], [int(v) for v in meta["data"]["shape"]]
+    kind, cfg = arch.get("kind"), arch.get("config", {})
+    if kind not in ("unet", "secant-dit"):
+        raise ValueError(f"{where}: unknown secant architecture {kind!r}; allowed: ['secant-dit', 'unet']")
+    check_net_shape(arch if kind == "unet" else {"kind": "diffusers.DiTTransformer2DModel",
+                                                 "config": cfg.get("dit", {})}, shape, where)
     if cfg.get("num_classes") != meta["data"]["num_classes"]:
         raise ValueError(f"{where}: {meta['data']['num_classes']} classes, but the architecture has "
                          f"num_classes={cfg.get('num_classes')}")
     rec = meta["weights"]
     g = meta["guidance"]
-    net = load_weights(SecantUNet({k: v for k, v in cfg.items() if k != "secant"},
-                                  g.get("range") if g.get("input") else None), d / rec["file"], rec["sha256"], where,
-                       device)
+    gr = g.get("range") if g.get("input") else None
+    if kind == "unet":
+        net = SecantUNet({k: v for k, v in cfg.items() if k != "secant"}, gr)
+    else:
+        from .secant_dit import SecantDiT
+
+        net = SecantDiT(cfg, gr)
+    net = load_weights(net, d / rec["file"], rec["sha256"], where, device)
     return SecantModel(net, shape, meta["data"]["num_classes"], meta, rec["sha256"])
