@@ -142,8 +142,9 @@ def test_info_endpoints(api):
     assert httpx.get(api.url + "/healthz").json() == {"status": "ok"}
     assert httpx.get(api.url + "/readyz").status_code == 200
     doc = httpx.get(api.url + "/openapi.json").json()
-    names = {p["name"] for p in doc["paths"]["/generate"]["post"]["parameters"]}
-    assert {"class_label", "steps", "seed", "guidance", "solver", "format", "n", "model"} <= names
+    body = doc["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert {"class_label", "steps", "seed", "guidance", "solver", "format", "n", "model"} <= set(body["properties"])
+    assert "parameters" not in doc["paths"]["/generate"]["post"]  # one place per field: the body
     assert httpx.get(api.url + "/docs").status_code == 200
     text = httpx.get(api.url + "/metrics").text
     for name in ("stride_request_duration_seconds_bucket", "stride_queue_wait_seconds_bucket",
