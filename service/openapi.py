@@ -15,6 +15,7 @@ from pathlib import Path
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse
+
 from solvers.builders import SOLVERS
 from solvers.grids import GRIDS
 

@@ -35,8 +35,8 @@ FIELDS = tuple(GenerateBody.model_fields)
 NULLABLE = frozenset(k for k, f in GenerateBody.model_fields.items() if not f.is_required() and f.default is None)
 FORMATS = ("png", "json")
 INT_DIGITS = 20  # longer digit strings are no int we accept: refuse them before int() does (its 4300-digit limit)
-_INT = re.compile(r"^\s*[+-]?\d{1,%d}\s*$" % INT_DIGITS)
-_FLOAT = re.compile(r"^\s*[+-]?(\d{1,%d}(\.\d*)?|\.\d+)([eE][+-]?\d{1,3})?\s*$" % INT_DIGITS)
+_INT = re.compile(rf"^\s*[+-]?\d{{1,{INT_DIGITS}}}\s*$")
+_FLOAT = re.compile(rf"^\s*[+-]?(\d{{1,{INT_DIGITS}}}(\.\d*)?|\.\d+)([eE][+-]?\d{{1,3}})?\s*$")
 JSON_TYPES = ("application/json",)
 
 
