@@ -66,9 +66,11 @@ class Service:
             self.metrics.worker_ready.set_function(lambda: float(self.worker.ready))
             self._worker_task = asyncio.create_task(self.worker.run())
             self._worker_task.add_done_callback(_log_failure)
+        announce = asyncio.create_task(self._announce())
         try:
             yield
         finally:
+            announce.cancel()
             if self.worker:
                 self.worker.stop()
                 try:
@@ -165,6 +167,13 @@ class Service:
         ok = not missing and st["redis"] is not False
         why = "" if ok else ("Redis unreachable" if st["redis"] is False else f"no ready worker for {missing}")
         return ok, {"ready": ok, "reason": why, **st}
+
+    async def _announce(self):
+        """One line on stdout once /readyz would answer 200: the moment a user may send requests."""
+        while not (await self.ready())[0]:
+            await asyncio.sleep(0.2)
+        s = self.settings
+        print(f"stride: ready on http://{s.host}:{s.port} (POST /generate, docs at /docs)", flush=True)
 
     async def metrics_text(self) -> bytes:
         if self.queue:

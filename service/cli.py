@@ -119,8 +119,16 @@ async def run_worker(settings: Settings):
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
     await transport.start()
+
+    async def announce():
+        while not worker.ready:
+            await asyncio.sleep(0.2)
+        print(f"stride: worker {settings.worker_id} ready for {registry.names()}", flush=True)
+
+    announced = asyncio.create_task(announce())
     try:
         await worker.run()
+        announced.cancel()
     finally:
         await transport.close()
 

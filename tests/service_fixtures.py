@@ -52,12 +52,12 @@ class RedisServer:
     """redis-server on a free port. Without `aof_dir` no persistence: a restart loses everything; with
     it, the append-only file fsynced on every write (compose's setting, made strict for the test)."""
 
-    def __init__(self, aof_dir=None):
+    def __init__(self, aof_dir=None, fsync="everysec"):
         if not shutil.which("redis-server"):
             pytest.skip("redis-server is not installed")
         self.port = free_port()
         self.proc = None
-        self.aof_dir = aof_dir
+        self.aof_dir, self.fsync = aof_dir, fsync
         self.start()
 
     @property
@@ -68,7 +68,7 @@ class RedisServer:
         return redis.Redis(port=self.port, socket_timeout=2)
 
     def start(self):
-        persist = (["--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.aof_dir)] if self.aof_dir
+        persist = (["--appendonly", "yes", "--appendfsync", self.fsync, "--dir", str(self.aof_dir)] if self.aof_dir
                    else ["--appendonly", "no"])
         self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                                       *persist, "--protected-mode", "no"],

@@ -239,7 +239,7 @@ def test_openapi_states_every_status_limit_enum_and_content_type(api):
     assert httpx.get(api.url + "/metrics").headers["content-type"].startswith("text/plain")
 
 
-def test_schemathesis_every_check_finds_no_failure(api):
+def test_schemathesis_every_check_finds_no_failure(api, tmp_path):
     """Property-based, from the OpenAPI document: examples, coverage and fuzzing phases, all checks
     (no 5xx, status codes, content types, headers and bodies as declared, schema-valid data accepted,
     invalid data rejected, unsupported methods refused)."""
@@ -247,7 +247,7 @@ def test_schemathesis_every_check_finds_no_failure(api):
     cmd = [sys.executable, "-c", "import sys; from schemathesis.cli import schemathesis; sys.exit(schemathesis())",
            "run", api.url + "/openapi.json", "--checks", "all", "--max-examples", "40", "--seed", "16",
            "--request-timeout", "20", "--no-color"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
     m = re.search(r"(\d+) generated, (\d+) passed", r.stdout)
     assert m and int(m.group(1)) >= 100 and m.group(1) == m.group(2), r.stdout[-3000:]
