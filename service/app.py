@@ -207,7 +207,9 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):
         svc.metrics.responses.labels(str(e.status)).inc()
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+        rid = request_id(request.scope)  # every error names the request, as the logs do
+        return JSONResponse({**e.body(), "request_id": rid}, status_code=e.status,
+                            headers={**(e.headers or {}), "X-Stride-Request-Id": rid})
 
     @app.post("/generate", summary="Generate images", response_class=Response)
     async def generate(request: Request):

@@ -45,7 +45,7 @@ ERROR = {"type": "object", "required": ["detail"], "properties": {
     "detail": {"type": "string", "description": "what was wrong and what is allowed"},
     "field": {"type": "string", "description": "the field at fault"},
     "allowed": {"description": "the allowed values or [min, max]"},
-    "request_id": {"type": "string", "description": "500 only: the id the server logged the error under"}}}
+    "request_id": {"type": "string", "description": "the id of the request (a 500 is logged under it)"}}}
 RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "required": True,
                                "schema": {"type": "string", "pattern": "^[0-9]+$"}}}
 RESULT_HEADERS = {h: {"description": d, "required": True, "schema": {"type": "string"}} for h, d in [

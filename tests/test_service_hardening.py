@@ -265,6 +265,13 @@ def test_docs_reference_no_external_host_and_its_assets_are_served(api):
         assert r.status_code == 200 and len(r.content) > 100, a
     assert "'validatorUrl': null" in html or '"validatorUrl": null' in html
     assert httpx.get(api.url + "/redoc").status_code == 404  # not offered: it would load fonts from a CDN
+    # and an installed package carries the files (package data, not only the source tree)
+    from service.openapi import DOC_FILES, STATIC
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    data = tomllib.loads((STATIC.parents[2] / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert all(STATIC.joinpath(f).is_file() for f in DOC_FILES) and "static/swagger-ui/*" in data["service"]
 
 
 # -- 6. cancel on client disconnect -------------------------------------------------------------------
