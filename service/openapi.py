@@ -130,10 +130,12 @@ def generate_operation(registry, settings, auth: bool) -> dict:
         "required": ["id", "model", "class_label", "n", "steps", "solver", "nfe", "guidance", "seed", "seeds",
                      "images"]}
     responses = {
-        "200": {"description": "the image (a grid for n > 1), or with format=json the images as base64 PNGs",
+        "200": {"description": "the image in the requested format (a grid for n > 1), or with format=json the "
+                               "images base64-encoded",
                 "headers": RESULT_HEADERS,
-                "content": {"image/png": {"schema": {"type": "string", "format": "binary"}},
-                            "application/json": {"schema": result}}},
+                "content": {("application/json" if f == "json" else f"image/{f}"):
+                            {"schema": result if f == "json" else {"type": "string", "format": "binary"}}
+                            for f in FORMATS}},
         "404": _err("unknown model"),
         "413": _err("body larger than the limit (checked while it streams)"),
         "415": _err("a body that is not application/json"),
