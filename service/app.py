@@ -19,47 +19,18 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from . import openai_api, playground
+from . import openai_api, openapi, playground
 from .jobs import Job, Result
+from .limits import Guard, request_id
 from .metrics import Metrics
 from .models import Registry, load_registry
-from .params import ApiError, GenerateBody, GenerateParams, merge, parse
+from .params import ApiError, GenerateParams, merge, parse
 from .queue import LocalQueue, Rejected
 from .settings import Settings
 from .worker import Worker
 
 log = logging.getLogger("stride.api")
-MAX_BODY = 64 * 1024
-
-GENERATE_DOC = """Generate images of one class.
-
-Parameters come as query parameters, a JSON body, or both (a field may appear once). Returns
-`image/png` (the image, or a grid for n > 1) or, with `format=json`, base64 PNGs with their seeds.
-Image i of a request with seed S uses seed S + i; the same seed, class, steps, solver and guidance
-give the same image whatever else is batched with it.
-
-Headers: X-Stride-Solver (the sampler used), X-Stride-NFE, X-Stride-Queue-Ms, X-Stride-Compute-Ms,
-X-Stride-Seed, X-Stride-Request-Id.
-
-Errors: 422 invalid value (names the allowed range or set), 404 unknown model, 401 missing or
-wrong API key (when one is set), 503 + Retry-After queue full / no live worker / queue unreachable,
-504 deadline passed, 500 failed (e.g. moved to the dead-letter stream after repeated worker deaths).
-"""
-
-
-def _openapi_generate() -> dict:
-    schema = GenerateBody.model_json_schema()
-    params = [{"name": k, "in": "query", "required": False, "description": v.get("description", ""),
-               "schema": {k2: v[k2] for k2 in ("type", "anyOf", "default") if k2 in v}}
-              for k, v in schema["properties"].items()]
-    return {
-        "parameters": params,
-        "requestBody": {"required": False, "content": {"application/json": {"schema": schema}}},
-        "responses": {"200": {"description": "the image(s)", "content": {
-            "image/png": {"schema": {"type": "string", "format": "binary"}},
-            "application/json": {"schema": {"type": "object"}}}}},
-    }
-
+CANCEL_WAIT_S = 1.0  # how long a cancelled wait may take to unwind (redis-py can sit in a command)
 
 class Service:
     def __init__(self, settings: Settings, registry: Registry | None = None):
@@ -95,9 +66,11 @@ class Service:
             self.metrics.worker_ready.set_function(lambda: float(self.worker.ready))
             self._worker_task = asyncio.create_task(self.worker.run())
             self._worker_task.add_done_callback(_log_failure)
+        announce = asyncio.create_task(self._announce())
         try:
             yield
         finally:
+            announce.cancel()
             if self.worker:
                 self.worker.stop()
                 try:
@@ -121,11 +94,12 @@ class Service:
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                            headers={"WWW-Authenticate": "Bearer"})
 
-    async def run(self, p: GenerateParams, t0: float) -> tuple[Job, Result]:
-        """Queue validated parameters, wait for the images, record the metrics: the one path that
-        /generate and /v1/images/generations share. Failures raise ApiError."""
+    async def run(self, request: Request, p: GenerateParams, t0: float) -> tuple[Job, Result]:
+        """Queue validated parameters, wait for the images (cancelled if the client goes away),
+        record the metrics: the one path that /generate and /v1/images/generations share.
+        Failures raise ApiError."""
         now = time.time()
-        job = Job(f"{self.id_prefix}{next(self.counter):x}", p.entry.name, p.steps, p.solver, p.label, p.n, p.seed, p.guidance, p.format,
+        job = Job(request_id(request.scope), p.entry.name, p.steps, p.solver, p.label, p.n, p.seed, p.guidance, p.format,
                   now + self.settings.deadline_s, now)
         retry = {"Retry-After": str(self.settings.retry_after_s)}
         try:
@@ -133,7 +107,7 @@ class Service:
         except Rejected as e:
             self.metrics.rejected.labels(e.reason).inc()
             raise ApiError(e.status, e.detail, headers=retry) from None
-        res = await self.queue.wait(job)
+        res = await self._wait_or_cancel(request, job)
         if res.status != 200:
             reason = {504: "deadline", 503: "lost"}.get(res.status, "dead_letter" if "dead-letter" in res.detail else "error")
             self.metrics.rejected.labels(reason).inc()
@@ -150,20 +124,18 @@ class Service:
     def stride_headers(job: Job, res: Result) -> dict:
         return {"X-Stride-Solver": res.solver, "X-Stride-NFE": str(res.nfe), "X-Stride-Queue-Ms": f"{res.queue_ms:.1f}",
                 "X-Stride-Compute-Ms": f"{res.compute_ms:.1f}", "X-Stride-Seed": str(job.seed),
-                "X-Stride-Model": job.model, "X-Stride-Request-Id": job.id}
+                "X-Stride-Model": job.model, "X-Stride-Request-Id": job.id, "X-Stride-Guidance": f"{job.guidance:g}"}
 
     async def generate(self, request: Request) -> Response:
         t0 = time.perf_counter()
         self.check_key(request)
-        size = request.headers.get("content-length", "0")
-        if not size.isdigit() or int(size) > MAX_BODY:
-            raise ApiError(413, f"body larger than {MAX_BODY} bytes; /generate takes a few small fields")
         try:
-            p = parse(merge(request.query_params.multi_items(), await request.body()), self.registry, self.settings)
+            raw = merge(request.query_params.multi_items(), await request.body(), request.headers.get("content-type"))
+            p = parse(raw, self.registry, self.settings)
         except ApiError as e:
-            self.metrics.rejected.labels("unknown_model" if e.status == 404 else "invalid").inc()
+            self.count_invalid(e)
             raise
-        job, res = await self.run(p, t0)
+        job, res = await self.run(request, p, t0)
         headers = self.stride_headers(job, res)
         if job.format == "png":
             return Response(res.images[0], media_type="image/png", headers=headers)
@@ -174,6 +146,33 @@ class Service:
                 "compute_ms": round(res.compute_ms, 2), "images": [base64.b64encode(b).decode() for b in res.images]}
         return JSONResponse(body, headers=headers)
 
+    async def _wait_or_cancel(self, request: Request, job: Job):
+        """The result, or, when the client goes away first, a cancel: the worker drops the request's
+        rows before its next step (in-process, or through a marker in Redis)."""
+        wait = asyncio.ensure_future(self.queue.wait(job))
+        gone = asyncio.ensure_future(_disconnected(request.receive))
+        try:
+            await asyncio.wait((wait, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if wait.done():
+            return wait.result()
+        await self.queue.cancel(job)
+        wait.cancel()
+        await asyncio.wait((wait,), timeout=CANCEL_WAIT_S)
+        self.metrics.rejected.labels("cancelled").inc()
+        raise ApiError(499, "the client closed the connection; the request was cancelled")
+
+    def new_id(self) -> str:
+        return f"{self.id_prefix}{next(self.counter):x}"
+
+    def count_invalid(self, e: ApiError):
+        self.metrics.rejected.labels({404: "unknown_model", 413: "too_large"}.get(e.status, "invalid")).inc()
+
+    def count_error(self):
+        self.metrics.responses.labels("500").inc()
+        self.metrics.rejected.labels("error").inc()
+
     # -- status ---------------------------------------------------------------------------------
     async def ready(self) -> tuple[bool, dict]:
         st = await self.queue.status() if self.queue else {"redis": None, "workers": {}, "depth": {}}
@@ -181,6 +180,13 @@ class Service:
         ok = not missing and st["redis"] is not False
         why = "" if ok else ("Redis unreachable" if st["redis"] is False else f"no ready worker for {missing}")
         return ok, {"ready": ok, "reason": why, **st}
+
+    async def _announce(self):
+        """One line on stdout once /readyz would answer 200: the moment a user may send requests."""
+        while not (await self.ready())[0]:
+            await asyncio.sleep(0.2)
+        s = self.settings
+        print(f"stride: ready on http://{s.host}:{s.port} (POST /generate, docs at /docs)", flush=True)
 
     async def metrics_text(self) -> bytes:
         if self.queue:
@@ -191,6 +197,12 @@ class Service:
         return generate_latest(self.metrics.registry)
 
 
+async def _disconnected(receive):
+    """Returns once the client has gone (the body is read: the next message is the disconnect)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
 def _log_failure(task: asyncio.Task):
     if not task.cancelled() and task.exception():
         log.error("the worker stopped", exc_info=task.exception())
@@ -199,17 +211,20 @@ def _log_failure(task: asyncio.Task):
 def create_app(settings: Settings | None = None, registry: Registry | None = None) -> FastAPI:
     settings = settings or Settings()
     svc = Service(settings, registry)
-    app = FastAPI(title="stride", version="0.1.0", lifespan=svc.lifespan,
+    app = FastAPI(title="stride", version="0.1.0", lifespan=svc.lifespan, docs_url=None, redoc_url=None,
                   description="Few-step class-conditional diffusion sampling. Latency is about NFE x one model call.")
     app.state.service = svc
+    app.add_middleware(Guard, on_error=svc.count_error, new_id=svc.new_id)
+    openapi.install(app, svc, operations={"/v1/images/generations": openai_api.operation})
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):
         svc.metrics.responses.labels(str(e.status)).inc()
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+        rid = request_id(request.scope)  # every error names the request, as the logs do
+        return JSONResponse({**e.body(), "request_id": rid}, status_code=e.status,
+                            headers={**(e.headers or {}), "X-Stride-Request-Id": rid})
 
-    @app.post("/generate", summary="Generate images", description=GENERATE_DOC, openapi_extra=_openapi_generate(),
-              response_class=Response)
+    @app.post("/generate", summary="Generate images", response_class=Response)
     async def generate(request: Request):
         return await svc.generate(request)
 
@@ -238,9 +253,9 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         return Response(await svc.metrics_text(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/images/generations", summary="Generate images (OpenAI images API; prompt = class name)",
-              description=openai_api.DOC, openapi_extra=openai_api.openapi(), response_class=JSONResponse)
+              response_class=JSONResponse)
     async def images_generations(request: Request):
-        return await openai_api.generations(svc, request, MAX_BODY)
+        return await openai_api.generations(svc, request)
 
     playground.mount(app)
 

@@ -126,8 +126,16 @@ async def run_worker(settings: Settings):
         loop.add_signal_handler(sig, worker.stop)
     await transport.start()
     drained = False
+
+    async def announce():
+        while not worker.ready:
+            await asyncio.sleep(0.2)
+        print(f"stride: worker {settings.worker_id} ready for {registry.names()}", flush=True)
+
+    announced = asyncio.create_task(announce())
     try:
         drained = await worker.run()
+        announced.cancel()
     finally:
         await transport.close()
     if not drained:

@@ -73,5 +73,5 @@ class Metrics:
             self.rejected.labels(reason)
 
 
-REASONS = ("invalid", "unknown_model", "unauthorized", "queue_full", "no_worker", "queue_unavailable", "deadline",
-           "lost", "dead_letter", "error")
+REASONS = ("invalid", "too_large", "unknown_model", "unauthorized", "queue_full", "no_worker", "queue_unavailable", "deadline",
+           "lost", "dead_letter", "cancelled", "error")

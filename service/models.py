@@ -85,6 +85,16 @@ class ModelEntry:
     def stepper_key(self, solver: str) -> str:
         return f"{self.name}:{solver}" if solver in self.variants else self.name
 
+    def guidance_range(self, solver: str) -> tuple[float, float] | None:
+        """The scales a sampler honours: a secant model with a guidance input was trained on a range
+        (its net clamps outside it); every other sampler guides by CFG, any scale (None)."""
+        r = getattr(self.model_for(solver), "guidance_range", None)
+        return (float(r[0]), float(r[1])) if r is not None and getattr(self.model_for(solver), "guidance_input", False) else None
+
+    def supports_guidance(self, solver: str, w: float) -> bool:
+        r = self.guidance_range(solver)
+        return r is None or r[0] <= w <= r[1]
+
     def rows_per_guided_image(self, solver: str) -> int:
         return 1 if getattr(self.model_for(solver), "guidance_input", False) else 2
 
@@ -137,19 +147,26 @@ class ModelEntry:
             return "dpmpp-2m"
         return "euler" if self.model.schedule.name == "flow" else "ddim"
 
-    def best(self, steps: int) -> tuple[str, dict | None]:
-        """The sampler with the lowest measured FD at exactly `steps` evaluations (eval.json), or
-        the default when none was measured."""
-        rows = [r for r in self.eval_rows if int(r.get("nfe", -1)) == steps and self._runnable(str(r.get("solver")), steps)]
+    def best(self, steps: int, guidance: float | None = None) -> tuple[str, dict | None]:
+        """The sampler with the lowest measured FD at exactly `steps` evaluations (eval.json) among
+        those that honour `guidance` (any when None), or the default when none was measured."""
+        rows = [r for r in self.eval_rows if int(r.get("nfe", -1)) == steps and self._runnable(str(r.get("solver")), steps)
+                and (guidance is None or self.supports_guidance(str(r.get("solver")), guidance))]
         rows = [r for r in rows if _finite(r.get("fd")) or _finite(r.get("rmse"))]
         if rows:
             r = min(rows, key=lambda r: (not _finite(r.get("fd")), _num(r.get("fd")), _num(r.get("rmse"))))
             return str(r["solver"]), r
         return self.default_solver(steps), None
 
-    def resolve(self, steps: int, solver: str = "auto") -> str:
+    def resolve(self, steps: int, solver: str = "auto", guidance: float | None = None) -> str:
+        """A request's (steps, solver) -> the sampler to run; SolverError names what this model can.
+        `auto` only picks a sampler that honours `guidance`; an explicit one that cannot is refused."""
         if solver in (None, "", "auto"):
-            return self.best(steps)[0]
+            return self.best(steps, guidance)[0]
+        if guidance is not None and not self.supports_guidance(solver, guidance):
+            lo, hi = self.guidance_range(solver)
+            raise SolverError(f"solver {solver!r} was trained for guidance in [{lo:g}, {hi:g}] (got {guidance:g}); "
+                              f"pick a scale in that range or solver='auto'")
         if solver in self.variants:
             return solver
         if solver in self.learned:
@@ -196,12 +213,6 @@ class ModelEntry:
             out[str(n)] = {"solver": solver, "nfe": n, "source": "eval.json" if row else "default", "quality": q}
         return out
 
-    def guidance_range(self, solver: str, guidance_max: float) -> tuple[float, float]:
-        """The scales a sampler is meant for: a guidance-input secant model its trained range (it
-        clamps outside), every other sampler 0..guidance_max."""
-        r = getattr(self.model_for(solver), "guidance_range", None)
-        return (float(r[0]), float(r[1])) if r else (0.0, float(guidance_max))
-
     @property
     def image_shape(self) -> tuple[int, ...]:
         return tuple(self.decoder.image_shape)
@@ -228,7 +239,7 @@ class ModelEntry:
             "schedule": self.model.schedule.to_json(), "param": self.model.param,
             "steps": settings.steps, "default_steps": settings.default_steps, "max_images": settings.max_images,
             "default_guidance": self.default_guidance, "solvers": self.solver_names(),
-            "guidance_ranges": {s: list(self.guidance_range(s, settings.guidance_max)) for s in self.solver_names()},
+            "guidance_ranges": {s: list(self.guidance_range(s) or (0.0, settings.guidance_max)) for s in self.solver_names()},
         }
 
 

@@ -18,7 +18,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from .params import ApiError, parse
+from .openapi import RESULT_HEADERS, RETRY_AFTER, sampler_branches
+from .params import SEED_MAX, ApiError, parse
 
 EXTRA_FIELDS = ("steps", "seed", "guidance", "solver")  # stride's, beside OpenAI's
 
@@ -49,12 +50,66 @@ class ImagesBody(BaseModel):
     solver: str = Field("auto", description="stride: 'auto' or a name from GET /solvers")
 
 
-def openapi() -> dict:
-    image = {"type": "object", "properties": {"b64_json": {"type": "string"}}}
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ImagesBody.model_json_schema()}}},
-            "responses": {"200": {"description": "the images", "content": {"application/json": {"schema": {
-                "type": "object", "properties": {"created": {"type": "integer"},
-                                                 "data": {"type": "array", "items": image}}}}}}}}
+OPENAI_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type", "param", "code"], "properties": {
+        "message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": ["string", "null"]},
+        "code": {"type": ["string", "null"]}}}, "request_id": {"type": "string"}}}
+
+
+def operation(registry, settings, auth: bool) -> dict:
+    """The OpenAPI operation, generated from what is served as /generate's is: class names, sizes,
+    step counts, samplers and their guidance ranges. Every optional field may be null (= its default),
+    as OpenAI's clients send it. The case-insensitive prompt match is a
+    leniency stated in words; the schema lists the exact names."""
+    props = {k: {kk: vv for kk, vv in v.items() if kk != "title"}
+             for k, v in ImagesBody.model_json_schema()["properties"].items()}
+    names = sorted({c for e in registry for c in e.class_names})
+    sizes = sorted({e.image_size(settings.png_scale) for e in registry})
+    exact = {"prompt": {"type": "string", "enum": names},
+             "model": {"anyOf": [{"type": "string", "enum": registry.names()}, {"type": "null"}]},
+             "n": {"anyOf": [{"type": "integer", "minimum": 1, "maximum": settings.max_images}, {"type": "null"}],
+                   "default": 1},
+             "size": {"anyOf": [{"type": "string", "enum": [*sizes, "auto"]}, {"type": "null"}]},
+             "response_format": {"anyOf": [{"type": "string", "enum": ["b64_json"]}, {"type": "null"}],
+                                 "default": "b64_json"},
+             "user": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+             "steps": {"anyOf": [{"type": "integer", "enum": list(settings.steps)}, {"type": "null"}]},
+             "seed": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": SEED_MAX}, {"type": "null"}]},
+             "guidance": {"anyOf": [{"type": "number", "minimum": 0, "maximum": settings.guidance_max},
+                                    {"type": "null"}]},
+             "solver": {"anyOf": [{"type": "string"}, {"type": "null"}], "default": "auto"}}
+    for k, sch in exact.items():
+        props[k] = {**sch, "description": props[k].get("description", "")}
+    branches = sampler_branches(registry, settings, "prompt", lambda e: {"enum": list(e.class_names)},
+                                lambda e: {"size": {"enum": [e.image_size(settings.png_scale), "auto", None]}})
+    for b in branches:  # null means the default, as for every optional OpenAI field
+        if b["properties"]["solver"]["enum"] == ["auto"]:
+            b["properties"]["solver"]["enum"] = ["auto", None]
+    body = {"type": "object", "properties": props, "required": ["prompt"], "additionalProperties": False,
+            "anyOf": branches}
+
+    def err(desc, headers=None):
+        out = {"description": desc, "content": {"application/json": {"schema": OPENAI_ERROR}}}
+        return {**out, "headers": headers} if headers else out
+
+    image = {"type": "object", "required": ["b64_json"], "properties": {"b64_json": {"type": "string"}}}
+    responses = {
+        "200": {"description": "the images, base64 PNGs", "headers": RESULT_HEADERS, "content": {"application/json": {
+            "schema": {"type": "object", "required": ["created", "data"], "properties": {
+                "created": {"type": "integer"}, "data": {"type": "array", "items": image}}}}}},
+        "400": err("invalid value (an unknown prompt: the closest class names; a size: the one served)"),
+        "404": err("unknown model"),
+        "413": {"description": "body larger than the limit (checked while it streams; stride's error body)",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+        "500": {"description": "failed or an internal error", "content": {"application/json": {"schema": {
+            "anyOf": [OPENAI_ERROR, {"$ref": "#/components/schemas/Error"}]}}}},
+        "503": err("queue full, no live worker, or the queue unreachable", RETRY_AFTER),
+        "504": err("the deadline passed before the images were done"),
+    }
+    if auth:
+        responses["401"] = err("missing or wrong API key")
+    return {"description": DOC, "responses": responses,
+            "requestBody": {"required": True, "content": {"application/json": {"schema": body}}}}
 
 
 class OpenAIError(ApiError):
@@ -97,11 +152,13 @@ def to_generate(body: dict, registry, settings) -> dict:
     unknown = sorted(set(body) - set(FIELDS))
     if unknown:
         raise OpenAIError(400, f"unsupported field(s) {unknown}; allowed: {list(FIELDS)}", unknown[0])
-    name = body.get("model") or registry.default
+    name = registry.default if body.get("model") is None else body["model"]  # null = the default; {} or 0 is no name
     if not isinstance(name, str) or name not in registry:
         raise OpenAIError(404, f"unknown model {name!r}; available: {registry.names()}", "model")
     e = registry[name]
-    fmt = body.get("response_format") or "b64_json"
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise OpenAIError(400, "user must be a string (it is accepted and ignored)", "user")
+    fmt = "b64_json" if body.get("response_format") is None else body["response_format"]
     if fmt != "b64_json":
         why = "stride keeps no image store to serve URLs from; " if fmt == "url" else ""
         raise OpenAIError(400, f"response_format {fmt!r} is not supported: {why}use 'b64_json'", "response_format")
@@ -129,19 +186,17 @@ async def read_object(request: Request) -> dict:
     return body
 
 
-async def generations(svc, request: Request, max_body: int) -> JSONResponse:
+async def generations(svc, request: Request) -> JSONResponse:
+    """Bodies are bounded for every route by service.limits.Guard (413 before the rest is read)."""
     t0 = time.perf_counter()
     try:
         svc.check_key(request)
-        size = request.headers.get("content-length", "0")
-        if not size.isdigit() or int(size) > max_body:
-            raise OpenAIError(413, f"body larger than {max_body} bytes; an images request takes a few small fields")
         try:
             p = parse(to_generate(await read_object(request), svc.registry, svc.settings), svc.registry, svc.settings)
         except ApiError as err:  # counted as /generate counts them
-            svc.metrics.rejected.labels("unknown_model" if err.status == 404 else "invalid").inc()
+            svc.count_invalid(err)
             raise
-        job, res = await svc.run(p, t0)
+        job, res = await svc.run(request, p, t0)
     except ApiError as err:
         raise OpenAIError.of(err) from None
     data = [{"b64_json": base64.b64encode(b).decode()} for b in res.images]

@@ -31,7 +31,13 @@ class GenerateBody(BaseModel):
 
 
 FIELDS = tuple(GenerateBody.model_fields)
-_INT = re.compile(r"^\s*[+-]?\d+\s*$")
+# null stands for "absent" exactly where the body model's type admits None (one place: GenerateBody)
+NULLABLE = frozenset(k for k, f in GenerateBody.model_fields.items() if not f.is_required() and f.default is None)
+FORMATS = ("png", "json")
+INT_DIGITS = 20  # longer digit strings are no int we accept: refuse them before int() does (its 4300-digit limit)
+_INT = re.compile(rf"^\s*[+-]?\d{{1,{INT_DIGITS}}}\s*$")
+_FLOAT = re.compile(rf"^\s*[+-]?(\d{{1,{INT_DIGITS}}}(\.\d*)?|\.\d+)([eE][+-]?\d{{1,3}})?\s*$")
+JSON_TYPES = ("application/json",)
 
 
 class ApiError(Exception):
@@ -61,18 +67,42 @@ class GenerateParams:
     format: str
 
 
-def merge(query_items, body: bytes) -> dict:
+def _no_duplicates(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise ApiError(422, f"body gives {k!r} more than once", k)
+        out[k] = v
+    return out
+
+
+def _query_value(k: str, v: str):
+    """A query string as the JSON value it stands for: numbers for the numeric fields, else the string."""
+    if k in ("n", "seed", "steps") or k == "class_label" and _INT.match(v):
+        return int(v) if _INT.match(v) else v  # a non-integer string is refused by the field's check
+    if k == "guidance":
+        if _FLOAT.match(v):
+            return float(v)
+        return v if v.strip().lower() not in ("nan", "inf", "+inf", "-inf", "infinity") else math.nan
+    return v
+
+
+def merge(query_items, body: bytes, content_type: str | None = None) -> dict:
     """Query parameters and a JSON object body as one dict; a field given twice is an error."""
     out = {}
     for k, v in query_items:
         if k in out:
             raise ApiError(422, f"query parameter {k!r} given more than once", k)
-        out[k] = v
+        out[k] = _query_value(k, v)
     if body.strip():
+        media = (content_type or "").split(";")[0].strip().lower()
+        if media not in JSON_TYPES:
+            raise ApiError(415, f"the body must be JSON sent as 'Content-Type: application/json' (got "
+                                f"{content_type!r})", "content-type", list(JSON_TYPES))
         try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ApiError(422, f"body is not valid JSON: {e}") from None
+            data = json.loads(body, object_pairs_hook=_no_duplicates)
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            raise ApiError(422, f"body is not valid JSON: {str(e)[:200]}") from None
         if not isinstance(data, dict):
             raise ApiError(422, f"body must be a JSON object with fields {list(FIELDS)}, got {type(data).__name__}")
         for k, v in data.items():
@@ -81,52 +111,68 @@ def merge(query_items, body: bytes) -> dict:
             out[k] = v
     unknown = sorted(set(out) - set(FIELDS))
     if unknown:
-        raise ApiError(422, f"unknown field(s) {unknown}; allowed: {list(FIELDS)}", unknown[0], list(FIELDS))
+        raise ApiError(422, f"unknown field(s) {[u[:100] for u in unknown[:5]]}; allowed: {list(FIELDS)}",
+                       unknown[0][:100], list(FIELDS))
+    for k in [k for k, v in out.items() if v is None]:
+        if k not in NULLABLE:
+            raise ApiError(422, f"{k} may not be null (leave it out for the default)", k)
+        del out[k]
     return out
 
 
 def _int(name: str, v, hint: str, allowed=None) -> int:
-    if isinstance(v, bool):
-        pass
-    elif isinstance(v, int):
+    """A JSON integer (an integral float too, as JSON Schema counts it); never a bool or a string."""
+    if isinstance(v, int) and not isinstance(v, bool):
         return v
-    elif isinstance(v, float) and v.is_integer() or isinstance(v, str) and _INT.match(v):
+    if isinstance(v, float) and v.is_integer():
         return int(v)
-    raise ApiError(422, f"{name} must be an integer, {hint} (got {v!r})", name, allowed)
+    raise ApiError(422, f"{name} must be an integer, {hint} (got {_show(v)})", name, allowed)
 
 
 def _float(name: str, v, lo: float, hi: float) -> float:
     hint = f"a finite number in [{lo:g}, {hi:g}]"
-    try:
-        if isinstance(v, bool):
-            raise ValueError
-        x = float(v)
-    except (TypeError, ValueError):
-        raise ApiError(422, f"{name} must be {hint} (got {v!r})", name, [lo, hi]) from None
-    if not math.isfinite(x) or not lo <= x <= hi:
-        raise ApiError(422, f"{name} must be {hint} (got {v!r})", name, [lo, hi])
+    x = None
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        try:
+            x = float(v)
+        except OverflowError:  # a JSON integer beyond any float
+            x = None
+    if x is None or not math.isfinite(x) or not lo <= x <= hi:
+        raise ApiError(422, f"{name} must be {hint} (got {_show(v)})", name, [lo, hi])
     return x
 
 
+def _show(v) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:40] + f"... ({len(r)} characters)"
+
+
 def parse(raw: dict, registry: Registry, settings) -> GenerateParams:
-    name = raw.get("model") or registry.default
-    if not isinstance(name, str) or name not in registry:
-        raise ApiError(404, f"unknown model {name!r}; available: {registry.names()}", "model", registry.names())
+    """`raw` from `merge`: JSON types, null already dropped. Strict: a JSON string is never a number."""
+    name = raw.get("model", registry.default)
+    if not isinstance(name, str):
+        raise ApiError(422, f"model must be a string naming a served model: {registry.names()} (got {_show(name)})",
+                       "model", registry.names())
+    if name not in registry:
+        raise ApiError(404, f"unknown model {_show(name)}; available: {registry.names()}", "model", registry.names())
     e = registry[name]
 
-    if raw.get("class_label") is None:
+    if "class_label" not in raw:
         raise ApiError(422, f"class_label is required: an integer in 0..{e.num_classes - 1} or one of "
                             f"{e.class_names}", "class_label", e.class_names)
-    try:
-        label = e.class_index(raw["class_label"])
-    except ValueError as err:
-        raise ApiError(422, f"{err} (got {raw['class_label']!r})", "class_label", e.class_names) from None
+    label = raw["class_label"]
+    label = e.class_names.index(label) if isinstance(label, str) and label in e.class_names else label
+    if isinstance(label, float) and label.is_integer():
+        label = int(label)
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < e.num_classes:
+        raise ApiError(422, f"class_label must be an integer in 0..{e.num_classes - 1} or one of the class names "
+                            f"{e.class_names} (got {_show(raw['class_label'])})", "class_label", e.class_names)
 
     n = _int("n", raw.get("n", 1), f"in 1..{settings.max_images}", [1, settings.max_images])
     if not 1 <= n <= settings.max_images:
         raise ApiError(422, f"n must be in 1..{settings.max_images} (got {n})", "n", [1, settings.max_images])
 
-    seed_given = raw.get("seed") is not None
+    seed_given = "seed" in raw
     seed = _int("seed", raw["seed"], f"in 0..{SEED_MAX}", [0, SEED_MAX]) if seed_given else _rng.randrange(2 ** 31)
     if not 0 <= seed <= SEED_MAX:
         raise ApiError(422, f"seed must be in 0..{SEED_MAX} (got {seed})", "seed", [0, SEED_MAX])
@@ -134,25 +180,27 @@ def parse(raw: dict, registry: Registry, settings) -> GenerateParams:
     g = raw.get("guidance")
     guidance = e.default_guidance if g is None else _float("guidance", g, 0.0, settings.guidance_max)
 
-    solver = raw.get("solver") or "auto"
-    if not isinstance(solver, str):
-        raise ApiError(422, f"solver must be a string: 'auto' or one of {e.solver_names()}", "solver",
-                       ["auto", *e.solver_names()])
+    solvers = ["auto", *e.solver_names()]
+    solver = raw.get("solver", "auto")
+    if not isinstance(solver, str) or not solver:
+        raise ApiError(422, f"solver must be 'auto' or one of {e.solver_names()} (got {_show(solver)})", "solver",
+                       solvers)
     offered = settings.steps
-    if raw.get("steps") is None:
+    if "steps" not in raw:
         steps = e.learned[solver].nfe if solver in e.learned else settings.default_steps
     else:
         steps = _int("steps", raw["steps"], f"one of {offered}", offered)
     if steps not in offered:
         raise ApiError(422, f"steps must be one of {offered} (got {steps})", "steps", offered)
     try:
-        solver = e.resolve(steps, solver)
+        solver = e.resolve(steps, solver, guidance)
     except SolverError as err:
-        raise ApiError(422, str(err), "solver", ["auto", *e.solver_names()]) from None
+        rng = e.guidance_range(solver) if solver in e.variants else None
+        if rng is not None and not e.supports_guidance(solver, guidance):
+            raise ApiError(422, str(err), "guidance", list(rng)) from None
+        raise ApiError(422, str(err), "solver", solvers) from None
 
     fmt = raw.get("format", "png")
-    fmt = fmt.lower() if isinstance(fmt, str) else fmt
-    if fmt not in ("png", "json"):
-        raise ApiError(422, f"format must be one of ['png', 'json'] (got {raw.get('format')!r})", "format",
-                       ["png", "json"])
+    if fmt not in FORMATS:
+        raise ApiError(422, f"format must be one of {list(FORMATS)} (got {_show(fmt)})", "format", list(FORMATS))
     return GenerateParams(e, label, n, seed, seed_given, guidance, steps, solver, fmt)

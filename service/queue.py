@@ -55,6 +55,14 @@ class LocalQueue:
                 fut.add_done_callback(lambda _f, i=job.id: self.futures.pop(i, None))
         return fut.result() if fut.done() else Result(job.id, 504, "deadline passed while waiting for the worker")
 
+    async def cancel(self, job: Job):
+        """The client went away: forget it if still queued, else the worker drops it between steps."""
+        if job in self.queue:
+            self.queue.remove(job)
+            await self.complete(job, Result(job.id, 499, "cancelled by the client before it started"))
+        elif self.worker is not None:
+            self.worker.cancel(job.id)
+
     async def status(self) -> dict:
         ready = bool(self.worker and self.worker.ready)
         models = self.worker.registry.names() if self.worker else []

@@ -6,6 +6,8 @@ Keys, with P the key prefix (default 'stride'):
   P:done:<api id>      pub/sub channel on which workers wake the API instance that waits for <id>
   P:worker:<id>        heartbeat, SET ... EX 3 x heartbeat; P:workers is the set of ids to look them up
   P:dead               dead-letter stream: entries delivered more than max_deliveries times
+  P:cancel:<id>        set by the API when the client of <id> went away (EX result_ttl); the worker
+                       holding <id> polls these markers and drops its rows before the next step
 
 On SIGTERM a worker drains: it reads nothing more, finishes and acknowledges what it holds (its
 ownership refresh goes on meanwhile), then leaves the group (XGROUP DELCONSUMER) if nothing is
@@ -42,6 +44,7 @@ GROUP = "workers"
 POLL_S = 0.5  # API: re-read the result key this often even without a wake-up
 DOWN_GRACE_S = 2.0  # API: how long Redis may be unreachable while a request waits before a 503
 DLQ_MAXLEN = 10000
+CANCEL_POLL_S = 0.1  # worker: how often it looks for cancel markers of the requests it holds
 LONG_BLOCK_S = 0.2  # waits shorter than this are not left to Redis's blocking timeout (see fetch)
 
 # Admission in one round trip and atomically: refuse when the stream already holds `limit` entries.
@@ -84,6 +87,9 @@ class Keys:
 
     def channel(self, api_id: str) -> str:
         return f"{self.p}:done:{api_id}"
+
+    def cancel(self, job_id: str) -> str:
+        return f"{self.p}:cancel:{job_id}"
 
     def worker(self, worker_id: str) -> str:
         return f"{self.p}:worker:{worker_id}"
@@ -185,6 +191,13 @@ class RedisQueue:
         finally:
             self.waiters.pop(job.id, None)
 
+    async def cancel(self, job: Job):
+        """Leave a marker for the worker that holds (or will take) the request."""
+        try:
+            await self.r.set(self.keys.cancel(job.id), b"1", ex=self.settings.result_ttl_s)
+        except (RedisError, OSError) as e:
+            log.warning("could not cancel %s (%s); it runs to the end", job.id, e)
+
     async def status(self) -> dict:
         return {"redis": self.redis_ok, "workers": dict(self.live), "depth": dict(self.depths)}
 
@@ -264,7 +277,8 @@ class RedisWorkerTransport:
         for s in self.streams:  # our own unfinished entries from a previous life under the same id
             resp = await self.r.xreadgroup(GROUP, self.consumer, {s: "0"}, count=10000)
             await self._take(s, _entries(resp), reclaimed=True)
-        self._tasks = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._reclaim())]
+        self._tasks = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._reclaim()),
+                       asyncio.create_task(self._watch_cancels())]
 
     async def close(self):
         self._closed = True
@@ -385,6 +399,32 @@ class RedisWorkerTransport:
                 raise
             except Exception:
                 log.exception("reclaim failed")
+
+    async def _watch_cancels(self):
+        """Cancel markers of the requests this worker holds: running ones leave the batch before the
+        next step (Worker.cancel), ones still in the backlog are answered without running."""
+        while not self._closed:
+            await asyncio.sleep(CANCEL_POLL_S)
+            try:
+                jobs = (self.worker.held() if self.worker else []) + self.backlog
+                if not jobs:
+                    continue
+                marks = await self.r.mget([self.keys.cancel(j.id) for j in jobs])
+                gone = {j.id for j, m in zip(jobs, marks) if m is not None}
+                if not gone:
+                    continue
+                for j in [j for j in self.backlog if j.id in gone]:
+                    self.backlog.remove(j)
+                    await self.complete(j, Result(j.id, 499, "cancelled by the client before it started"))
+                for jid in gone:
+                    if self.worker:
+                        self.worker.cancel(jid)
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError):
+                pass
+            except Exception:
+                log.exception("cancel watch failed")
 
     # -- answering --------------------------------------------------------------------------------
     async def complete(self, job: Job, result: Result):

@@ -70,6 +70,7 @@ class Worker:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.room: asyncio.Event | None = None  # set when a step frees rows: intake may read more
         self._pending: set[asyncio.Task] = set()
+        self.cancelled: set[str] = set()  # ids whose client went away: dropped before the next step
 
     # -- lifecycle ----------------------------------------------------------------------------
     def warm_up(self):
@@ -124,6 +125,13 @@ class Worker:
         """Jobs this worker owns (for the transport's ownership refresh)."""
         with self.lock:
             return [t.job for t in self.tasks.values()]
+
+    def cancel(self, job_id: str):
+        """The client went away: the step loop drops the request's rows before its next step (it
+        alone touches the engine mid-run) and answers it 499."""
+        with self.work:
+            self.cancelled.add(job_id)
+            self.work.notify()
 
     def stop(self):
         """First call (SIGTERM): drain. Stop taking work, report not ready (the API stops counting
@@ -304,6 +312,13 @@ class Worker:
 
     def _schedule(self) -> float | None:  # under the lock; returns when to decide again if idle
         now = time.time()
+        for jid in self.cancelled:
+            t = self.tasks.get(jid)
+            if t is not None and not t.answered:
+                self.engine.drop(jid)
+                self._answer(t, Result(jid, 499, f"cancelled by the client after {len(t.done)} of {t.job.n} images",
+                                       worker=self.name))
+        self.cancelled.clear()
         for t in list(self.tasks.values()):  # running requests: the deadline is checked before every step
             if not t.answered and t.next > 0 and now >= t.job.deadline:
                 self._expire(t, now)

@@ -49,13 +49,15 @@ def wait_for(cond, timeout: float, what: str, interval: float = 0.05):
 
 
 class RedisServer:
-    """redis-server on a free port, no persistence: a restart loses everything, as in the tests."""
+    """redis-server on a free port. Without `aof_dir` no persistence: a restart loses everything; with
+    it, the append-only file fsynced on every write (compose's setting, made strict for the test)."""
 
-    def __init__(self):
+    def __init__(self, aof_dir=None, fsync="everysec"):
         if not shutil.which("redis-server"):
             pytest.skip("redis-server is not installed")
         self.port = free_port()
         self.proc = None
+        self.aof_dir, self.fsync = aof_dir, fsync
         self.start()
 
     @property
@@ -66,8 +68,10 @@ class RedisServer:
         return redis.Redis(port=self.port, socket_timeout=2)
 
     def start(self):
+        persist = (["--appendonly", "yes", "--appendfsync", self.fsync, "--dir", str(self.aof_dir)] if self.aof_dir
+                   else ["--appendonly", "no"])
         self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--protected-mode", "no"],
+                                      *persist, "--protected-mode", "no"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(lambda: self.client().ping(), 10, "redis-server")
 
@@ -157,6 +161,39 @@ class WorkerProc:
 
     def stop(self):
         self.kill(signal.SIGTERM)
+
+
+class GuidedGMM:
+    """The analytic model behind a guidance input trained on [lo, hi], clamped there like a secant
+    model's net: a stand-in secant variant (its own network, one evaluation per guided step)."""
+
+    guidance_input = True
+
+    def __init__(self, inner, lo: float, hi: float):
+        self.inner, self.guidance_range = inner, (float(lo), float(hi))
+        for k in ("schedule", "param", "num_classes", "shape"):
+            setattr(self, k, getattr(inner, k))
+
+    def __call__(self, x, t, s, label, w):
+        w = w.clamp(*self.guidance_range).to(x.dtype).reshape(-1, *[1] * (x.dim() - 1))
+        null = torch.full_like(label, self.num_classes)
+        cond, uncond = self.inner(x, t, s, label), self.inner(x, t, s, null)
+        return uncond + w * (cond - uncond)
+
+    def table(self, n: int):
+        from solvers.builders import make_table
+
+        return make_table("euler", self.schedule, self.param, n)
+
+
+def guided_entry(lo=1.0, hi=3.0, delay_ms=0):
+    """The gmm model with a 'secant-test' variant (guidance range [lo, hi]) measured best at 4 steps."""
+    from service.models import ModelEntry
+
+    base = analytic_entry(f"gmm:delay_ms={delay_ms}" if delay_ms else "gmm")
+    rows = [{"solver": "secant-test", "nfe": 4, "fd": 0.1}, {"solver": "dpmpp-2m", "nfe": 4, "fd": 0.5}]
+    return ModelEntry("gmm", base.model, base.class_names, dict(base.meta), rows,
+                      variants={"secant-test": GuidedGMM(base.model, lo, hi)})
 
 
 def reference(label: int, seed: int, steps: int, solver: str = "auto", guidance: float = 1.0, entry=GMM,

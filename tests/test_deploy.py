@@ -454,3 +454,74 @@ def test_topology_every_dashboard_query_returns_data(topology):
     for var in json.loads(DASHBOARD.read_text())["templating"]["list"]:
         metric, label = re.fullmatch(r"label_values\((\w+),\s*(\w+)\)", var["definition"]).groups()
         assert {r["metric"].get(label) for r in prom_query(port, metric)} >= {"gmm"}, var["name"]
+
+
+# -- a plain `up`, Redis persistence, and the files the docs name --------------------------------------
+def _env_file_profiles() -> list[str]:
+    for line in (ROOT / ".env").read_text().splitlines():
+        k, _, v = line.partition("=")
+        if k.strip() == "COMPOSE_PROFILES":
+            return [p.strip() for p in v.split(",") if p.strip()]
+    return []
+
+
+def _started(profiles_env: str | None) -> set:
+    """Services `docker compose up` starts: Compose's resolved config (cwd = the project, so .env is
+    read), keeping those without a profile or with an active one (Compose v1's `config` lists every
+    service; v2's lists the active ones)."""
+    env = {k: v for k, v in os.environ.items() if k != "COMPOSE_PROFILES"}
+    if profiles_env is not None:
+        env["COMPOSE_PROFILES"] = profiles_env
+    r = subprocess.run([*compose_cmd(), "config"], check=False, capture_output=True, text=True, cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stderr
+    import yaml
+
+    services = yaml.safe_load(r.stdout)["services"]
+    active = set(profiles_env.split(",")) if profiles_env is not None else set(_env_file_profiles())
+    return {n for n, s in services.items() if not s.get("profiles") or active & set(s["profiles"])}
+
+
+def test_plain_compose_up_starts_redis_api_a_gpu_worker_prometheus_grafana():
+    assert _env_file_profiles() == ["gpu"], "the committed .env makes a plain `up` start the GPU worker"
+    assert _started(None) == {"redis", "api", "worker", "prometheus", "grafana"}
+    # CPU hosts: one variable
+    assert _started("cpu") == {"redis", "api", "worker-cpu", "prometheus", "grafana"}
+
+
+def test_compose_redis_keeps_an_append_only_file(compose):
+    redis_svc = compose["services"]["redis"]
+    cmd = redis_svc["command"]
+    assert cmd[0] == "redis-server" and flag(cmd, "--appendonly") == "yes"
+    assert flag(cmd, "--appendfsync") in ("everysec", "always")
+    assert any(str(v).endswith(":/data") for v in redis_svc["volumes"]), "the AOF must outlive the container"
+
+
+def _named_paths(text: str, markdown: bool) -> set:
+    """Repository paths a file names: relative Markdown links, and paths in inline code (Markdown) or
+    anywhere (YAML) whose first part is a top-level entry of the repository. Placeholders (<N>, *),
+    URLs and GitHub references (owner/repo#123) are not paths."""
+    top = {p.name for p in ROOT.iterdir()} - {".git"}
+    out = set()
+    if markdown:
+        for t in re.findall(r"!?\[[^\]]*\]\(([^)\s]+)\)", text):
+            if not re.match(r"[a-z]+:|#", t):
+                out.add(t.split("#")[0])
+        candidates = re.findall(r"`([^`\s]+)`", text)
+    else:
+        candidates = re.findall(r"(?<![\w/.:-])(?:\./)?[\w.-]+(?:/[\w.-]+)+(?![\w#])", text)
+    for c in candidates:
+        c = c.rstrip(".,:;)").removeprefix("./")
+        repo_path = c.split("/")[0] in top or "/" in c and re.search(r"\.(md|ya?ml|json|py|sh|toml)$", c)
+        if repo_path and not c.startswith("/") and not re.search(r"[<>*{}$|#]|\.\.\.", c):
+            out.add(c)
+    return out
+
+
+@pytest.mark.parametrize("name", ["README.md", "compose.yaml", "docs/deployment.md"])
+def test_every_relative_link_and_path_named_exists(name):
+    path = ROOT / name
+    named = _named_paths(path.read_text(), path.suffix == ".md")
+    assert named, f"{name}: no paths found: the scan is broken"
+    missing = sorted(p for p in named if not (ROOT / p).exists() and not (path.parent / p).exists())
+    assert not missing, f"{name} names files that do not exist: {missing}"
+    assert "../shared" not in path.read_text() and "DESIGN.md" not in path.read_text()

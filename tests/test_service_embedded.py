@@ -142,8 +142,9 @@ def test_info_endpoints(api):
     assert httpx.get(api.url + "/healthz").json() == {"status": "ok"}
     assert httpx.get(api.url + "/readyz").status_code == 200
     doc = httpx.get(api.url + "/openapi.json").json()
-    names = {p["name"] for p in doc["paths"]["/generate"]["post"]["parameters"]}
-    assert {"class_label", "steps", "seed", "guidance", "solver", "format", "n", "model"} <= names
+    body = doc["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert {"class_label", "steps", "seed", "guidance", "solver", "format", "n", "model"} <= set(body["properties"])
+    assert "parameters" not in doc["paths"]["/generate"]["post"]  # one place per field: the body
     assert httpx.get(api.url + "/docs").status_code == 200
     text = httpx.get(api.url + "/metrics").text
     for name in ("stride_request_duration_seconds_bucket", "stride_queue_wait_seconds_bucket",
@@ -221,13 +222,16 @@ def test_stride_serve_cli_serves_an_artifact(tmp_path):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "stride_cli.py", "serve", "--artifacts", str(art), "--port", str(port),
                              "--steps", "1,2", "--max-batch", "4", "--log-level", "warning"], cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": ROOT}, stderr=subprocess.PIPE)
+                            env={**os.environ, "PYTHONPATH": ROOT}, stderr=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
     try:
         url = f"http://127.0.0.1:{port}"
         wait_for(lambda: httpx.get(url + "/readyz").status_code == 200, 60, "stride serve", 0.2)
+        line = proc.stdout.readline()  # and `stride serve` says so (within its 0.2 s poll of readiness)
+        assert line.startswith(f"stride: ready on http://127.0.0.1:{port}"), line
         r = httpx.post(url + "/generate", params={"class_label": "b", "steps": 2, "seed": 1}, timeout=30)
         assert r.status_code == 200 and images.decode(r.content).shape == (64, 64)
         assert httpx.get(url + "/models").json()["models"][0]["classes"] == ["a", "b", "c"]
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) in (0, -signal.SIGTERM), proc.stderr.read().decode()[-2000:]  # uvicorn re-raises it
+        assert proc.wait(30) in (0, -signal.SIGTERM), proc.stderr.read()[-2000:]  # uvicorn re-raises it
