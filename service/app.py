@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import hmac
 import itertools
@@ -19,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from .encode import MEDIA, Encoder
 from .jobs import Job
 from .metrics import Metrics
 from .models import Registry, load_registry
@@ -33,7 +33,9 @@ MAX_BODY = 64 * 1024
 GENERATE_DOC = """Generate images of one class.
 
 Parameters come as query parameters, a JSON body, or both (a field may appear once). Returns
-`image/png` (the image, or a grid for n > 1) or, with `format=json`, base64 PNGs with their seeds.
+`image/png` (the image, or a grid for n > 1), `image/jpeg` / `image/webp` with `format=jpeg|webp`
+(`quality` 1..100), or, with `format=json`, base64 PNGs with their seeds. The API process encodes
+(workers return raw pixels), in a pool of `--encode-threads`.
 Image i of a request with seed S uses seed S + i; the same seed, class, steps, solver and guidance
 give the same image whatever else is batched with it.
 
@@ -56,6 +58,8 @@ def _openapi_generate() -> dict:
         "requestBody": {"required": False, "content": {"application/json": {"schema": schema}}},
         "responses": {"200": {"description": "the image(s)", "content": {
             "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            "image/webp": {"schema": {"type": "string", "format": "binary"}},
             "application/json": {"schema": {"type": "object"}}}}},
     }
 
@@ -63,8 +67,9 @@ def _openapi_generate() -> dict:
 class Service:
     def __init__(self, settings: Settings, registry: Registry | None = None):
         self.settings = settings
-        device = "cpu" if settings.role == "api" else settings.device  # the API needs metadata, not a GPU
-        self.registry = registry or load_registry(settings, device)
+        api_only = settings.role == "api"  # the API needs metadata, not weights or a GPU
+        self.registry = registry or load_registry(settings, "cpu" if api_only else settings.device, weights=not api_only)
+        self.encoder = Encoder(settings.encode_threads)
         self.metrics = Metrics()
         self.metrics.init_labels(self.registry, settings.steps)
         self.queue = None
@@ -107,6 +112,7 @@ class Service:
                 await self.transport.close()
             if self.queue is not None:
                 await self.queue.close()
+            self.encoder.close()
 
     # -- /generate ------------------------------------------------------------------------------
     def check_key(self, request: Request):
@@ -133,7 +139,7 @@ class Service:
             raise
         now = time.time()
         job = Job(f"{self.id_prefix}{next(self.counter):x}", p.entry.name, p.steps, p.solver, p.label, p.n, p.seed, p.guidance, p.format,
-                  now + self.settings.deadline_s, now)
+                  now + self.settings.deadline_s, now, quality=p.quality)
         retry = {"Retry-After": str(self.settings.retry_after_s)}
         try:
             await self.queue.submit(job)
@@ -154,14 +160,15 @@ class Service:
         headers = {"X-Stride-Solver": res.solver, "X-Stride-NFE": str(res.nfe), "X-Stride-Queue-Ms": f"{res.queue_ms:.1f}",
                    "X-Stride-Compute-Ms": f"{res.compute_ms:.1f}", "X-Stride-Seed": str(job.seed),
                    "X-Stride-Model": job.model, "X-Stride-Request-Id": job.id}
-        if job.format == "png":
-            return Response(res.images[0], media_type="image/png", headers=headers)
         e = self.registry[job.model]
-        body = {"id": job.id, "model": job.model, "class_label": job.label, "class_name": e.class_names[job.label],
-                "n": job.n, "steps": job.steps, "solver": res.solver, "nfe": res.nfe, "guidance": job.guidance,
-                "seed": job.seed, "seeds": job.seeds, "queue_ms": round(res.queue_ms, 2),
-                "compute_ms": round(res.compute_ms, 2), "images": [base64.b64encode(b).decode() for b in res.images]}
-        return JSONResponse(body, headers=headers)
+        meta = None
+        if job.format == "json":
+            meta = {"id": job.id, "model": job.model, "class_label": job.label, "class_name": e.class_names[job.label],
+                    "n": job.n, "steps": job.steps, "solver": res.solver, "nfe": res.nfe, "guidance": job.guidance,
+                    "seed": job.seed, "seeds": job.seeds, "queue_ms": round(res.queue_ms, 2),
+                    "compute_ms": round(res.compute_ms, 2)}
+        body = await self.encoder(res.images(), job.format, job.quality, e.display_scale, meta)
+        return Response(body, media_type=MEDIA[job.format], headers=headers)
 
     # -- status ---------------------------------------------------------------------------------
     async def ready(self) -> tuple[bool, dict]:

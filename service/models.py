@@ -32,11 +32,20 @@ class ModelEntry:
     learned: dict[str, Table] = field(default_factory=dict)
     # samplers that are their own network (secant models): name -> model with .table(n)
     variants: dict[str, object] = field(default_factory=dict)
+    decoder: object = None  # latents -> images in [-1, 1] (`decode`, `image_shape`); None: pixel model, data_range
     _tables: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_artifact(cls, path: str, device: str = "cpu") -> ModelEntry:
-        from solvers.artifact import SOLVER_LOADERS, default_guidance, load_artifact, register_solver_loader
+    def from_artifact(cls, path: str, device: str = "cpu", steps=None, variants=None, weights: bool = True) -> ModelEntry:
+        """`variants`: the secant networks to load (None: those the auto-pick serves for `steps`, all
+        of them without `steps`); weights=False reads metadata only (an API process)."""
+        from solvers.artifact import (
+            SOLVER_LOADERS,
+            default_guidance,
+            load_artifact,
+            read_json,
+            register_solver_loader,
+        )
 
         try:  # learned-solver files (searched, D-ODE): register their loader if solvers has not yet
             from solvers import learned
@@ -44,27 +53,47 @@ class ModelEntry:
                 register_solver_loader(learned.FORMAT, learned.artifact_loader)
         except (ImportError, AttributeError):
             pass
-        art = load_artifact(path, device)
+        art = load_artifact(path, device, weights=weights)
         meta = dict(art.meta)
         data = meta.get("data", {})
         names = data.get("class_names") or meta.get("class_names") or list(range(art.model.num_classes))
         meta.setdefault("data_range", data.get("range", [-1.0, 1.0]))
         meta.setdefault("default_guidance", default_guidance(art))
         rows = list((art.eval or {}).get("rows", []))
-        variants = {}
         try:
             from solvers.secant import load_secant, secant_names
         except ImportError:
             secant_names = None
-        for name in secant_names(path) if secant_names else []:
+        found = secant_names(path) if secant_names else []
+        for name in found:  # every secant file's measurements, loaded or not
             try:
-                variants[name] = m = load_secant(path, art.sha256, device, name)
-            except ValueError as e:  # a stale or broken secant file must not take the model down
-                log.error("not serving %s/%s: %s", path, name, e)
+                ev = read_json(f"{path}/{name}.json").get("eval") or {}
+            except ValueError:
                 continue
             seen = {(r.get("solver"), r.get("nfe")) for r in rows}
-            rows += [r for r in (m.meta.get("eval") or {}).get("rows", []) if (r.get("solver"), r.get("nfe")) not in seen]
-        return cls(art.name, art.model, [str(c) for c in names], meta, rows, dict(art.solvers or {}), variants)
+            rows += [r for r in ev.get("rows", []) if (r.get("solver"), r.get("nfe")) not in seen]
+        entry = cls(art.name, art.model, [str(c) for c in names], meta, rows, dict(art.solvers or {}),
+                    decoder=getattr(art, "decoder", None))
+        if variants is None:
+            variants = found
+            if steps:  # the auto-pick over every secant file, then load only the picked ones
+                entry.variants = dict.fromkeys(found)
+                variants = sorted({entry.best(n)[0] for n in steps} & set(found))
+        unknown = sorted(set(variants) - set(found))
+        if unknown:
+            raise ValueError(f"{path}: no secant network {unknown}; available: {found}")
+        entry.variants = {}
+        for name in variants:
+            try:
+                entry.variants[name] = load_secant(path, art.sha256, device, name, weights=weights)
+            except ValueError as e:  # a stale or broken secant file must not take the model down
+                log.error("not serving %s/%s: %s", path, name, e)
+        return entry
+
+    @property
+    def display_scale(self) -> int:
+        """Nearest-neighbour upscale of returned images (model.json 'display': {'scale': k}; default 1)."""
+        return int((self.meta.get("display") or {}).get("scale", 1))
 
     # -- shape of the model -------------------------------------------------------------------
     @property
@@ -239,7 +268,8 @@ def analytic_entry(spec: str = "gmm") -> ModelEntry:
                                spread=2.0, scale=0.15, shape=(1, 8, 8))
     delay = float(kw.get("delay_ms", 0)) / 1e3
     names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-    return ModelEntry("gmm", SlowModel(m, delay) if delay else m, names, {"data_range": [-1.5, 1.5]})
+    return ModelEntry("gmm", SlowModel(m, delay) if delay else m, names, {"data_range": [-1.5, 1.5],
+                                                                          "display": {"scale": 8}})
 
 
 class Registry:
@@ -266,7 +296,7 @@ class Registry:
         return list(self.entries)
 
 
-def load_registry(settings, device: str | None = None) -> Registry:
+def load_registry(settings, device: str | None = None, weights: bool = True) -> Registry:
     import os
 
     if settings.test_model:
@@ -277,6 +307,6 @@ def load_registry(settings, device: str | None = None) -> Registry:
         if not os.path.isdir(path):
             raise FileNotFoundError(f"no artifact directory at {path!r}; train one (`stride offline ...`) or pass "
                                     f"--artifacts DIR")
-        entries.append(ModelEntry.from_artifact(path, dev))
+        entries.append(ModelEntry.from_artifact(path, dev, settings.steps, settings.variants, weights))
     return Registry(entries)
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, Field
 
+from .encode import FORMATS
 from .models import ModelEntry, Registry, SolverError
 
 SEED_MAX = 2 ** 32 - 1
@@ -26,7 +27,9 @@ class GenerateBody(BaseModel):
     guidance: float | None = Field(None, description="classifier-free guidance scale; 1 = off")
     steps: int | None = Field(None, description="model evaluations (NFE): one of the offered step counts")
     solver: str = Field("auto", description="'auto' (best measured for the step count) or a name from GET /solvers")
-    format: str = Field("png", description="png (one image, or a grid for n > 1) | json (base64 PNGs + seeds)")
+    format: str = Field("png", description="png | jpeg | webp (one image, or a grid for n > 1) | json (base64 PNGs "
+                                           "+ seeds)")
+    quality: int | None = Field(None, description="jpeg / webp quality 1..100 (default 90)")
     model: str | None = Field(None, description="model name (GET /models); default the first")
 
 
@@ -59,6 +62,7 @@ class GenerateParams:
     steps: int
     solver: str  # resolved
     format: str
+    quality: int | None = None
 
 
 def merge(query_items, body: bytes) -> dict:
@@ -152,7 +156,12 @@ def parse(raw: dict, registry: Registry, settings) -> GenerateParams:
 
     fmt = raw.get("format", "png")
     fmt = fmt.lower() if isinstance(fmt, str) else fmt
-    if fmt not in ("png", "json"):
-        raise ApiError(422, f"format must be one of ['png', 'json'] (got {raw.get('format')!r})", "format",
-                       ["png", "json"])
-    return GenerateParams(e, label, n, seed, seed_given, guidance, steps, solver, fmt)
+    if fmt not in FORMATS:
+        raise ApiError(422, f"format must be one of {list(FORMATS)} (got {raw.get('format')!r})", "format",
+                       list(FORMATS))
+    quality = raw.get("quality")
+    if quality is not None:
+        quality = _int("quality", quality, "in 1..100", [1, 100])
+        if not 1 <= quality <= 100:
+            raise ApiError(422, f"quality must be in 1..100 (got {quality})", "quality", [1, 100])
+    return GenerateParams(e, label, n, seed, seed_given, guidance, steps, solver, fmt, quality)

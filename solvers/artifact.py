@@ -81,14 +81,18 @@ def write_weights(path, state_dict: dict, dtype: str = "float32") -> dict:
             "params": int(sum(v.numel() for v in sd.values())), "bytes": path.stat().st_size}
 
 
-def read_net(directory: Path, meta: dict, where: str, device="cpu") -> torch.nn.Module:
-    """Build the net that `meta['architecture']` describes and load its checked weights."""
+def read_net(directory: Path, meta: dict, where: str, device="cpu", weights: bool = True) -> torch.nn.Module:
+    """Build the net that `meta['architecture']` describes and load its checked weights (or, with
+    weights=False, build it on the meta device: shapes and metadata, no file read, no memory)."""
     arch, rec = meta.get("architecture"), meta.get("weights")
     if not isinstance(arch, dict) or "kind" not in arch or "config" not in arch:
         raise ValueError(f"{where}: 'architecture' must be {{'kind': ..., 'config': {{...}}}}, "
                          f"found {arch!r}")
     if not isinstance(rec, dict) or "file" not in rec or "sha256" not in rec:
         raise ValueError(f"{where}: 'weights' must name the file and its sha256, found {rec!r}")
+    if not weights:
+        with torch.device("meta"):
+            return build_net(arch["kind"], arch["config"]).eval().requires_grad_(False)
     return load_weights(build_net(arch["kind"], arch["config"]), directory / rec["file"], rec["sha256"], where, device)
 
 
@@ -250,7 +254,9 @@ def load_solvers(art: Artifact) -> dict:
     return out
 
 
-def load_artifact(path, device="cpu") -> Artifact:
+def load_artifact(path, device="cpu", weights: bool = True) -> Artifact:
+    """weights=False: the metadata, solvers and eval of an artifact with its nets on the meta device
+    (what an API process needs: no weights read)."""
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"artifact {str(path)!r} is not a directory")
@@ -269,11 +275,11 @@ def load_artifact(path, device="cpu") -> Artifact:
     if cfg.get("num_classes") != num_classes:
         raise ValueError(f"{where}: {num_classes} class names, "
                          f"but the architecture has num_classes={cfg.get('num_classes')}")
-    net = read_net(path, meta, str(where), device)
+    net = read_net(path, meta, str(where), device, weights)
     model = Denoiser(net, schedule_from_json(meta["schedule"]), meta["param"], shape, num_classes,
                      secant=bool(cfg.get("secant", False)), sha256=meta["weights"]["sha256"])
     art = Artifact(path.name, path, model, meta, meta["weights"]["sha256"])
-    if (path / "classifier.json").exists():
+    if weights and (path / "classifier.json").exists():
         where = path / "classifier.json"
         cm = read_json(where)
         check_format(cm, CLASSIFIER_FORMAT, where)

@@ -165,7 +165,8 @@ def secant_names(artifact_dir) -> list:
     return sorted(s for s in stems if s == "secant" or s.startswith("secant-"))
 
 
-def load_secant(artifact_dir, teacher_sha256: str, device="cpu", name: str = "secant") -> SecantModel:
+def load_secant(artifact_dir, teacher_sha256: str, device="cpu", name: str = "secant",
+                weights: bool = True) -> SecantModel:
     """Load <artifact_dir>/<name>.json + .safetensors; refuse (ValueError) a wrong format, a teacher
     other than `teacher_sha256`, changed weights or mismatched shapes. Never unpickles."""
     d = Path(artifact_dir)
@@ -186,7 +187,11 @@ def load_secant(artifact_dir, teacher_sha256: str, device="cpu", name: str = "se
                          f"{cfg.get('num_classes')}")
     rec = meta["weights"]
     g = meta["guidance"]
-    net = load_weights(SecantUNet({k: v for k, v in cfg.items() if k != "secant"},
-                                  g.get("range") if g.get("input") else None), d / rec["file"], rec["sha256"], where,
-                       device)
+    build = lambda: SecantUNet({k: v for k, v in cfg.items() if k != "secant"},
+                               g.get("range") if g.get("input") else None)
+    if weights:
+        net = load_weights(build(), d / rec["file"], rec["sha256"], where, device)
+    else:  # metadata only (an API process): on the meta device, no file read
+        with torch.device("meta"):
+            net = build().eval().requires_grad_(False)
     return SecantModel(net, shape, meta["data"]["num_classes"], meta, rec["sha256"])
