@@ -70,6 +70,26 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--no-learned", action="store_true", help="skip the learned solvers in <artifact>/solvers")
     e.add_argument("--secant-steps", type=_ints, default=[1, 2, 4, 8],
                    help="step counts for the artifact's secant models (0 skips them)")
+    im = sub.add_parser("import", help="a pretrained network (diffusers folder, DiT/SiT checkpoint) -> an artifact")
+    isub = im.add_subparsers(dest="source", required=True)
+    idf = isub.add_parser("diffusers", help="a diffusers pipeline or model folder (DiT, class-conditional UNet2DModel)")
+    idf.add_argument("dir")
+    idf.add_argument("--prediction-type", default=None,
+                     help="override the scheduler's (epsilon, v_prediction, sample)")
+    idk = isub.add_parser("dit-checkpoint", help="an official DiT / SiT .pt state dict (DiT repository layout)")
+    idk.add_argument("file")
+    idk.add_argument("--schedule", default="vp", help="vp (DiT) or flow (SiT)")
+    idk.add_argument("--heads", type=int, default=None, help="attention heads (default: from the hidden size)")
+    for q in (idf, idk):
+        q.add_argument("--name", required=True, help="the model's name (the artifact folder's)")
+        q.add_argument("--out", default=None, help="artifact directory (default artifacts/NAME)")
+        q.add_argument("--vae", default=None, help="AutoencoderKL folder (a pipeline's vae/ is found by itself)")
+        q.add_argument("--dtype", default="fp32", help="network and decoder: fp32, bf16 or fp16")
+        q.add_argument("--null-class", type=int, default=None,
+                       help="the network's label index of the CFG null class (default: num_classes)")
+        q.add_argument("--class-names", default=None, help="file: one name a line, or a JSON list")
+        q.add_argument("--latent-shape", default=None, help="C,H,W when not the config's (non-square allowed)")
+        q.add_argument("--time-map", default=None, help="check the kind's time map (discrete, reversed-flow)")
     from offline import secant
     from offline.search import add_parsers  # search + dode
 
@@ -115,6 +135,17 @@ def _run(a, command: str) -> int:
                        learned=not a.no_learned, secant_steps=[k for k in a.secant_steps if k > 0],
                        command=command)
         print(json.dumps({k: res[k] for k in ("guidance", "floor", "reference")}, indent=1))
+    elif a.cmd == "import":
+        from offline import importer
+
+        out = a.out or f"artifacts/{a.name}"
+        kw = {"dtype": a.dtype, "null_class": a.null_class, "class_names": a.class_names, "vae": a.vae,
+              "latent_shape": a.latent_shape, "time_map": a.time_map, "command": command}
+        if a.source == "diffusers":
+            path = importer.import_diffusers(a.dir, out, prediction_type=a.prediction_type, **kw)
+        else:
+            path = importer.import_dit_checkpoint(a.file, out, schedule=a.schedule, heads=a.heads, **kw)
+        print(f"wrote {path}")
     elif a.cmd == "secant":
         from offline.secant import run
 

@@ -95,9 +95,9 @@ class Engine:
     def pixels(self, key: str, y: torch.Tensor) -> torch.Tensor:
         """Finished states [F, *shape] -> uint8 images [F, H, W, C] on the device."""
         e = self.registry[self.model_of[key]]
-        if e.decoder is not None:
-            return quantize(e.decoder.decode(y.float()), (-1.0, 1.0))
-        return quantize(y, e.data_range)
+        if getattr(e.decoder, "kind", "identity") == "identity":  # a pixel model: straight from its data range
+            return quantize(y.reshape(-1, *e.decoder.image_shape), e.data_range)
+        return quantize(e.decoder.decode(y.float()), (-1.0, 1.0))
 
     def step(self) -> list[tuple[str, int, np.ndarray]]:
         """One step of every model with running images; returns the finished (job id, index, uint8

@@ -32,27 +32,21 @@ class ModelEntry:
     learned: dict[str, Table] = field(default_factory=dict)
     # samplers that are their own network (secant models): name -> model with .table(n)
     variants: dict[str, object] = field(default_factory=dict)
-    decoder: object = None  # latents -> images in [-1, 1] (`decode`, `image_shape`); None: pixel model, data_range
+    # finished samples -> images in [-1, 1] (solvers.adapters.decoders); identity over data_range if None
+    decoder: object = None
     _tables: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.decoder is None:
+            from solvers.adapters import IdentityDecoder
+            self.decoder = IdentityDecoder(self.shape, self.data_range)
 
     @classmethod
     def from_artifact(cls, path: str, device: str = "cpu", steps=None, variants=None, weights: bool = True) -> ModelEntry:
         """`variants`: the secant networks to load (None: those the auto-pick serves for `steps`, all
         of them without `steps`); weights=False reads metadata only (an API process)."""
-        from solvers.artifact import (
-            SOLVER_LOADERS,
-            default_guidance,
-            load_artifact,
-            read_json,
-            register_solver_loader,
-        )
+        from solvers.artifact import default_guidance, load_artifact, read_json
 
-        try:  # learned-solver files (searched, D-ODE): register their loader if solvers has not yet
-            from solvers import learned
-            if learned.FORMAT not in SOLVER_LOADERS:
-                register_solver_loader(learned.FORMAT, learned.artifact_loader)
-        except (ImportError, AttributeError):
-            pass
         art = load_artifact(path, device, weights=weights)
         meta = dict(art.meta)
         data = meta.get("data", {})
@@ -73,7 +67,7 @@ class ModelEntry:
             seen = {(r.get("solver"), r.get("nfe")) for r in rows}
             rows += [r for r in ev.get("rows", []) if (r.get("solver"), r.get("nfe")) not in seen]
         entry = cls(art.name, art.model, [str(c) for c in names], meta, rows, dict(art.solvers or {}),
-                    decoder=getattr(art, "decoder", None))
+                    decoder=art.decoder)
         if variants is None:
             variants = found
             if steps:  # the auto-pick over every secant file, then load only the picked ones
@@ -222,10 +216,19 @@ class ModelEntry:
             out[str(n)] = {"solver": solver, "nfe": n, "source": "eval.json" if row else "default", "quality": q}
         return out
 
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(self.decoder.image_shape)
+
     def describe(self, settings) -> dict:
+        C, H, W = self.image_shape
         return {
             "name": self.name, "classes": self.class_names, "num_classes": self.num_classes,
-            "shape": list(self.shape), "schedule": self.model.schedule.to_json(), "param": self.model.param,
+            "shape": list(self.shape), "latent_shape": list(self.shape),
+            "image": {"width": W, "height": H, "channels": C},
+            "dtype": getattr(self.model, "dtype", "float32"), "decoder": self.decoder.kind,
+            "decoder_dtype": self.decoder.dtype,
+            "schedule": self.model.schedule.to_json(), "param": self.model.param,
             "steps": settings.steps, "default_steps": settings.default_steps,
             "default_guidance": self.default_guidance, "solvers": self.solver_names(),
         }

@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -22,7 +23,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import learned
+from .adapters import DTYPES, Adapter, IdentityDecoder, VAEDecoder, adapter_class, dtype_name
 from .nets import build_net
+from .nets.diffusers_nets import set_time_freq_shift
 from .param import check_param
 from .schedules import Schedule, schedule_from_json
 from .table import FORMAT as TABLE_FORMAT
@@ -31,7 +34,6 @@ from .table import Table
 MODEL_FORMAT = "stride.model/1"
 CLASSIFIER_FORMAT = "stride.classifier/1"
 EVAL_FORMAT = "stride.eval/1"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def sha256_file(path) -> str:
@@ -122,39 +124,29 @@ def load_weights(net, wpath: Path, sha256: str, where, device="cpu"):
     return net.to(device).eval().requires_grad_(False)
 
 
-# -- the model protocol ----------------------------------------------------------------------------
+# -- shapes ----------------------------------------------------------------------------------------
 
-class Denoiser:
-    """A network as the executor's model: `model(x, t, s, label) -> out` in the declared
-    parameterisation. The net runs in float32 whatever the state's dtype; gradients flow to x
-    (solver search differentiates through it) but never to the frozen weights."""
-
-    guidance_input = False
-
-    def __init__(self, net, schedule: Schedule, param: str, shape, num_classes: int, secant: bool = False,
-                 sha256: str | None = None):
-        self.net, self.schedule, self.param = net, schedule, check_param(param)
-        self.shape, self.num_classes = tuple(shape), int(num_classes)
-        self.secant, self.sha256 = secant, sha256
-        self.channels_last = False
-
-    def to_channels_last(self) -> "Denoiser":
-        """NHWC weights and inputs: ~1.4x faster small convolutions on CPU (oneDNN)."""
-        if len(self.shape) == 3:
-            self.net.to(memory_format=torch.channels_last)
-            self.channels_last = True
-        return self
-
-    def __call__(self, x, t, s, label):
-        B = x.shape[0]
-        p = next(self.net.parameters())
-        t = torch.as_tensor(t, device=p.device).to(torch.float32).expand(B)
-        s = torch.as_tensor(s, device=p.device).to(torch.float32).expand(B) if self.secant else None
-        x_in = x.reshape(B, *self.shape).to(p.dtype)
-        if self.channels_last:
-            x_in = x_in.contiguous(memory_format=torch.channels_last)
-        out = self.net(x_in, t, torch.as_tensor(label, device=p.device), s)
-        return out.to(x.dtype).reshape(x.shape)
+def check_net_shape(arch: dict, shape, where) -> None:
+    """The one check that a net takes data of `shape` [C, H, W]: stride's own nets are square
+    (one `image_size`); a diffusers UNet needs H, W divisible by its downsampling, a DiT by its
+    patch; every net the channels it was built for."""
+    kind, cfg = arch.get("kind"), arch.get("config", {})
+    shape = [int(d) for d in shape]
+    if kind in ("unet", "classifier"):
+        want = [cfg.get("in_channels"), cfg.get("image_size"), cfg.get("image_size")]
+        if shape != want:
+            raise ValueError(f"{where}: data shape {shape} does not match the architecture's "
+                             f"[in_channels, image_size, image_size] = {want}")
+        return
+    if len(shape) != 3 or cfg.get("in_channels") != shape[0]:
+        raise ValueError(f"{where}: data shape {shape} does not match the architecture's "
+                         f"in_channels = {cfg.get('in_channels')} (expected [C, H, W])")
+    if kind == "diffusers.UNet2DModel":
+        f = 2 ** (len(cfg.get("down_block_types", ())) - 1)
+    else:
+        f = int(cfg.get("patch_size") or 1)
+    if shape[1] % f or shape[2] % f:
+        raise ValueError(f"{where}: data shape {shape}: height and width must be multiples of {f} for {kind}")
 
 
 # -- saving ----------------------------------------------------------------------------------------
@@ -198,31 +190,53 @@ def save_classifier(artifact_dir, config: dict, state_dict: dict, info: dict) ->
 
 # -- loading ---------------------------------------------------------------------------------------
 
-# Learned-solver files (solvers/<name>.json) by their format field -> fn(json dict, Artifact) -> Table.
-# A plain table file (stride.table/1) loads as is; solvers.learned adds searched / D-ODE solvers.
-SOLVER_LOADERS: dict[str, Callable[[dict, "Artifact"], Table]] = {
-    TABLE_FORMAT: lambda d, art: Table.from_json(d),
+# Solver files (solvers/<name>.json) by their format field -> fn(json dict, model sha256, where) -> Table.
+def _table_file(d: dict, model_sha256: str, where: str) -> Table:
+    tab = Table.from_json(d)
+    h = d.get("model_sha256", tab.meta.get("model_sha256"))
+    if h is not None and h != model_sha256:
+        raise ValueError(f"{where} was made for model sha256 {h}, but the model has sha256 {model_sha256}; "
+                         "re-run it on this model")
+    return tab
+
+
+SOLVER_LOADERS: dict[str, Callable[[dict, str, str], Table]] = {
+    TABLE_FORMAT: _table_file,
+    learned.FORMAT: learned.solver_from_json,  # searched and D-ODE solvers
 }
 
 
-def register_solver_loader(fmt: str, fn: Callable[[dict, "Artifact"], Table]) -> None:
-    SOLVER_LOADERS[fmt] = fn
-
-
-register_solver_loader(learned.FORMAT, learned.artifact_loader)  # searched and D-ODE solvers (issue #5)
+def load_solvers(directory, model_sha256: str, strict: bool = True) -> dict:
+    """name -> Table for every solver file in `directory` (absent directory: none), each checked
+    against the weights it was fitted on. strict=False skips refused files with a warning."""
+    out = {}
+    root = Path(directory)
+    for f in sorted(root.glob("*.json")) if root.is_dir() else []:
+        try:
+            d = read_json(f)
+            fmt = d.get("format")
+            if fmt not in SOLVER_LOADERS:
+                raise ValueError(f"{f}: format {fmt!r} is not supported; expected one of {sorted(SOLVER_LOADERS)}")
+            out[f.stem] = SOLVER_LOADERS[fmt](d, model_sha256, str(f))
+        except ValueError as e:
+            if strict:
+                raise
+            warnings.warn(f"skipping {f}: {e}")
+    return out
 
 
 @dataclass
 class Artifact:
     name: str
     path: Path
-    model: Denoiser
+    model: Adapter  # the executor's model contract (solvers.adapters.base)
     meta: dict
     sha256: str  # of model.safetensors: what solver and eval files are keyed by
     eval: dict | None = None
     classifier: torch.nn.Module | None = None
     classifier_meta: dict | None = None
     solvers: dict = field(default_factory=dict)  # name -> Table
+    decoder: object = None  # finished samples -> images (solvers.adapters.decoders); identity by default
 
     @property
     def schedule(self) -> Schedule:
@@ -240,23 +254,11 @@ def _check_model_hash(d: dict, art: Artifact, where) -> None:
                          f"has sha256 {art.sha256}; re-run it on this model")
 
 
-def load_solvers(art: Artifact) -> dict:
-    out = {}
-    for f in sorted((art.path / "solvers").glob("*.json")):
-        d = read_json(f)
-        fmt = d.get("format")
-        if fmt not in SOLVER_LOADERS:
-            raise ValueError(f"{f}: format {fmt!r} is not supported; "
-                             f"expected one of {sorted(SOLVER_LOADERS)}")
-        tab = SOLVER_LOADERS[fmt](d, art)
-        _check_model_hash({"model_sha256": d.get("model_sha256", tab.meta.get("model_sha256"))}, art, f)
-        out[f.stem] = tab
-    return out
-
-
-def load_artifact(path, device="cpu", weights: bool = True) -> Artifact:
-    """weights=False: the metadata, solvers and eval of an artifact with its nets on the meta device
-    (what an API process needs: no weights read)."""
+def load_artifact(path, device="cpu", dtype: str | None = None, weights: bool = True) -> Artifact:
+    """Load and check an artifact. `dtype` (fp32 | bf16 | fp16) overrides the one model.json's
+    adapter section records for the network and the decoder; solver state stays float32.
+    weights=False: metadata, solvers and eval with the nets on the meta device (what an API process
+    needs: no weights read)."""
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"artifact {str(path)!r} is not a directory")
@@ -266,28 +268,31 @@ def load_artifact(path, device="cpu", weights: bool = True) -> Artifact:
     for k in ("architecture", "schedule", "param", "data", "weights"):
         if k not in meta:
             raise ValueError(f"{where}: field {k!r} is missing")
-    cfg, shape = meta["architecture"]["config"], [int(d) for d in meta["data"]["shape"]]
-    net_shape = [cfg.get("in_channels"), cfg.get("image_size"), cfg.get("image_size")]
-    if shape != net_shape:
-        raise ValueError(f"{where}: data shape {shape} does not match the architecture's "
-                         f"[in_channels, image_size, image_size] = {net_shape}")
+    arch, shape = meta["architecture"], [int(d) for d in meta["data"]["shape"]]
+    ad = meta.get("adapter") or {"kind": "stride", "time_map": "identity"}
+    cls = adapter_class(ad.get("kind"), ad.get("time_map"))
+    dt = dtype_name(dtype or ad.get("dtype", "float32"))
+    check_net_shape(arch, shape, where)
     num_classes = len(meta["data"]["class_names"])
-    if cfg.get("num_classes") != num_classes:
-        raise ValueError(f"{where}: {num_classes} class names, "
-                         f"but the architecture has num_classes={cfg.get('num_classes')}")
+    net_classes = arch["config"].get("num_classes") if ad["kind"] == "stride" else ad.get("num_classes")
+    if net_classes != num_classes:
+        raise ValueError(f"{where}: {num_classes} class names, but the network has num_classes={net_classes}")
     net = read_net(path, meta, str(where), device, weights)
-    model = Denoiser(net, schedule_from_json(meta["schedule"]), meta["param"], shape, num_classes,
-                     secant=bool(cfg.get("secant", False)), sha256=meta["weights"]["sha256"])
+    if ad.get("time_freq_shift") is not None:  # DiT repository checkpoints (see set_time_freq_shift)
+        set_time_freq_shift(net, ad["time_freq_shift"])
+    model = cls(net, schedule_from_json(meta["schedule"]), meta["param"], shape, num_classes,
+                secant=bool(arch["config"].get("secant", False)), sha256=meta["weights"]["sha256"],
+                null_class=ad.get("null_class"), dtype=dt)
     art = Artifact(path.name, path, model, meta, meta["weights"]["sha256"])
+    art.decoder = read_decoder(path, meta, shape, str(where), device, dtype, weights)
     if weights and (path / "classifier.json").exists():
         where = path / "classifier.json"
         cm = read_json(where)
         check_format(cm, CLASSIFIER_FORMAT, where)
-        ccfg = cm["architecture"]["config"]
-        cshape = [ccfg.get("in_channels"), ccfg.get("image_size"), ccfg.get("image_size")]
-        if cshape != shape or ccfg.get("num_classes") != num_classes:
-            raise ValueError(f"{where}: classifier input {cshape} with {ccfg.get('num_classes')} classes "
-                             f"does not match the model's data shape {shape} with {num_classes} classes")
+        check_net_shape(cm["architecture"], shape, where)
+        if cm["architecture"]["config"].get("num_classes") != num_classes:
+            raise ValueError(f"{where}: classifier has {cm['architecture']['config'].get('num_classes')} classes, "
+                             f"the model {num_classes}")
         art.classifier, art.classifier_meta = read_net(path, cm, str(where), device), cm
     if (path / "eval.json").exists():
         where = path / "eval.json"
@@ -295,8 +300,21 @@ def load_artifact(path, device="cpu", weights: bool = True) -> Artifact:
         check_format(ev, EVAL_FORMAT, where)
         _check_model_hash(ev, art, where)
         art.eval = ev
-    art.solvers = load_solvers(art)
+    art.solvers = load_solvers(path / "solvers", art.sha256)
     return art
+
+
+def read_decoder(path: Path, meta: dict, shape, where: str, device="cpu", dtype: str | None = None,
+                 weights: bool = True):
+    """The adapter section's `decoder` -> a decoder; none means identity over the data range."""
+    dec = (meta.get("adapter") or {}).get("decoder") or {"kind": "identity"}
+    if dec.get("kind") == "identity":
+        return IdentityDecoder(shape, meta["data"].get("range", (-1.0, 1.0)))
+    if dec.get("kind") == "vae":
+        vae = read_net(path, dec, f"{where} (decoder)", device, weights)
+        return VAEDecoder(vae, shape, dec["scaling_factor"], dec.get("shift_factor"),
+                          dtype_name(dtype or dec.get("dtype", "float32")))
+    raise ValueError(f"{where}: unknown decoder kind {dec.get('kind')!r}; allowed: ['identity', 'vae']")
 
 
 def default_guidance(art: Artifact) -> float:

@@ -32,7 +32,6 @@ sha256 of the model weights it was fitted on, fit settings and held-out metrics.
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import torch
@@ -340,32 +339,9 @@ def solver_from_json(d: dict, model_sha256: str, path: str = "") -> Table:
     return tab
 
 
-def load_solvers(directory, model_sha256: str, strict: bool = True) -> dict:
-    """name -> Table for every solver file in `directory` (absent directory: none). strict=False
-    skips refused files with a warning instead of raising."""
-    out = {}
-    root = Path(directory)
-    if not root.is_dir():
-        return out
-    for p in sorted(root.glob("*.json")):
-        try:
-            out[p.stem] = solver_from_json(json.loads(p.read_text()), model_sha256, str(p))
-        except (ValueError, json.JSONDecodeError) as e:
-            if strict:
-                raise ValueError(str(e)) from e
-            warnings.warn(f"skipping {p}: {e}")
-    return out
-
-
 def write_solver(path, d: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(d, indent=1) + "\n")
     tmp.replace(path)  # readers never see a half-written file
-
-
-def artifact_loader(d: dict, art) -> Table:
-    """For solvers.artifact.register_solver_loader(FORMAT, artifact_loader): refuses a file fitted on
-    other weights than the artifact's model.safetensors."""
-    return solver_from_json(d, art.sha256, str(Path(art.path) / "solvers" / f"{d.get('name', '?')}.json"))

@@ -63,6 +63,8 @@ class Network:
         self.device = p.device if p is not None else torch.device("cpu")
         if net is not None and dtype != p.dtype:
             net.to(dtype)
+        if isinstance(getattr(model, "dtype", None), str):  # an adapter casts its input to its own dtype
+            model.dtype = {v: k for k, v in DTYPES.items()}[dtype]
         self.dtype = dtype
         self.graphs = graphs and self.device.type == "cuda"
         self.static = self.graphs or static

@@ -92,16 +92,21 @@ class EDMSchedule(Schedule):
         return {"name": self.name, "t_min": self.t_min, "t_max": self.t_max}
 
 
-def ddpm_betas(kind: str = "linear", n: int = 1000) -> torch.Tensor:
+BETAS = ("linear", "scaled_linear", "cosine")
+
+
+def ddpm_betas(kind: str = "linear", n: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
     if kind == "linear":  # DDPM / DiT
-        return torch.linspace(1e-4, 0.02, n, dtype=F64)
+        return torch.linspace(beta_start, beta_end, n, dtype=F64)
+    if kind == "scaled_linear":  # Stable Diffusion: linear in sqrt(beta)
+        return torch.linspace(beta_start ** 0.5, beta_end ** 0.5, n, dtype=F64) ** 2
     if kind == "cosine":  # Nichol & Dhariwal, betas clipped at 0.999
         s = 0.008
         f = lambda u: torch.cos((u + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
         u = torch.arange(n + 1, dtype=F64) / n
         abar = f(u) / f(torch.zeros((), dtype=F64))
         return (1 - abar[1:] / abar[:-1]).clamp(max=0.999)
-    raise ValueError(f"unknown beta schedule {kind!r}; allowed: 'linear', 'cosine'")
+    raise ValueError(f"unknown beta schedule {kind!r}; allowed: {list(BETAS)}")
 
 
 class _VariancePreserving(Schedule):
@@ -131,9 +136,11 @@ class VPSchedule(_VariancePreserving):
 
     name = "vp"
 
-    def __init__(self, betas: str = "linear", n: int = 1000, t_min: float | None = None, t_max: float = 1.0):
+    def __init__(self, betas: str = "linear", n: int = 1000, t_min: float | None = None, t_max: float = 1.0,
+                 beta_start: float | None = None, beta_end: float | None = None):
         self.betas_kind, self.n = betas, n
-        b = ddpm_betas(betas, n)
+        self.beta_range = None if beta_start is None and beta_end is None else (float(beta_start), float(beta_end))
+        b = ddpm_betas(betas, n, *(self.beta_range or ()))
         self.log_alpha_k = 0.5 * torch.cumsum(torch.log1p(-b), 0)
         self.t_k = torch.arange(1, n + 1, dtype=F64) / n
         self.t_min = 1.0 / n if t_min is None else t_min
@@ -156,7 +163,10 @@ class VPSchedule(_VariancePreserving):
         return y0 + (la - x0) * (y1 - y0) / (x1 - x0)
 
     def to_json(self):
-        return {"name": self.name, "betas": self.betas_kind, "n": self.n, "t_min": self.t_min, "t_max": self.t_max}
+        d = {"name": self.name, "betas": self.betas_kind, "n": self.n, "t_min": self.t_min, "t_max": self.t_max}
+        if self.beta_range is not None:  # only when not DDPM's (1e-4, 0.02): older files stay as they were
+            d["beta_start"], d["beta_end"] = self.beta_range
+        return d
 
 
 class VPLinearSchedule(_VariancePreserving):

@@ -6,7 +6,8 @@ import torch
 from safetensors.torch import save_file
 
 from solvers import make_table, sample, seeded_noise
-from solvers.artifact import (Denoiser, load_artifact, save_artifact, save_classifier, sha256_file, write_json)
+from solvers.adapters import StrideNet
+from solvers.artifact import load_artifact, save_artifact, save_classifier, sha256_file, write_json
 from solvers.nets import Classifier, UNet, classifier_config, unet_config
 from solvers.schedules import FlowSchedule, VPSchedule
 
@@ -149,7 +150,7 @@ def test_secant_init_identity():
             p.add_(0.1 * torch.randn(p.shape, generator=g))
         assert torch.equal(sec(x, t, y, t), v)
         assert not torch.allclose(sec(x, t, y, s), v)
-    m = Denoiser(sec, VPSchedule(), "eps", (1, 16, 16), 10, secant=True)
+    m = StrideNet(sec, VPSchedule(), "eps", (1, 16, 16), 10, secant=True)
     assert torch.equal(m(x, t, t, y), v)
 
 

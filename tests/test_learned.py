@@ -10,12 +10,25 @@ import torch
 from offline.dode import fit_lambdas, targets_at, teacher_trajectory
 from offline.search import coeffs_of, heldout, rmse, search, unroll
 from solvers import GaussianMixture, make_table, sample, seeded_noise
+from solvers.artifact import load_solvers
 from solvers.builders import _Ctx, ddim, euler
 from solvers.grids import make_grid
 from solvers.learned import (
-    DODE_BASES, FORMAT, coef_matrix, dode_semantics, dode_spec, dode_table, grid_from_logits, grid_of,
-    load_solvers, searched_coeffs, searched_from_table, searched_spec, searched_table, solver_from_json,
-    solver_to_json, table_from_coeffs,
+    DODE_BASES,
+    FORMAT,
+    coef_matrix,
+    dode_semantics,
+    dode_spec,
+    dode_table,
+    grid_from_logits,
+    grid_of,
+    searched_coeffs,
+    searched_from_table,
+    searched_spec,
+    searched_table,
+    solver_from_json,
+    solver_to_json,
+    table_from_coeffs,
 )
 from solvers.schedules import FlowSchedule, VPSchedule
 

@@ -1,0 +1,60 @@
+"""Tiny random networks of the real diffusers classes, saved as a user's folders would be."""
+from __future__ import annotations
+
+import torch
+
+diffusers = __import__("pytest").importorskip("diffusers")
+
+
+def tiny_dit(num_classes=10, channels=4, size=8, out_channels=None, seed=0):
+    torch.manual_seed(seed)
+    return diffusers.DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=channels, out_channels=out_channels or 2 * channels,
+        num_layers=2, sample_size=size, patch_size=2, num_embeds_ada_norm=num_classes, norm_num_groups=4).eval()
+
+
+def tiny_vae(latent_channels=4, seed=1):
+    torch.manual_seed(seed)
+    return diffusers.AutoencoderKL(
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=latent_channels, norm_num_groups=4,
+        layers_per_block=1).eval()
+
+
+def tiny_unet(num_class_embeds=11, channels=3, size=(8, 8), seed=2):
+    torch.manual_seed(seed)
+    return diffusers.UNet2DModel(
+        sample_size=size, in_channels=channels, out_channels=channels, block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1, norm_num_groups=4, attention_head_dim=4, num_class_embeds=num_class_embeds).eval()
+
+
+def ddim(**kw):
+    """DDIM ending on the chain's first step (set_alpha_to_one=False: sigma > 0 there, as stride's VP)."""
+    return diffusers.DDIMScheduler(**{"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
+                                      "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1, **kw})
+
+
+def dpm(**kw):
+    return diffusers.DPMSolverMultistepScheduler(**{"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
+                                                    "final_sigmas_type": "sigma_min", **kw})
+
+
+def dit_pipeline(path, num_classes=10, scheduler=None, seed=0):
+    pipe = diffusers.DiTPipeline(transformer=tiny_dit(num_classes, seed=seed), vae=tiny_vae(), scheduler=scheduler or ddim())
+    pipe.save_pretrained(path)
+    return pipe
+
+
+def unet_pipeline(path, scheduler=None, **kw):
+    """A class-conditional pixel UNet saved as a DDPMPipeline folder (unet/ + scheduler/)."""
+    pipe = diffusers.DDPMPipeline(unet=tiny_unet(**kw), scheduler=scheduler or ddim())
+    pipe.save_pretrained(path)
+    return pipe
+
+
+def grid_from_scheduler(scheduler, n_train=1000) -> torch.Tensor:
+    """stride times of a diffusers scheduler's steps: index i sits at t = (i + 1) / n (VPSchedule), and
+    the last step lands on the chain's first index (set_alpha_to_one=False / final_sigmas_type='sigma_min')."""
+    ts = [int(t) for t in scheduler.timesteps]
+    return torch.tensor([(i + 1) / n_train for i in ts] + [1 / n_train], dtype=torch.float64)
