@@ -35,7 +35,7 @@ def enable_tf32():
 
 
 class _Bucket:
-    def __init__(self, net: "Network", rows: int):
+    def __init__(self, net: Network, rows: int):
         dev = net.device
         self.rows = rows
         self.x = torch.zeros(rows, *net.shape, device=dev, dtype=net.dtype)
