@@ -167,7 +167,9 @@ class Service:
                     "n": job.n, "steps": job.steps, "solver": res.solver, "nfe": res.nfe, "guidance": job.guidance,
                     "seed": job.seed, "seeds": job.seeds, "queue_ms": round(res.queue_ms, 2),
                     "compute_ms": round(res.compute_ms, 2)}
+        t1 = time.perf_counter()
         body = await self.encoder(res.images(), job.format, job.quality, e.display_scale, meta)
+        self.metrics.encode_seconds.labels(job.format).observe(time.perf_counter() - t1)
         return Response(body, media_type=MEDIA[job.format], headers=headers)
 
     # -- status ---------------------------------------------------------------------------------

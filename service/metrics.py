@@ -44,6 +44,11 @@ class Metrics:
         self.batch_rows = Histogram("stride_batch_rows", "Rows per model call", ["model"], buckets=ROWS, registry=r)
         self.step_seconds = Histogram("stride_step_duration_seconds", "One model call + fused update", ["model"],
                                       buckets=STEP, registry=r)
+        self.decode_seconds = Histogram("stride_decode_seconds", "Finished samples -> uint8 pixels on the host "
+                                        "(decoder, quantisation, copy), per step that finished some", ["model"],
+                                        buckets=STEP, registry=r)
+        self.encode_seconds = Histogram("stride_encode_seconds", "API process: pixels -> response body (in the "
+                                        "encoder pool)", ["format"], buckets=STEP, registry=r)
         self.worker_ready = Gauge("stride_worker_ready", "1 once this process's worker has warmed up", registry=r)
         self.rows_in_flight = Gauge("stride_worker_rows", "Rows running in this worker's batch", registry=r)
         self.redelivered = Counter("stride_redelivered_total", "Queue entries re-claimed from a dead worker",
