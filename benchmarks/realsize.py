@@ -37,6 +37,7 @@ import shutil
 import sys
 import tempfile
 import time
+from functools import partial
 
 import numpy as np
 import torch
@@ -135,14 +136,14 @@ def part_network(a, device, report):
                 batches = batches[:1]  # seconds per image here
             net = Network(model, DTYPES[dt], buckets=batches, graphs="graphs" in modes)
             with torch.inference_mode():
-                f = flops_of(lambda net=net: net.eager(x1, t1, t1, l1))
+                f = flops_of(partial(net.eager, x1, t1, t1, l1))
                 if "graphs" in modes:
                     net.capture()
                 for B in batches:
                     x = torch.randn(B, 4, 32, 32, device=device)
                     t, lab = torch.full((B,), 0.5, device=device), torch.arange(B, device=device) % 1000
                     for mode in modes:
-                        call = (lambda: net.eager(x, t, t, lab)) if mode == "eager" else (lambda: net(x, t, t, lab))
+                        call = partial(net.eager if mode == "eager" else net, x, t, t, lab)
                         s = timed(call, device, a.min_seconds)
                         r = {"net": f"DiT-{name}", "dtype": dt, "mode": mode, "batch": B, "ms": 1e3 * s,
                              "images_per_s": B / s, "gflop_per_image": f / 1e9, "tflops": B * f / s / 1e12,
@@ -150,7 +151,6 @@ def part_network(a, device, report):
                         rows.append(r)
                         print(f"network {r['net']} {dt} {mode} B={B}: {r['ms']:.1f} ms  {r['images_per_s']:.1f} img/s  "
                               f"{r['gflop_per_image']:.1f} GFLOP/img  util {100 * r['utilisation']:.1f}%", flush=True)
-            del net, model
     report["network"] = rows
 
 
@@ -165,8 +165,8 @@ def part_decode(a, device, report):
         for B in [int(b) for b in a.decode_batches.split(",")]:
             z = torch.randn(B, 4, 32, 32, device=device, dtype=DTYPES[dt])
             with torch.inference_mode():
-                f = flops_of(lambda: vae.decode(z[:1]))
-                s = timed(lambda: vae.decode(z), device, a.min_seconds, 1)
+                f = flops_of(partial(vae.decode, z[:1]))
+                s = timed(partial(vae.decode, z), device, a.min_seconds, 1)
                 shape = tuple(vae.decode(z[:1]).sample.shape[1:])
             peak, _ = peak_flops(device, dt, a.min_seconds)
             r = {"dtype": dt, "batch": B, "ms": 1e3 * s, "ms_per_image": 1e3 * s / B, "gflop_per_image": f / 1e9,
@@ -263,8 +263,8 @@ def part_service(a, device, report, art, what, out):
 def render(report, a) -> str:
     out = [f"# Real-size benchmark ({report['device']})", "",
            f"- date: {report['date']}", f"- machine: {report['machine']}",
-           f"- load average before the run: {report['load_avg']:.2f} (this machine is shared: other people's "
-           "processes take cores during the runs)",
+           (f"- load average before the run: {report['load_avg']:.2f} (this machine is shared: other people's "
+            "processes take cores during the runs)"),
            f"- command: `python benchmarks/realsize.py {' '.join(report['argv'])}`",
            f"- torch threads (network, decode, ceiling parts): {report['torch_threads']}", ""]
     if report.get("network"):
