@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_gpu_script_smoke(tmp_path):
     env = {**os.environ, "STRIDE_GPU_SMOKE": "1", "STRIDE_GPU_OUT": str(tmp_path), "PYTHON": sys.executable,
            "PYTHONPATH": ROOT}
