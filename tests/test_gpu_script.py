@@ -14,7 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_gpu_script_smoke(tmp_path):
     env = {**os.environ, "STRIDE_GPU_SMOKE": "1", "STRIDE_GPU_OUT": str(tmp_path), "PYTHON": sys.executable,
            "PYTHONPATH": ROOT}
-    p = subprocess.run(["bash", "benchmarks/gpu.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    p = subprocess.run(["bash", "benchmarks/gpu.sh"], check=False, cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     names = {f.name for f in tmp_path.iterdir()}
     for stem in ("solver_update_fp32_cuda", "solver_update_bf16_cuda", "realsize_net_cuda", "realsize_service_cuda",
