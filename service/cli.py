@@ -35,7 +35,8 @@ FLAGS = [
     ("--max-images", "max_images", int, "largest n per request"),
     ("--guidance-max", "guidance_max", float, "largest guidance scale accepted"),
     ("--encode-threads", "encode_threads", int, "API process: threads encoding images"),
-    ("--dtype", "dtype", None, "network precision on the worker (state and coefficients stay float32)"),
+    ("--dtype", "dtype", None, ("network precision on the worker (default: the artifact's; state and coefficients "
+                                "stay float32)")),
     ("--variants", "variants", "LIST", ("secant networks to load, e.g. secant-pu,secant-tan (default: those the "
                                         "auto-pick serves for the offered steps)")),
     ("--api-key", "api_key", "KEY", ("require 'Authorization: Bearer KEY' (prefer the env var: flags show in "

@@ -35,13 +35,14 @@ class Admitted:
 
 class Engine:
     def __init__(self, registry: Registry, steps_offered, device="cpu", metrics: Metrics | None = None,
-                 dtype: str = "float32", graphs: bool = False, buckets=()):
+                 dtype: str | None = None, graphs: bool = False, buckets=()):
+        """dtype: the networks' precision (None: as loaded); graphs: CUDA graphs per batch bucket (CUDA only)."""
         self.registry, self.device, self.metrics = registry, torch.device(device), metrics
-        dt = dtype_of(dtype)
+        dt = dtype_of(dtype) if dtype else None
         self.steppers, self.model_of = {}, {}
         for e in registry:
             for k, (m, w) in e.steppers(steps_offered).items():
-                if dt != torch.float32 or (graphs and self.device.type == "cuda"):
+                if dt is not None or (graphs and self.device.type == "cuda"):
                     m = Network(m, dt, buckets, graphs)
                 self.steppers[k] = Stepper(m, w, self.device)
                 self.model_of[k] = e.name  # metrics label

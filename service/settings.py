@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     encode_threads: int = Field(2, ge=1, description="API process: threads encoding images (PNG/JPEG/WebP)")
 
     # the worker's hot path
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None  # None: as the artifact records (float32)
     graphs: bool = True  # CUDA graphs per (network, batch bucket); eager off CUDA
     variants: Annotated[list[str], NoDecode] | None = None  # secant networks to load; None: the auto-pick's
 

@@ -52,8 +52,9 @@ class _Bucket:
 
 
 class Network:
-    def __init__(self, model, dtype: torch.dtype = torch.float32, buckets=(), graphs: bool = False,
+    def __init__(self, model, dtype: torch.dtype | None = None, buckets=(), graphs: bool = False,
                  static: bool = False):
+        """dtype None keeps the network's own (an artifact may record bf16 weights)."""
         self.inner = model
         for k in ("schedule", "param", "num_classes", "shape"):
             setattr(self, k, getattr(model, k))
@@ -61,6 +62,7 @@ class Network:
         net = getattr(model, "net", None)
         p = next(net.parameters()) if net is not None else None
         self.device = p.device if p is not None else torch.device("cpu")
+        dtype = dtype or (p.dtype if p is not None else torch.float32)
         if net is not None and dtype != p.dtype:
             net.to(dtype)
         if isinstance(getattr(model, "dtype", None), str):  # an adapter casts its input to its own dtype

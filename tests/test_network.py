@@ -51,6 +51,7 @@ def test_low_precision_network_float32_state(name):
     assert got.dtype == torch.float32
     err = (got - ref).abs().max().item()
     assert 0 < err < 0.1, err  # low precision changes the result, a little (data range [-1, 1])
+    assert Network(model).dtype == dtype_of(name)  # no dtype asked: the weights' own
 
 
 def test_unknown_dtype_names_the_allowed():
