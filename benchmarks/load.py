@@ -99,7 +99,7 @@ def wait_ready(url: str, procs, timeout=180):
 # -- the ceiling -------------------------------------------------------------------------------------
 
 def ceiling(entry: ModelEntry, steps, occupancy: int, seconds: float, split: bool = False, device: str = "cpu",
-            dtype: str = "float32", graphs: bool = True):
+            dtype: str | None = None, graphs: bool = True):
     """The executor's ceiling: the service's engine (Stepper, fused update, quantisation to uint8) fed
     directly, kept at `occupancy` images (the most a closed loop of that many clients keeps in flight),
     each a request of n = 1 with the step count of `steps_of(steps, i)`, the sampler the service picks,
@@ -289,7 +289,8 @@ def main(argv=None):
     ap.add_argument("--out", help="markdown report (a .json beside it holds the raw numbers)")
     ap.add_argument("--title", default="Load benchmark: `stride serve` on the CPU")
     ap.add_argument("--device", default="cpu", help="the worker's (and the ceiling's) device")
-    ap.add_argument("--dtype", default="float32", help="the worker's network dtype")
+    ap.add_argument("--dtype", help="the worker's network and decoder dtype: fp32 | bf16 | fp16 (default: the "
+                                    "artifact's)")
     ap.add_argument("--no-graphs", action="store_true", help="CUDA: eager network calls")
     ap.add_argument("--model-note", help="describe the served model in the report (default: the artifact path)")
     a = ap.parse_args(argv)
@@ -305,7 +306,7 @@ def main(argv=None):
         model_args, what = ["--artifacts", a.artifact], a.model_note or f"trained artifact `{a.artifact}`"
 
         def load_entry():
-            return ModelEntry.from_artifact(a.artifact, a.device, steps=offered)
+            return ModelEntry.from_artifact(a.artifact, a.device, a.dtype, steps=offered)
     else:
         spec = a.test_model or "gmm"
         model_args = ["--test-model", spec]
@@ -330,14 +331,14 @@ def main(argv=None):
         for t in ceiling_threads:
             torch.set_num_threads(t)
             ceil_by[(s, b, t)], cpu[t], parts[t] = ceiling(entry, s, min(b, a.max_batch), a.ceiling_seconds, True,
-                                                           a.device, a.dtype, not a.no_graphs)
+                                                           a.device, None, not a.no_graphs)
         torch.set_num_threads(all_threads)
         best = max(ceiling_threads, key=lambda t: ceil_by[(s, b, t)])
         return ceil_by[(s, b, best)], cpu[min(ceiling_threads)], parts[best]
 
     rows = []
     for mode in modes:
-        hot = ["--device", a.device, "--dtype", a.dtype] + (["--no-graphs"] if a.no_graphs else [])
+        hot = ["--device", a.device] + (["--dtype", a.dtype] if a.dtype else []) + (["--no-graphs"] if a.no_graphs else [])
         srv = Servers(mode, model_args + hot, a.max_batch, a.threads, offered)
         try:
             entry = load_entry()  # as the servers just loaded it (an artifact may gain files meanwhile)

@@ -49,8 +49,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import load  # benchmarks/load.py: the load generator and the ceiling
 
 from service.encode import encode
-from solvers.adapters import DiscreteIndex
-from solvers.network import DTYPES, Network, enable_tf32
+from solvers.adapters import DiscreteIndex, dtype_name
+from solvers.network import Network, dtype_of, enable_tf32
 from solvers.schedules import VPSchedule
 
 # name -> (layers, heads, head dim); patch 2, 256 px (32x32x4 latents), 1000 classes
@@ -104,24 +104,24 @@ def flops_of(fn) -> float:
 _PEAKS: dict = {}
 
 
-def peak_flops(device, dtype_name: str, min_s: float) -> tuple[float, str]:
+def peak_flops(device, dt: str, min_s: float) -> tuple[float, str]:
     """(FLOP/s, where the number comes from); measured once per (device, dtype), the best of three."""
-    key = (str(device), dtype_name)
+    key = (str(device), dt)
     if key not in _PEAKS:
-        _PEAKS[key] = _peak(device, dtype_name, min_s)
+        _PEAKS[key] = _peak(device, dt, min_s)
     return _PEAKS[key]
 
 
-def _peak(device, dtype_name: str, min_s: float) -> tuple[float, str]:
+def _peak(device, dt: str, min_s: float) -> tuple[float, str]:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for k, v in PEAKS.items():
             if k in name:
-                return v[dtype_name] * 1e12, f"{name} datasheet dense {dtype_name}"
+                return v[dt] * 1e12, f"{name} datasheet dense {dt}"
     n = 2048 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=DTYPES[dtype_name])
+    a = torch.randn(n, n, device=device, dtype=dtype_of(dt))
     s = min(timed(partial(torch.matmul, a, a), device, min_s) for _ in range(3))
-    return 2 * n ** 3 / s, (f"the best of three {n}x{n} {dtype_name} matmuls measured on {device.type} with "
+    return 2 * n ** 3 / s, (f"the best of three {n}x{n} {dt} matmuls measured on {device.type} with "
                             f"{torch.get_num_threads()} thread(s), a practical reference (convolutions may beat it: "
                             "Winograd does fewer multiplications than counted)")
 
@@ -137,6 +137,7 @@ def part_network(a, device, report):
     configs = {"tiny": TINY_DIT} if a.tiny else {k: DIT[k] for k in a.dits.split(",")}
     for name, (L, H, hd) in configs.items():
         for dt in a.dtypes.split(","):
+            dt = dtype_name(dt)
             peak, peak_src = peak_flops(device, dt, a.min_seconds)
             torch.manual_seed(0)
             model = dit_model(dit(L, H, hd).to(device), 4, 32, 1000)
@@ -146,7 +147,7 @@ def part_network(a, device, report):
             batches = [int(b) for b in (a.batches_cuda if device.type == "cuda" else a.batches).split(",")]
             if name == "XL/2" and device.type == "cpu":
                 batches = batches[:1]  # seconds per image here
-            net = Network(model, DTYPES[dt], buckets=batches, graphs="graphs" in modes)
+            net = Network(model, dtype_of(dt), buckets=batches, graphs="graphs" in modes)
             with torch.inference_mode():
                 f = flops_of(partial(net.eager, x1, t1, t1, l1))
                 if "graphs" in modes:
@@ -173,9 +174,10 @@ def part_decode(a, device, report):
     vae = d.AutoencoderKL(**cfg).eval().requires_grad_(False).to(device)
     rows = []
     for dt in a.dtypes.split(","):
-        vae.to(DTYPES[dt])
+        dt = dtype_name(dt)
+        vae.to(dtype_of(dt))
         for B in [int(b) for b in a.decode_batches.split(",")]:
-            z = torch.randn(B, 4, 32, 32, device=device, dtype=DTYPES[dt])
+            z = torch.randn(B, 4, 32, 32, device=device, dtype=dtype_of(dt))
             with torch.inference_mode():
                 f = flops_of(partial(vae.decode, z[:1]))
                 s = timed(partial(vae.decode, z), device, a.min_seconds, 1)
@@ -241,12 +243,12 @@ def service_artifact(a, device, out_dir) -> tuple[str, str]:
 def part_ceiling(a, device, report, art, what):
     from service.models import ModelEntry
 
-    entry = ModelEntry.from_artifact(art, str(device), steps=list(load.MIXED))
+    entry = ModelEntry.from_artifact(art, str(device), a.dtype, steps=list(load.MIXED))
     rows = []
     for s in (1, 2, 4, 8):
         for occ in [int(c) for c in a.ceiling_occupancy.split(",")]:
             ips, cpu_ms, parts = load.ceiling(entry, s, occ, a.ceiling_seconds, split=device.type == "cpu",
-                                              device=str(device), dtype=a.dtype, graphs=not a.no_graphs)
+                                              device=str(device), graphs=not a.no_graphs)
             r = {"steps": s, "occupancy": occ, "images_per_s": ips, "cpu_ms_per_image": cpu_ms}
             if parts:
                 r["network_ms_per_image"], r["rest_ms_per_image"] = 1e3 * parts["network"], 1e3 * parts["rest"]
@@ -329,10 +331,10 @@ def main(argv=None):
     ap.add_argument("--parts", default="network,decode,encode,ceiling,service")
     ap.add_argument("--tiny", action="store_true", help="tiny networks: the smoke test of every part")
     ap.add_argument("--dits", default="S/2,B/2,XL/2", help=f"network part: DiT sizes, of {list(DIT)}")
-    ap.add_argument("--dtypes", default=None, help="network/decode dtypes (default: float32 on CPU, "
-                                                   "float32,bfloat16 on CUDA)")
-    ap.add_argument("--dtype", default=None, help="ceiling/service network dtype (default: float32 on CPU, "
-                                                  "bfloat16 on CUDA)")
+    ap.add_argument("--dtypes", default=None, help="network/decode dtypes (default: fp32 on CPU, "
+                                                   "fp32,bf16 on CUDA)")
+    ap.add_argument("--dtype", default=None, help="ceiling/service network and decoder dtype (default: fp32 on CPU, "
+                                                  "bf16 on CUDA)")
     ap.add_argument("--batches", default="1,2,4,8", help="network part, CPU")
     ap.add_argument("--batches-cuda", default="1,2,4,8,16,32,64,128")
     ap.add_argument("--decode-batches", default="1")
@@ -358,8 +360,8 @@ def main(argv=None):
     a = ap.parse_args(argv)
     device = torch.device(a.device)
     cuda = device.type == "cuda"
-    a.dtypes = a.dtypes or ("float32,bfloat16" if cuda else "float32")
-    a.dtype = a.dtype or ("bfloat16" if cuda else "float32")
+    a.dtypes = a.dtypes or ("fp32,bf16" if cuda else "fp32")
+    a.dtype = a.dtype or ("bf16" if cuda else "fp32")
     if cuda:
         enable_tf32()
     else:

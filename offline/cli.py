@@ -139,7 +139,7 @@ def _run(a, command: str) -> int:
         from offline import importer
 
         out = a.out or f"artifacts/{a.name}"
-        kw = {"dtype": a.dtype, "null_class": a.null_class, "class_names": a.class_names, "vae": a.vae,
+        kw = {"name": a.name, "dtype": a.dtype, "null_class": a.null_class, "class_names": a.class_names, "vae": a.vae,
               "latent_shape": a.latent_shape, "time_map": a.time_map, "command": command}
         if a.source == "diffusers":
             path = importer.import_diffusers(a.dir, out, prediction_type=a.prediction_type, **kw)

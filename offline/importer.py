@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import pickle
 import shutil
 import tempfile
 import time
@@ -60,12 +61,14 @@ def read_state_dict(path: Path) -> dict:
             raise ValueError(f"{path}: not a readable safetensors file: {e}") from e
     try:
         sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError and friends: the file needs code to load
+    except pickle.UnpicklingError as e:  # weights_only refuses every global outside tensors and containers
         raise ValueError(
             f"{path} cannot be read without running its pickled code ({type(e).__name__}), and stride never does. "
             "Convert it where that code is available: load it there and save the plain tensors, e.g. "
             "torch.save(model.state_dict(), 'weights.pt') or safetensors.torch.save_file(state_dict, "
-            "'weights.safetensors').") from e
+            "'weights.safetensors'); for a training checkpoint, save its 'ema' (or 'model') entry alone.") from e
+    except (RuntimeError, OSError, EOFError) as e:
+        raise ValueError(f"{path}: not a readable torch checkpoint: {e}") from e
     if isinstance(sd, dict) and set(sd) & {"model", "ema", "state_dict"} and not all(torch.is_tensor(v) for v in sd.values()):
         key = "ema" if "ema" in sd else ("model" if "model" in sd else "state_dict")  # training checkpoints
         sd = sd[key]
@@ -176,8 +179,8 @@ def _vae(vae_dir, latent_shape, dtype: str):
     return vae, rec, shas
 
 
-def write_artifact(out: Path, net, arch_kind: str, schedule, param: str, adapter: dict, class_names: list,
-                   vae, decoder: dict | None, source: dict, command: str) -> Path:
+def write_artifact(out: Path, name: str | None, net, arch_kind: str, schedule, param: str, adapter: dict,
+                   class_names: list, vae, decoder: dict | None, source: dict, command: str) -> Path:
     """Check the adapter by one call, then write everything into a temporary folder renamed to `out`."""
     out = Path(out)
     if out.exists():
@@ -196,7 +199,11 @@ def write_artifact(out: Path, net, arch_kind: str, schedule, param: str, adapter
         net, schedule, param, shape, adapter["num_classes"], null_class=adapter["null_class"])
     with torch.no_grad():  # one evaluation: the network runs on these latents and gives their shape back
         x = torch.zeros(1, *shape)
-        y = model(x, torch.tensor([0.5 * (schedule.t_min + schedule.t_max)]), None, torch.tensor([model.null_class]))
+        try:
+            y = model(x, torch.tensor([0.5 * (schedule.t_min + schedule.t_max)]), None,
+                      torch.tensor([model.null_class]))
+        except RuntimeError as e:
+            raise ValueError(f"the network does not run on latents of shape {shape}: {e}") from e
         if y.shape != x.shape:
             raise ValueError(f"the network returns shape {tuple(y.shape)} for latents {tuple(x.shape)}")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -206,7 +213,7 @@ def write_artifact(out: Path, net, arch_kind: str, schedule, param: str, adapter
         if vae is not None:
             decoder["weights"] = write_weights(tmp / "decoder.safetensors", vae.state_dict(), decoder["dtype"])
         meta = {
-            "format": MODEL_FORMAT, "name": out.name, "architecture": arch, "schedule": schedule.to_json(),
+            "format": MODEL_FORMAT, "name": name or out.name, "architecture": arch, "schedule": schedule.to_json(),
             "param": param,
             "data": {"shape": list(shape), "range": [-1.0, 1.0], "class_names": class_names,
                      "num_classes": len(class_names), "source": source},
@@ -250,7 +257,7 @@ def _shape(arg, default) -> list:
 
 # -- import diffusers ---------------------------------------------------------------------------------
 
-def import_diffusers(src, out, *, dtype="float32", null_class=None, class_names=None, vae=None,
+def import_diffusers(src, out, *, name=None, dtype="float32", null_class=None, class_names=None, vae=None,
                      latent_shape=None, prediction_type=None, time_map=None, command="") -> Path:
     d = Path(src)
     if not d.is_dir():
@@ -316,7 +323,7 @@ def import_diffusers(src, out, *, dtype="float32", null_class=None, class_names=
     adapter = _adapter(kind, time_map, c.out_channels, num_classes, null_class, shape, dtype, names_src, rows,
                        network=cls, sources=({**shas, **vshas}))
     source = {"kind": "diffusers", "path": str(d.resolve()), "scheduler": sched_cfg}
-    return write_artifact(Path(out), net, arch_kind, schedule, param, adapter, names, v, dec, source, command)
+    return write_artifact(Path(out), name, net, arch_kind, schedule, param, adapter, names, v, dec, source, command)
 
 
 # -- import dit-checkpoint -------------------------------------------------------------------------------
@@ -354,7 +361,7 @@ def dit_to_diffusers(sd: dict, depth: int) -> dict:
     return out
 
 
-def import_dit_checkpoint(file, out, *, schedule="vp", vae=None, dtype="float32", null_class=None,
+def import_dit_checkpoint(file, out, *, name=None, schedule="vp", vae=None, dtype="float32", null_class=None,
                           class_names=None, heads=None, latent_shape=None, time_map=None, command="") -> Path:
     f = Path(file)
     if not f.is_file():
@@ -384,7 +391,7 @@ def import_dit_checkpoint(file, out, *, schedule="vp", vae=None, dtype="float32"
     net = diffusers.DiTTransformer2DModel(
         num_attention_heads=heads, attention_head_dim=hidden // heads, in_channels=C, out_channels=out_ch,
         num_layers=depth, sample_size=side or _shape(latent_shape, None)[1], patch_size=p,
-        num_embeds_ada_norm=rows - 1)
+        num_embeds_ada_norm=rows - 1, norm_eps=1e-6)  # DiT's LayerNorms all use 1e-6 (diffusers' default: 1e-5)
     fill(net, dit_to_diffusers(sd, depth), str(f))
     if "pos_embed" in sd and not torch.allclose(sd["pos_embed"].float(), net.pos_embed.pos_embed, atol=1e-5):
         raise ValueError(f"{f}: tensor 'pos_embed' is not the sin-cos embedding DiT and diffusers compute")
@@ -398,6 +405,6 @@ def import_dit_checkpoint(file, out, *, schedule="vp", vae=None, dtype="float32"
                        network="DiT checkpoint", time_freq_shift=0,
                        sources={f.name: sha256_file(f), **vshas})
     source = {"kind": "dit-checkpoint", "path": str(f.resolve())}
-    return write_artifact(Path(out), net, "diffusers.DiTTransformer2DModel", sched, param, adapter, names, v, dec,
+    return write_artifact(Path(out), name, net, "diffusers.DiTTransformer2DModel", sched, param, adapter, names, v, dec,
                           source, command)
 

@@ -22,6 +22,7 @@ FLAGS = [
                               "in-process queue); api | worker: separate processes, need REDIS_URL")),
     ("--artifacts", "artifacts", "DIR", "artifact directories to serve (env: comma-separated)"),
     ("--device", "device", "DEV", "torch device of the worker (cpu, cuda, cuda:1)"),
+    ("--dtype", "dtype", None, "network and decoder precision (fp32, bf16, fp16); default: the artifact's"),
     ("--threads", "threads", int, "torch intra-op threads (default: all cores; role all on the CPU: all but one)"),
     ("--host", "host", "ADDR", "bind address of the API and of the worker's metrics port"),
     ("--port", "port", int, "API port"),
@@ -35,8 +36,6 @@ FLAGS = [
     ("--max-images", "max_images", int, "largest n per request"),
     ("--guidance-max", "guidance_max", float, "largest guidance scale accepted"),
     ("--encode-threads", "encode_threads", int, "API process: threads encoding images"),
-    ("--dtype", "dtype", None, ("network precision on the worker (default: the artifact's; state and coefficients "
-                                "stay float32)")),
     ("--variants", "variants", "LIST", ("secant networks to load, e.g. secant-pu,secant-tan (default: those the "
                                         "auto-pick serves for the offered steps)")),
     ("--api-key", "api_key", "KEY", ("require 'Authorization: Bearer KEY' (prefer the env var: flags show in "
@@ -75,7 +74,7 @@ def parser() -> argparse.ArgumentParser:
         if field == "role":
             kw["choices"] = ["all", "api", "worker"]
         elif field == "dtype":
-            kw["choices"] = ["float32", "bfloat16", "float16"]
+            kw["choices"] = ["fp32", "bf16", "fp16"]
         elif field == "artifacts":
             kw.update(nargs="+", metavar="DIR")
         elif kind in (int, float):

@@ -42,12 +42,14 @@ class ModelEntry:
             self.decoder = IdentityDecoder(self.shape, self.data_range)
 
     @classmethod
-    def from_artifact(cls, path: str, device: str = "cpu", steps=None, variants=None, weights: bool = True) -> ModelEntry:
-        """`variants`: the secant networks to load (None: those the auto-pick serves for `steps`, all
-        of them without `steps`); weights=False reads metadata only (an API process)."""
+    def from_artifact(cls, path: str, device: str = "cpu", dtype: str | None = None, steps=None, variants=None,
+                      weights: bool = True) -> ModelEntry:
+        """`dtype`: the network's and decoder's (None: what the artifact records); `variants`: the secant
+        networks to load (None: those the auto-pick serves for `steps`, all of them without `steps`);
+        weights=False reads metadata only (an API process)."""
         from solvers.artifact import default_guidance, load_artifact, read_json
 
-        art = load_artifact(path, device, weights=weights)
+        art = load_artifact(path, device, dtype, weights=weights)
         meta = dict(art.meta)
         data = meta.get("data", {})
         names = data.get("class_names") or meta.get("class_names") or list(range(art.model.num_classes))
@@ -310,6 +312,6 @@ def load_registry(settings, device: str | None = None, weights: bool = True) -> 
         if not os.path.isdir(path):
             raise FileNotFoundError(f"no artifact directory at {path!r}; train one (`stride offline ...`) or pass "
                                     f"--artifacts DIR")
-        entries.append(ModelEntry.from_artifact(path, dev, settings.steps, settings.variants, weights))
+        entries.append(ModelEntry.from_artifact(path, dev, settings.dtype, settings.steps, settings.variants, weights))
     return Registry(entries)
 

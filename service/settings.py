@@ -19,6 +19,7 @@ class Settings(BaseSettings):
     role: Literal["all", "api", "worker"] = "all"
     artifacts: Annotated[list[str], NoDecode] = ["artifacts/digits"]
     device: str = "cpu"
+    dtype: Literal["fp32", "bf16", "fp16"] | None = None  # network + decoder; None: what the artifact records
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's)")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -38,7 +39,6 @@ class Settings(BaseSettings):
     encode_threads: int = Field(2, ge=1, description="API process: threads encoding images (PNG/JPEG/WebP)")
 
     # the worker's hot path
-    dtype: Literal["float32", "bfloat16", "float16"] | None = None  # None: as the artifact records (float32)
     graphs: bool = True  # CUDA graphs per (network, batch bucket); eager off CUDA
     variants: Annotated[list[str], NoDecode] | None = None  # secant networks to load; None: the auto-pick's
 

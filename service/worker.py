@@ -82,7 +82,8 @@ class Worker:
         cuda = torch.device(s.device).type == "cuda"
         if cuda:
             enable_tf32()
-        self.engine = Engine(self.registry, s.steps, s.device, self.metrics, s.dtype, s.graphs, buckets(s.max_batch))
+        # the networks come in the dtype the artifact records or --dtype asks for (cast when loaded)
+        self.engine = Engine(self.registry, s.steps, s.device, self.metrics, None, s.graphs, buckets(s.max_batch))
         t0 = time.perf_counter()
         with torch.inference_mode():
             for net in self.engine.networks():  # CUDA graphs per (network, batch bucket), CFG rows included

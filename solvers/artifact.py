@@ -1,9 +1,14 @@
 """Artifacts: a directory of json + safetensors that offline writes and the service reads.
 
     model.json / model.safetensors            the denoiser (format stride.model/1)
+    decoder.safetensors                       an imported model's VAE, optional
     classifier.json / classifier.safetensors  the quality classifier (stride.classifier/1), optional
     solvers/<name>.json                       learned solvers, optional (see SOLVER_LOADERS)
     eval.json                                 quality per sampler x NFE (stride.eval/1), optional
+
+model.json's optional `adapter` section (written by `stride offline import`) says how the network
+is called (solvers.adapters: kind, time map, null class, latent shape, dtype) and holds the decoder;
+without it the network is one of stride's own and the decoder is the identity.
 
 Loading never unpickles; it checks every file's format version, the sha256 of every weights file
 and every tensor's shape, and refuses with a ValueError that names what it found and expected.
@@ -145,6 +150,9 @@ def check_net_shape(arch: dict, shape, where) -> None:
         f = 2 ** (len(cfg.get("down_block_types", ())) - 1)
     else:
         f = int(cfg.get("patch_size") or 1)
+    if kind == "diffusers.DiTTransformer2DModel" and shape[1] != shape[2]:
+        raise ValueError(f"{where}: data shape {shape}: diffusers' DiTTransformer2DModel unpatchifies square "
+                         "latents only (H == W)")
     if shape[1] % f or shape[2] % f:
         raise ValueError(f"{where}: data shape {shape}: height and width must be multiples of {f} for {kind}")
 

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .adapters.base import DTYPES, dtype_name
 
 
 def dtype_of(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; allowed: {list(DTYPES)}")
-    return DTYPES[name]
+    """'fp32' | 'bf16' | 'fp16' or the torch names -> the torch dtype; ValueError naming the allowed."""
+    return DTYPES[dtype_name(name)]
 
 
 def enable_tf32():

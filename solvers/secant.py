@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .artifact import check_format, load_weights, read_json, write_json, write_weights
+from .artifact import check_format, check_net_shape, load_weights, read_json, write_json, write_weights
 from .builders import build
 from .grids import explicit
 from .nets.unet import TimeEmbed, UNet
@@ -180,11 +180,10 @@ def load_secant(artifact_dir, teacher_sha256: str, device="cpu", name: str = "se
         raise ValueError(f"{where} was converted from teacher sha256 {meta['teacher_sha256']}, but the model "
                          f"is {teacher_sha256}; re-run `stride offline secant` on this model")
     cfg, shape = meta["architecture"]["config"], [int(v) for v in meta["data"]["shape"]]
-    if shape != [cfg.get("in_channels"), cfg.get("image_size"), cfg.get("image_size")] or \
-            cfg.get("num_classes") != meta["data"]["num_classes"]:
-        raise ValueError(f"{where}: data shape {shape} / {meta['data']['num_classes']} classes do not "
-                         f"match the architecture's {cfg.get('in_channels')}x{cfg.get('image_size')}^2 / "
-                         f"{cfg.get('num_classes')}")
+    check_net_shape(meta["architecture"], shape, where)
+    if cfg.get("num_classes") != meta["data"]["num_classes"]:
+        raise ValueError(f"{where}: {meta['data']['num_classes']} classes, but the architecture has "
+                         f"num_classes={cfg.get('num_classes')}")
     rec = meta["weights"]
     g = meta["guidance"]
     build = lambda: SecantUNet({k: v for k, v in cfg.items() if k != "secant"},

@@ -50,5 +50,6 @@ __all__ = [
     "StrideNet",
     "VAEDecoder",
     "adapter_class",
+    "discrete_index",
     "dtype_name",
 ]

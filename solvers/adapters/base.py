@@ -35,9 +35,8 @@ def dtype_name(name: str) -> str:
 
 
 def to_dtype(net, dtype: str) -> None:
-    """Cast the weights only when they differ (diffusers warns about every cast)."""
-    if any(p.dtype != DTYPES[dtype] for p in net.parameters()):
-        net.to(DTYPES[dtype])
+    """Cast the weights (torch's own Module.to: diffusers' override warns about every cast)."""
+    torch.nn.Module.to(net, DTYPES[dtype])
 
 
 class Adapter:
