@@ -27,6 +27,13 @@ from .metrics import Metrics
 from .models import Registry
 
 
+def _low_precision(model) -> bool:
+    """A network loaded in bf16/fp16 (--dtype, or as model.json records it): run it under autocast."""
+    net = getattr(model, "net", None)
+    p = next(net.parameters(), None) if net is not None else None
+    return p is not None and p.dtype != torch.float32
+
+
 @dataclass
 class Admitted:
     rows_per_image: int
@@ -42,7 +49,7 @@ class Engine:
         self.steppers, self.model_of = {}, {}
         for e in registry:
             for k, (m, w) in e.steppers(steps_offered).items():
-                if dt is not None or (graphs and self.device.type == "cuda"):
+                if dt is not None or _low_precision(m) or (graphs and self.device.type == "cuda"):
                     m = Network(m, dt, buckets, graphs)
                 self.steppers[k] = Stepper(m, w, self.device)
                 self.model_of[k] = e.name  # metrics label

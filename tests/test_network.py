@@ -1,5 +1,6 @@
 """The hot-path model call: bf16/fp16 networks with a float32 state, and the bucketed static-buffer
 path (what a CUDA graph replays) run eagerly on the CPU."""
+import numpy as np
 import pytest
 import torch
 
@@ -63,3 +64,22 @@ def test_graphs_are_cuda_only(digits):
     net = Network(digits, buckets=[2], graphs=True)
     assert not net.graphs and net.buckets == {}  # CPU: eager
     net.capture()  # no-op off CUDA
+
+
+def test_engine_runs_a_bf16_artifact_under_the_wrapper():
+    """--dtype bf16: the network loads in bf16, the engine wraps it (autocast), the state stays fp32."""
+    from service.engine import Engine
+    from service.jobs import Job
+    from service.models import ModelEntry, Registry
+
+    e = ModelEntry.from_artifact("artifacts/digits", dtype="bf16", steps=[2])
+    eng = Engine(Registry([e]), [2])
+    st = eng.steppers[e.name]
+    assert isinstance(st.model, Network) and st.model.dtype == torch.bfloat16
+    eng.add(Job("j", e.name, 2, "euler", 3, 1, 5, 1.5, "png", 1e18, 0.0), e.table("euler", 2), 0, 1, 2)
+    out = []
+    while eng.busy:
+        done = eng.step()
+        eng.release(done)
+        out += done
+    assert st.y.dtype == torch.float32 and len(out) == 1 and out[0][2].dtype == np.uint8
