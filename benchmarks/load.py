@@ -1,6 +1,6 @@
 """Load benchmark of `stride serve`: throughput and latency per step count and concurrency, in the
-embedded and the Redis modes, against the ceiling of the same model making the same images in
-offline batches with the executor directly. The result is a ratio: service images/s / ceiling.
+embedded and the Redis modes, against the ceiling of the same model making the same images with the
+worker's engine fed directly (no HTTP, no queue). The result is a ratio: service images/s / ceiling.
 
 Closed loop: `c` clients over loopback (httpx, one HTTP/1.1 keep-alive connection each), each
 sending its next request when the last one returns (n = 1, class i mod K, seed i). Every run is bounded in time and in
