@@ -98,6 +98,22 @@ def wait_ready(url: str, procs, timeout=180):
 
 # -- the ceiling -------------------------------------------------------------------------------------
 
+class _Timed:
+    """A model whose calls add their wall time to `acc[0]`."""
+
+    def __init__(self, inner, acc: list):
+        self.inner, self.acc = inner, acc
+        for k in ("schedule", "param", "num_classes", "shape"):
+            setattr(self, k, getattr(inner, k))
+        self.guidance_input = getattr(inner, "guidance_input", False)
+
+    def __call__(self, *args):
+        t0 = time.perf_counter()
+        out = self.inner(*args)
+        self.acc[0] += time.perf_counter() - t0
+        return out
+
+
 def ceiling(entry: ModelEntry, steps, occupancy: int, seconds: float, split: bool = False, device: str = "cpu",
             dtype: str | None = None, graphs: bool = True):
     """The executor's ceiling: the service's engine (Stepper, fused update, quantisation to uint8) fed
@@ -115,16 +131,7 @@ def ceiling(entry: ModelEntry, steps, occupancy: int, seconds: float, split: boo
     K, net_s = entry.num_classes, [0.0]
     if split:  # time the network calls (CPU: synchronous, so wall time is the network's)
         for st in eng.steppers.values():
-            inner = st.model
-
-            def timed(*a, inner=inner):
-                t0 = time.perf_counter()
-                out = inner(*a)
-                net_s[0] += time.perf_counter() - t0
-                return out
-            st.model = type("Timed", (), {k: getattr(inner, k) for k in ("schedule", "param", "num_classes", "shape")}
-                            | {"guidance_input": getattr(inner, "guidance_input", False),
-                               "__call__": staticmethod(timed)})()
+            st.model = _Timed(st.model, net_s)
     tables = {}
 
     def admit(i):
