@@ -41,6 +41,21 @@ def test_static_buckets_match_eager(digits):
     torch.testing.assert_close(got, ref, rtol=0, atol=2e-5)
 
 
+def test_static_buckets_with_a_guidance_input_network():
+    """A secant network takes the guidance scale as an input: its bucket carries it too."""
+    from service.models import ModelEntry
+
+    e = ModelEntry.from_artifact("artifacts/digits", variants=["secant-tan-pu"])
+    m = e.variants["secant-tan-pu"]
+    assert m.guidance_input
+    tabs = [m.table(2), m.table(4), m.table(4)]
+    seeds, labels, w = [7, 8, 9], [1, 2, 3], [1.0, 2.5, 1.5]
+    ref = run(m, tabs, seeds, labels, w)
+    net = Network(m, buckets=[8], static=True)
+    torch.testing.assert_close(run(net, tabs, seeds, labels, w), ref, rtol=0, atol=2e-5)
+    assert net.buckets[8].w is not None
+
+
 @pytest.mark.parametrize("name", ["bfloat16", "float16"])
 def test_low_precision_network_float32_state(name):
     model = load_artifact("artifacts/digits").model  # its own copy: the cast is in place
