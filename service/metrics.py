@@ -42,8 +42,9 @@ class Metrics:
                                    ["model"], registry=r)
         self.model_calls = Counter("stride_model_calls_total", "Batched model calls (steps)", ["model"], registry=r)
         self.batch_rows = Histogram("stride_batch_rows", "Rows per model call", ["model"], buckets=ROWS, registry=r)
-        self.step_seconds = Histogram("stride_step_duration_seconds", "One model call + fused update", ["model"],
-                                      buckets=STEP, registry=r)
+        self.step_seconds = Histogram("stride_step_duration_seconds", "One model call + fused update (CUDA: the "
+                                      "host's launch time; the device runs behind it)", ["model"], buckets=STEP,
+                                      registry=r)
         self.decode_seconds = Histogram("stride_decode_seconds", "Finished samples -> uint8 pixels on the host "
                                         "(decoder, quantisation, copy), per step that finished some", ["model"],
                                         buckets=STEP, registry=r)
