@@ -1,6 +1,6 @@
 """Load benchmark of `stride serve`: throughput and latency per step count and concurrency, in the
-embedded and the Redis modes, against the ceiling of the same model making the same images in
-offline batches with the executor directly. The result is a ratio: service images/s / ceiling.
+embedded and the Redis modes, against the ceiling of the same model making the same images with the
+worker's engine fed directly (no HTTP, no queue). The result is a ratio: service images/s / ceiling.
 
 Closed loop: `c` clients over loopback (httpx, one HTTP/1.1 keep-alive connection each), each
 sending its next request when the last one returns (n = 1, class i mod K, seed i). Every run is bounded in time and in
@@ -9,6 +9,10 @@ requests. The servers run as subprocesses; CPU seconds per image of every proces
 
     python benchmarks/load.py --out benchmarks/results/load_cpu.md        # artifacts/digits if present
     python benchmarks/load.py --test-model gmm --steps 4 --concurrency 1,8 --duration 3   # quick look
+    python benchmarks/load.py --steps mixed --concurrency 32     # each request 1, 2, 4 or 8 steps (uniform)
+
+Step count `mixed`: request i asks for steps drawn uniformly from 1, 2, 4, 8 (seeded by i), so requests of
+different lengths share the worker's batches; its ceiling is the engine kept at the same occupancy.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import datetime
 import json
 import os
 import platform
+import random
 import resource
 import shutil
 import signal
@@ -32,10 +37,17 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from service.models import ModelEntry, analytic_entry
-from solvers.executor import sample, seeded_noise
+from service.engine import Engine
+from service.jobs import Job
+from service.models import ModelEntry, Registry, analytic_entry
 
 TICK = os.sysconf("SC_CLK_TCK")
+MIXED = (1, 2, 4, 8)
+
+
+def steps_of(s, i: int) -> int:
+    """The step count of request i: `s`, or for 'mixed' uniform over MIXED (seeded by i)."""
+    return random.Random(i).choice(MIXED) if s == "mixed" else int(s)
 
 
 def free_port() -> int:
@@ -86,25 +98,80 @@ def wait_ready(url: str, procs, timeout=180):
 
 # -- the ceiling -------------------------------------------------------------------------------------
 
-def ceiling(entry: ModelEntry, solver: str, steps: int, batch: int, seconds: float) -> tuple[float, float]:
-    """(images/s, CPU ms per image) of the executor alone: batches of `batch` images, the sampler
-    the service chose (and its network: a secant sampler is its own model), no guidance."""
-    tab, model = entry.table(solver, steps), entry.model_for(solver)
-    K = entry.num_classes
-    done, i, t0 = 0, 0, time.perf_counter()
+class _Timed:
+    """A model whose calls add their wall time to `acc[0]`."""
+
+    def __init__(self, inner, acc: list):
+        self.inner, self.acc = inner, acc
+        for k in ("schedule", "param", "num_classes", "shape"):
+            setattr(self, k, getattr(inner, k))
+        self.guidance_input = getattr(inner, "guidance_input", False)
+
+    def __call__(self, *args):
+        t0 = time.perf_counter()
+        out = self.inner(*args)
+        self.acc[0] += time.perf_counter() - t0
+        return out
+
+
+def ceiling(entry: ModelEntry, steps, occupancy: int, seconds: float, split: bool = False, device: str = "cpu",
+            dtype: str | None = None, graphs: bool = True):
+    """The executor's ceiling: the service's engine (Stepper, fused update, quantisation to uint8) fed
+    directly, kept at `occupancy` images (the most a closed loop of that many clients keeps in flight),
+    each a request of n = 1 with the step count of `steps_of(steps, i)`, the sampler the service picks,
+    no guidance. Returns (images/s, CPU ms per image, {network, update+rest} seconds per image when split)."""
+    from service.worker import buckets
+
+    eng = Engine(Registry([entry]), sorted(set(MIXED) | ({int(steps)} if steps != "mixed" else set())), device,
+                 dtype=dtype, graphs=graphs, buckets=buckets(max(2, occupancy * 2)))
     with torch.inference_mode():
-        sample(model, tab, seeded_noise(range(batch), entry.shape), torch.arange(batch) % K)  # warm
-        t0, c0 = time.perf_counter(), self_cpu()
-        while time.perf_counter() - t0 < seconds or done < 3 * batch:
-            seeds = range(i, i + batch)
-            sample(model, tab, seeded_noise(seeds, entry.shape), torch.tensor([s % K for s in seeds]))
-            done, i = done + batch, i + batch
-    return done / (time.perf_counter() - t0), 1e3 * (self_cpu() - c0) / done
+        for net in eng.networks():
+            net.capture()
+    split = split and torch.device(device).type == "cpu"  # wall time of a call is the network's only on the CPU
+    K, net_s = entry.num_classes, [0.0]
+    if split:  # time the network calls (CPU: synchronous, so wall time is the network's)
+        for st in eng.steppers.values():
+            st.model = _Timed(st.model, net_s)
+    tables = {}
+
+    def admit(i):
+        n = steps_of(steps, i)
+        solver = entry.resolve(n)
+        if (solver, n) not in tables:
+            tables[solver, n] = entry.table(solver, n)
+        job = Job(f"c{i}", entry.name, n, solver, i % K, 1, i, 1.0, "png", 1e18, 0.0)
+        eng.add(job, tables[solver, n], 0, 1, 1)
+
+    i = 0
+    for i in range(occupancy):
+        admit(i)
+    done = 0
+    with torch.inference_mode():
+        warm_end = time.perf_counter() + min(1.0, seconds / 3)
+        while True:
+            out = eng.step()
+            eng.release(out)
+            for _ in out:
+                i += 1
+                admit(i)
+            if time.perf_counter() >= warm_end:
+                break
+        t0, c0, net_s[0] = time.perf_counter(), self_cpu(), 0.0
+        while time.perf_counter() - t0 < seconds or done < 3 * occupancy:
+            out = eng.step()
+            eng.release(out)
+            for _ in out:
+                i += 1
+                admit(i)
+            done += len(out)
+    wall = time.perf_counter() - t0
+    parts = {"network": net_s[0] / done, "rest": (wall - net_s[0]) / done} if split else None
+    return done / wall, 1e3 * (self_cpu() - c0) / done, parts
 
 
 # -- one load run ------------------------------------------------------------------------------------
 
-async def load(url: str, steps: int, c: int, warmup: float, duration: float, max_requests: int, K: int):
+async def load(url: str, steps, c: int, warmup: float, duration: float, max_requests: int, K: int):
     """`c` users, each its own client with one keep-alive connection (httpx's shared pool costs
     O(connections) CPU per request: 4 ms a request at 32 connections here, more than the server)."""
     recs = []
@@ -117,7 +184,7 @@ async def load(url: str, steps: int, c: int, warmup: float, duration: float, max
         i = u
         while time.perf_counter() < stop_at and len(recs) < max_requests:
             t0 = time.perf_counter()
-            r = await client.post(f"{url}/generate?class_label={i % K}&seed={i}&steps={steps}")
+            r = await client.post(f"{url}/generate?class_label={i % K}&seed={i}&steps={steps_of(steps, i)}")
             t1 = time.perf_counter()
             h = r.headers
             recs.append((t0, t1, r.status_code, float(h.get("x-stride-queue-ms", "nan")),
@@ -227,8 +294,15 @@ def main(argv=None):
     ap.add_argument("--ceiling-threads", default="1,all",
                     help="torch thread counts to measure the ceiling with; the ratio uses the best")
     ap.add_argument("--out", help="markdown report (a .json beside it holds the raw numbers)")
+    ap.add_argument("--title", default="Load benchmark: `stride serve` on the CPU")
+    ap.add_argument("--device", default="cpu", help="the worker's (and the ceiling's) device")
+    ap.add_argument("--dtype", help="the worker's network and decoder dtype: fp32 | bf16 | fp16 (default: the "
+                                    "artifact's)")
+    ap.add_argument("--no-graphs", action="store_true", help="CUDA: eager network calls")
+    ap.add_argument("--model-note", help="describe the served model in the report (default: the artifact path)")
     a = ap.parse_args(argv)
-    steps = [int(s) for s in a.steps.split(",")]
+    steps = [s if s == "mixed" else int(s) for s in a.steps.split(",")]
+    offered = sorted({int(s) for s in steps if s != "mixed"} | (set(MIXED) if "mixed" in steps else set()))
     concs = [int(c) for c in a.concurrency.split(",")]
     modes = a.modes.split(",")
     if "redis" in modes and not shutil.which("redis-server"):
@@ -236,10 +310,10 @@ def main(argv=None):
 
     have_artifact = not a.test_model and os.path.exists(os.path.join(a.artifact, "model.safetensors"))
     if have_artifact:
-        model_args, what = ["--artifacts", a.artifact], f"trained artifact `{a.artifact}`"
+        model_args, what = ["--artifacts", a.artifact], a.model_note or f"trained artifact `{a.artifact}`"
 
         def load_entry():
-            return ModelEntry.from_artifact(a.artifact)
+            return ModelEntry.from_artifact(a.artifact, a.device, a.dtype, steps=offered)
     else:
         spec = a.test_model or "gmm"
         model_args = ["--test-model", spec]
@@ -256,45 +330,58 @@ def main(argv=None):
     load_avg = os.getloadavg()
     ceil_by = {}
 
-    def measure_ceiling(entry, solver, s, b):
+    def measure_ceiling(entry, s, b):
         """Right before the service run it is compared with: a shared machine's load drifts.
-        Returns (best images/s, CPU ms per image of the 1-thread run)."""
-        cpu = {}
+        Returns (best images/s, CPU ms per image of the 1-thread run, network / rest seconds per image
+        of the best run)."""
+        cpu, parts = {}, {}
         for t in ceiling_threads:
             torch.set_num_threads(t)
-            ceil_by[(s, b, t)], cpu[t] = ceiling(entry, solver, s, min(b, a.max_batch), a.ceiling_seconds)
+            ceil_by[(s, b, t)], cpu[t], parts[t] = ceiling(entry, s, min(b, a.max_batch), a.ceiling_seconds, True,
+                                                           a.device, None, not a.no_graphs)
         torch.set_num_threads(all_threads)
-        return max(ceil_by[(s, b, t)] for t in ceiling_threads), cpu[min(ceiling_threads)]
+        best = max(ceiling_threads, key=lambda t: ceil_by[(s, b, t)])
+        return ceil_by[(s, b, best)], cpu[min(ceiling_threads)], parts[best]
 
     rows = []
     for mode in modes:
-        srv = Servers(mode, model_args, a.max_batch, a.threads, steps)
+        hot = ["--device", a.device] + (["--dtype", a.dtype] if a.dtype else []) + (["--no-graphs"] if a.no_graphs else [])
+        srv = Servers(mode, model_args + hot, a.max_batch, a.threads, offered)
         try:
             entry = load_entry()  # as the servers just loaded it (an artifact may gain files meanwhile)
             for s in steps:
-                solver = httpx.post(f"{srv.url}/generate?class_label=0&steps={s}", timeout=60).headers["x-stride-solver"]
+                solver = "auto" if s == "mixed" else \
+                    httpx.post(f"{srv.url}/generate?class_label=0&steps={s}", timeout=60).headers["x-stride-solver"]
                 for c in concs:
-                    ceil_c, ceil_cpu = measure_ceiling(entry, solver, s, c)
+                    ceil_c, ceil_cpu, ceil_parts = measure_ceiling(entry, s, c)
                     pids = srv.pids()
                     cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
                     main0 = main_thread_seconds(pids["server"]) if mode == "embedded" else None
                     busy0, t_run0 = machine_busy_seconds(), time.perf_counter()
                     me0, calls0 = self_cpu(), scrape(srv.metrics_url, "stride_model_calls_total")
                     rows0 = scrape(srv.metrics_url, "stride_batch_rows_sum")
+                    timers = {"step": (srv.metrics_url, "stride_step_duration_seconds_sum"),
+                              "decode": (srv.metrics_url, "stride_decode_seconds_sum"),
+                              "encode": (srv.url + "/metrics", "stride_encode_seconds_sum")}
+                    t0s = {k: scrape(*v) for k, v in timers.items()}
                     win, span, total = asyncio.run(load(srv.url, s, c, a.warmup, a.duration, a.max_requests,
                                                         entry.num_classes))
-                    assert all(r[5] == solver for r in win if r[2] == 200), "the sampler changed during the run"
+                    assert s == "mixed" or all(r[5] == solver for r in win if r[2] == 200), \
+                        "the sampler changed during the run"
                     me1 = self_cpu()
                     cpu1 = {k: cpu_seconds(p) for k, p in pids.items()}
                     ours = (me1 - me0) + sum(cpu1[k] - cpu0[k] for k in pids)
                     others = (machine_busy_seconds() - busy0 - ours) / (time.perf_counter() - t_run0)
                     calls = scrape(srv.metrics_url, "stride_model_calls_total") - calls0
+                    spent = {k: scrape(*v) - t0s[k] for k, v in timers.items()}
                     brows = scrape(srv.metrics_url, "stride_batch_rows_sum") - rows0
                     ok = [r for r in win if r[2] == 200]
                     lat = [1e3 * (r[1] - r[0]) for r in ok]
                     n_all = max(1, total)  # CPU is over the whole run (warm-up included): per request sent
                     row = {
-                        "mode": mode, "steps": s, "concurrency": c, "solver": ok[0][5] if ok else "",
+                        "mode": mode, "steps": s, "concurrency": c,
+                        "solver": ("auto: " + ", ".join(sorted({r[5] for r in ok}))) if s == "mixed" else
+                                  (ok[0][5] if ok else ""),
                         "images_per_s": len(ok) / span, "errors": len(win) - len(ok), "measured": len(ok),
                         "p50_ms": pct(lat, 50), "p95_ms": pct(lat, 95), "p99_ms": pct(lat, 99),
                         "queue_ms": statistics.fmean(r[3] for r in ok) if ok else float("nan"),
@@ -309,6 +396,14 @@ def main(argv=None):
                     if main0 is not None:
                         row["cpu_ms_per_image"]["server_event_loop"] = 1e3 * (main_thread_seconds(pids["server"]) - main0) / n_all
                     row["ratio"] = row["images_per_s"] / row["ceiling"]
+                    api_cpu = row["cpu_ms_per_image"].get("api", row["cpu_ms_per_image"].get("server_event_loop"))
+                    row["split_ms_per_image"] = {  # wall time per image (whole run, per request sent)
+                        "network (ceiling)": 1e3 * ceil_parts["network"] if ceil_parts else None,
+                        "rest of the ceiling": 1e3 * ceil_parts["rest"] if ceil_parts else None,
+                        "step: network + update": 1e3 * spent["step"] / n_all,
+                        "decode + copy": 1e3 * spent["decode"] / n_all,
+                        "encode (pool, incl. wait)": 1e3 * spent["encode"] / n_all,
+                        "HTTP + API CPU": api_cpu, "client CPU": row["cpu_ms_per_image"]["client"]}
                     rows.append(row)
                     print(f"{mode:>8} steps {s:>2} c {c:>2}: {row['images_per_s']:7.1f} img/s  p50 {row['p50_ms']:7.1f}  "
                           f"p95 {row['p95_ms']:7.1f}  p99 {row['p99_ms']:7.1f} ms  rows/call {row['batch_rows']:5.1f}  "
@@ -327,19 +422,22 @@ def main(argv=None):
             json.dump({"model": what, "machine": machine(), "threads": threads, "rows": rows,
                        "ceiling": {f"steps {s} batch {b} threads {t}": v for (s, b, t), v in ceil_by.items()},
                        "args": vars(a)}, f, indent=1)
+    return rows
 
 
 def render(rows, what, threads, load_avg, a) -> str:
-    out = ["# Load benchmark: `stride serve` on the CPU", "",
+    out = [f"# {a.title}", "",
            f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
            f"- machine: {machine()}; load average before the run {load_avg[0]:.2f}",
            f"- model: {what}",
            f"- torch threads: worker {threads[0]}, ceiling the best of {threads[1]}; max batch {a.max_batch} rows; {a.duration:g} s measured "
-           f"per run after {a.warmup:g} s warm-up; closed loop, n = 1 per request, no guidance, solver auto",
+           f"per run after {a.warmup:g} s warm-up; closed loop, n = 1 per request, no guidance, solver auto; "
+           "steps `mixed`: uniform over 1, 2, 4, 8 per request",
            f"- command: `python benchmarks/load.py {' '.join(sys.argv[1:])}`", "",
-           "Ceiling = the executor alone (`solvers.executor.sample`) on the same model, sampler and seeds, in offline "
-           "batches of `concurrency` images (the most a closed loop of that many clients can put in one batch), with "
-           "the faster of the torch thread counts listed, measured right before each service run. ratio = service "
+           "Ceiling = the executor alone: the worker's engine (Stepper, fused update, uint8 quantisation) fed "
+           "directly with the same requests, kept at `concurrency` images in flight (the most a closed loop of that "
+           "many clients can keep), with the faster of the torch thread counts listed, measured right before each "
+           "service run. ratio = service "
            "images/s / ceiling. others' cores: CPU used by processes outside the benchmark during the run "
            "(this machine is shared).", "",
            "| mode | steps | solver | conc. | img/s | p50 ms | p95 ms | p99 ms | queue ms | compute ms | rows/call "
@@ -363,6 +461,17 @@ def render(rows, what, threads, load_avg, a) -> str:
         out.append(f"| {r['mode']} | {r['steps']} | {r['concurrency']} | " +
                    " | ".join(f"{c[k]:.2f}" if k in c else "" for k in keys) +
                    f" | {r['ceiling_cpu_ms_per_image']:.2f} | {service / r['ceiling_cpu_ms_per_image']:.2f} |")
+    keys = list(rows[0]["split_ms_per_image"]) if rows else []
+    out += ["", ("Where the time goes, milliseconds per image: the ceiling's network calls and the rest of the "
+                  "ceiling (update, bookkeeping, quantisation), then the service's step time (network + update, "
+                  "summed over the steps an image takes part in, divided by images), decoding and the copy to the "
+                  "host, encoding in the API's pool (queueing included), and the CPU of the API process (embedded: "
+                  "its event loop thread) and of the load generator."), "",
+            "| mode | steps | conc. | " + " | ".join(keys) + " |", "|---|---:|---:|" + "---:|" * len(keys)]
+    for r in rows:
+        sp = r["split_ms_per_image"]
+        out.append(f"| {r['mode']} | {r['steps']} | {r['concurrency']} | " +
+                   " | ".join("" if sp[k] is None else f"{sp[k]:.2f}" for k in keys) + " |")
     return "\n".join(out) + "\n"
 
 

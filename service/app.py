@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import hmac
 import itertools
@@ -20,6 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import openai_api, openapi, playground
+from .encode import MEDIA, Encoder
 from .jobs import Job, Result
 from .limits import Guard, request_id
 from .metrics import Metrics
@@ -35,8 +35,9 @@ CANCEL_WAIT_S = 1.0  # how long a cancelled wait may take to unwind (redis-py ca
 class Service:
     def __init__(self, settings: Settings, registry: Registry | None = None):
         self.settings = settings
-        device = "cpu" if settings.role == "api" else settings.device  # the API needs metadata, not a GPU
-        self.registry = registry or load_registry(settings, device)
+        api_only = settings.role == "api"  # the API needs metadata, not weights or a GPU
+        self.registry = registry or load_registry(settings, "cpu" if api_only else settings.device, weights=not api_only)
+        self.encoder = Encoder(settings.encode_threads)
         self.metrics = Metrics()
         self.metrics.init_labels(self.registry, settings.steps)
         self.queue = None
@@ -81,6 +82,7 @@ class Service:
                 await self.transport.close()
             if self.queue is not None:
                 await self.queue.close()
+            self.encoder.close()
 
     # -- /generate ------------------------------------------------------------------------------
     def check_key(self, request: Request):
@@ -100,7 +102,7 @@ class Service:
         Failures raise ApiError."""
         now = time.time()
         job = Job(request_id(request.scope), p.entry.name, p.steps, p.solver, p.label, p.n, p.seed, p.guidance, p.format,
-                  now + self.settings.deadline_s, now)
+                  now + self.settings.deadline_s, now, quality=p.quality)
         retry = {"Retry-After": str(self.settings.retry_after_s)}
         try:
             await self.queue.submit(job)
@@ -137,14 +139,17 @@ class Service:
             raise
         job, res = await self.run(request, p, t0)
         headers = self.stride_headers(job, res)
-        if job.format == "png":
-            return Response(res.images[0], media_type="image/png", headers=headers)
         e = self.registry[job.model]
-        body = {"id": job.id, "model": job.model, "class_label": job.label, "class_name": e.class_names[job.label],
-                "n": job.n, "steps": job.steps, "solver": res.solver, "nfe": res.nfe, "guidance": job.guidance,
-                "seed": job.seed, "seeds": job.seeds, "queue_ms": round(res.queue_ms, 2),
-                "compute_ms": round(res.compute_ms, 2), "images": [base64.b64encode(b).decode() for b in res.images]}
-        return JSONResponse(body, headers=headers)
+        meta = None
+        if job.format == "json":
+            meta = {"id": job.id, "model": job.model, "class_label": job.label, "class_name": e.class_names[job.label],
+                    "n": job.n, "steps": job.steps, "solver": res.solver, "nfe": res.nfe, "guidance": job.guidance,
+                    "seed": job.seed, "seeds": job.seeds, "queue_ms": round(res.queue_ms, 2),
+                    "compute_ms": round(res.compute_ms, 2)}
+        t1 = time.perf_counter()
+        body = await self.encoder(res.images(), job.format, job.quality, e.display_scale, meta)
+        self.metrics.encode_seconds.labels(job.format).observe(time.perf_counter() - t1)
+        return Response(body, media_type=MEDIA[job.format], headers=headers)
 
     async def _wait_or_cancel(self, request: Request, job: Job):
         """The result, or, when the client goes away first, a cancel: the worker drops the request's

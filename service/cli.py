@@ -36,7 +36,9 @@ FLAGS = [
     ("--default-steps", "default_steps", int, "steps when a request gives none"),
     ("--max-images", "max_images", int, "largest n per request"),
     ("--guidance-max", "guidance_max", float, "largest guidance scale accepted"),
-    ("--png-scale", "png_scale", int, "nearest-neighbour upscale of returned PNGs under 64 px"),
+    ("--encode-threads", "encode_threads", int, "API process: threads encoding images"),
+    ("--variants", "variants", "LIST", ("secant networks to load, e.g. secant-pu,secant-tan (default: those the "
+                                        "auto-pick serves for the offered steps)")),
     ("--api-key", "api_key", "KEY", ("require 'Authorization: Bearer KEY' (prefer the env var: flags show in "
                                      "ps); /healthz, /readyz, /metrics stay open")),
     ("--redis-url", "redis_url", "URL", "redis://[user:password@]host:port/db, or rediss:// for TLS"),
@@ -68,7 +70,7 @@ def parser() -> argparse.ArgumentParser:
     for flag, field, kind, help_ in FLAGS:
         d = defaults[field]
         shown = d.default if d.default_factory is None else "<hostname>-<pid>"
-        if field in ("steps", "artifacts"):
+        if field in ("steps", "artifacts") or field == "variants" and d.default:
             shown = ",".join(map(str, d.default))
         h = f"{help_} [env {_env(field)}; default {shown}]"
         kw = {"help": h}
@@ -85,6 +87,8 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument(flag, dest=field, **kw)
     p.add_argument("--no-warmup", dest="warmup", action="store_false",
                    help="skip the warm-up of every (batch bucket, step count) before ready [env STRIDE_WARMUP=false]")
+    p.add_argument("--no-graphs", dest="graphs", action="store_false",
+                   help="CUDA: run the network eagerly instead of replaying CUDA graphs [env STRIDE_GRAPHS=false]")
     p.add_argument("--test-model", dest="test_model", help=argparse.SUPPRESS)  # 'gmm[:delay_ms=N]': tests, benchmarks
     p.add_argument("--log-level", dest="log_level", default="info", choices=["debug", "info", "warning", "error"])
     return p

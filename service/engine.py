@@ -2,20 +2,36 @@
 
 Every image is one sample in its model's Stepper with its own table, label, guidance and seeded
 noise, so requests with different step counts and solvers share each model call, and the result of
-a seed does not depend on what else is in the batch. Not thread-safe: the worker calls add, drop,
-step and release from its step thread, and reads rows/busy under its lock.
+a seed does not depend on what else is in the batch (up to the contract in the README). Not
+thread-safe: the worker calls add, drop, step and release from its step thread, and reads
+rows/busy under its lock.
+
+The samples a step finishes are decoded as one batch (the model's decoder: a VAE, or the identity
+for pixel models), quantised to uint8 on the device and copied to the host in one transfer (pinned
+and asynchronous on CUDA, where the images are handed over one step later so that the copy
+overlaps the next step). The worker hands raw pixels on; the API process encodes them.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from solvers.executor import Stepper, seeded_noise
+from solvers.network import Network, dtype_of
 
+from .images import quantize
 from .metrics import Metrics
 from .models import Registry
+
+
+def _low_precision(model) -> bool:
+    """A network loaded in bf16/fp16 (--dtype, or as model.json records it): run it under autocast."""
+    net = getattr(model, "net", None)
+    p = next(net.parameters(), None) if net is not None else None
+    return p is not None and p.dtype != torch.float32
 
 
 @dataclass
@@ -25,12 +41,24 @@ class Admitted:
 
 
 class Engine:
-    def __init__(self, registry: Registry, steps_offered, device="cpu", metrics: Metrics | None = None):
+    def __init__(self, registry: Registry, steps_offered, device="cpu", metrics: Metrics | None = None,
+                 dtype: str | None = None, graphs: bool = False, buckets=()):
+        """dtype: the networks' precision (None: as loaded); graphs: CUDA graphs per batch bucket (CUDA only)."""
         self.registry, self.device, self.metrics = registry, torch.device(device), metrics
-        self.steppers = {k: Stepper(m, w, self.device) for e in registry for k, (m, w) in e.steppers(steps_offered).items()}
-        self.model_of = {k: e.name for e in registry for k in e.steppers(steps_offered)}  # metrics label
+        dt = dtype_of(dtype) if dtype else None
+        self.steppers, self.model_of = {}, {}
+        for e in registry:
+            for k, (m, w) in e.steppers(steps_offered).items():
+                if dt is not None or _low_precision(m) or (graphs and self.device.type == "cuda"):
+                    m = Network(m, dt, buckets, graphs)
+                self.steppers[k] = Stepper(m, w, self.device)
+                self.model_of[k] = e.name  # metrics label
         self.jobs: dict[str, Admitted] = {}
         self.incoming: dict[str, list] = {}  # stepper key -> admitted images not yet in the Stepper
+        self.pending: list = []  # CUDA: (event, pinned host pixels, ids) copied during the next step
+
+    def networks(self) -> list:
+        return [st.model for st in self.steppers.values() if isinstance(st.model, Network)]
 
     @property
     def rows(self) -> int:
@@ -58,8 +86,7 @@ class Engine:
                 w += [float(job.guidance)] * count
                 ids += [(job.id, i) for i in range(first, first + count)]
             st = self.steppers[key]
-            st.add(tables, seeded_noise(seeds, st.model.shape, device=self.device), labels,
-                   torch.tensor(w, dtype=torch.float64), ids=ids)
+            st.add(tables, seeded_noise(seeds, st.model.shape, device=self.device), labels, w, ids=ids)
         self.incoming.clear()
 
     def drop(self, job_id: str):
@@ -73,10 +100,17 @@ class Engine:
             if ids:
                 st.remove(ids)
 
-    def step(self) -> list[tuple[str, int, torch.Tensor]]:
-        """One step of every model with running images; returns the finished (job id, index, sample).
-        The caller passes them to `release`."""
-        done = []
+    def pixels(self, key: str, y: torch.Tensor) -> torch.Tensor:
+        """Finished states [F, *shape] -> uint8 images [F, H, W, C] on the device."""
+        e = self.registry[self.model_of[key]]
+        if getattr(e.decoder, "kind", "identity") == "identity":  # a pixel model: straight from its data range
+            return quantize(y.reshape(-1, *e.decoder.image_shape), e.data_range)
+        return quantize(e.decoder.decode(y.float()), (-1.0, 1.0))
+
+    def step(self) -> list[tuple[str, int, np.ndarray]]:
+        """One step of every model with running images; returns the finished (job id, index, uint8
+        image [H, W, C]). The caller passes them to `release`."""
+        finished = []
         with torch.inference_mode():
             self._flush()
             for key, st in self.steppers.items():
@@ -85,15 +119,37 @@ class Engine:
                 name = self.model_of[key]
                 t0, ev0 = time.perf_counter(), st.evaluations
                 st.step()
-                out = st.pop_done()
+                ids, y = st.pop_done_batch()
                 if self.metrics and st.evaluations > ev0:
                     rows = st.evaluations - ev0
                     self.metrics.step_seconds.labels(name).observe(time.perf_counter() - t0)
                     self.metrics.batch_rows.labels(name).observe(rows)
                     self.metrics.evaluations.labels(name).inc(rows)
                     self.metrics.model_calls.labels(name).inc()
-                done += [(jid, i, y.to("cpu", copy=True)) for (jid, i), y in out]
-        return done
+                if ids:
+                    t1 = time.perf_counter()
+                    finished.append((ids, self.pixels(key, y)))
+                    if self.metrics:  # on CUDA the launch only; the copy's wait is in the next step's
+                        self.metrics.decode_seconds.labels(name).observe(time.perf_counter() - t1)
+            if not finished and not self.pending:
+                return []
+            if self.device.type != "cuda":  # the quantised pixels are already host memory
+                return [(jid, i, a) for ids, px in finished for (jid, i), a in zip(ids, px.numpy())]
+            new = []
+            for ids, px in finished:  # one pinned asynchronous copy per model
+                host = torch.empty(px.shape, dtype=torch.uint8, pin_memory=True)
+                host.copy_(px, non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record()
+                new.append((ev, host, ids))
+            ready, self.pending = self.pending, new
+            if not any(len(st) for st in self.steppers.values()) and not self.incoming:
+                ready, self.pending = ready + self.pending, []  # idle next: nothing to overlap with
+            out = []
+            for ev, host, ids in ready:
+                ev.synchronize()
+                out += [(jid, i, a) for (jid, i), a in zip(ids, host.numpy())]
+            return out
 
     def release(self, done):
         """Account for finished images (separate from `step`, so that the worker can hold its lock
@@ -112,3 +168,4 @@ class Engine:
                 st.remove(list(st.ids))
         self.jobs.clear()
         self.incoming.clear()
+        self.pending.clear()

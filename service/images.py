@@ -1,6 +1,7 @@
-"""Samples -> PNG bytes: quantise, upscale nearest-neighbour for display, tile n > 1 into a grid.
+"""Pixels: quantise samples to uint8 (on their device), tile n > 1 into a grid, upscale for display.
 
-Runs in a thread pool, never inside the step loop.
+`quantize` runs on the worker's device; the rest runs in the API process's encoder pool
+(`service.encode`), never inside the step loop or on the event loop.
 """
 from __future__ import annotations
 
@@ -12,24 +13,24 @@ import torch
 from PIL import Image
 
 
-def to_uint8(x: torch.Tensor, data_range: tuple[float, float]) -> np.ndarray:
-    """[C, H, W] in data_range -> uint8 [H, W] (C = 1) or [H, W, C]."""
+def quantize(x: torch.Tensor, data_range: tuple[float, float]) -> torch.Tensor:
+    """Samples [B, C, H, W] in data_range -> uint8 [B, H, W, C] on the same device (round to nearest)."""
     lo, hi = data_range
-    a = ((x.detach().float().cpu() - lo) * (255.0 / (hi - lo))).round().clamp(0, 255).to(torch.uint8).numpy()
-    return a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0)
+    q = ((x.float() - lo) * (255.0 / (hi - lo))).round_().clamp_(0, 255).to(torch.uint8)
+    return q.permute(0, 2, 3, 1).contiguous()
 
 
-def _upscale(a: np.ndarray, scale: int) -> np.ndarray:
+def to_uint8(x: torch.Tensor, data_range: tuple[float, float]) -> np.ndarray:
+    """One sample [C, H, W] -> uint8 [H, W] (C = 1) or [H, W, C] on the host."""
+    a = quantize(x[None], data_range)[0].cpu().numpy()
+    return a[..., 0] if a.shape[-1] == 1 else a
+
+
+def upscale(a: np.ndarray, scale: int) -> np.ndarray:
     return a if scale == 1 else a.repeat(scale, 0).repeat(scale, 1)
 
 
-def png(a: np.ndarray, scale: int = 1) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(_upscale(a, scale)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def grid(arrays: list[np.ndarray], gap: int = 1) -> np.ndarray:
+def grid(arrays, gap: int = 1) -> np.ndarray:
     """Tile images row-major into a near-square grid with a `gap`-pixel black border between."""
     n = len(arrays)
     cols = math.ceil(math.sqrt(n))
@@ -40,14 +41,6 @@ def grid(arrays: list[np.ndarray], gap: int = 1) -> np.ndarray:
         r, c = divmod(i, cols)
         out[r * (h + gap): r * (h + gap) + h, c * (w + gap): c * (w + gap) + w] = a
     return out
-
-
-def encode(samples: list[torch.Tensor], data_range, scale: int, as_grid: bool) -> list[bytes]:
-    """One PNG (the image, or the grid of all) when as_grid, else one PNG per sample."""
-    arrays = [to_uint8(x, data_range) for x in samples]
-    if as_grid:
-        return [png(arrays[0] if len(arrays) == 1 else grid(arrays), scale)]
-    return [png(a, scale) for a in arrays]
 
 
 def decode(data: bytes) -> np.ndarray:

@@ -42,8 +42,14 @@ class Metrics:
                                    ["model"], registry=r)
         self.model_calls = Counter("stride_model_calls_total", "Batched model calls (steps)", ["model"], registry=r)
         self.batch_rows = Histogram("stride_batch_rows", "Rows per model call", ["model"], buckets=ROWS, registry=r)
-        self.step_seconds = Histogram("stride_step_duration_seconds", "One model call + fused update", ["model"],
-                                      buckets=STEP, registry=r)
+        self.step_seconds = Histogram("stride_step_duration_seconds", "One model call + fused update (CUDA: the "
+                                      "host's launch time; the device runs behind it)", ["model"], buckets=STEP,
+                                      registry=r)
+        self.decode_seconds = Histogram("stride_decode_seconds", "Finished samples -> uint8 pixels on the host "
+                                        "(decoder, quantisation, copy), per step that finished some", ["model"],
+                                        buckets=STEP, registry=r)
+        self.encode_seconds = Histogram("stride_encode_seconds", "API process: pixels -> response body (in the "
+                                        "encoder pool)", ["format"], buckets=STEP, registry=r)
         self.worker_ready = Gauge("stride_worker_ready", "1 once this process's worker has warmed up", registry=r)
         self.worker_draining = Gauge("stride_worker_draining", "1 once this worker was told to stop: it takes no "
                                      "new work and finishes what it holds", registry=r)

@@ -16,7 +16,6 @@ from solvers.grids import GRIDS
 from solvers.table import Table
 
 log = logging.getLogger("stride.models")
-SMALL_IMAGE = 64  # px: below this on the long side, PNGs are upscaled by --png-scale for display
 
 
 class SolverError(ValueError):
@@ -43,31 +42,54 @@ class ModelEntry:
             self.decoder = IdentityDecoder(self.shape, self.data_range)
 
     @classmethod
-    def from_artifact(cls, path: str, device: str = "cpu", dtype: str | None = None) -> ModelEntry:
-        from solvers.artifact import default_guidance, load_artifact
+    def from_artifact(cls, path: str, device: str = "cpu", dtype: str | None = None, steps=None, variants=None,
+                      weights: bool = True) -> ModelEntry:
+        """`dtype`: the network's and decoder's (None: what the artifact records); `variants`: the secant
+        networks to load (None: those the auto-pick serves for `steps`, all of them without `steps`);
+        weights=False reads metadata only (an API process)."""
+        from solvers.artifact import default_guidance, load_artifact, read_json
 
-        art = load_artifact(path, device, dtype)
+        art = load_artifact(path, device, dtype, weights=weights)
         meta = dict(art.meta)
         data = meta.get("data", {})
         names = data.get("class_names") or meta.get("class_names") or list(range(art.model.num_classes))
         meta.setdefault("data_range", data.get("range", [-1.0, 1.0]))
         meta.setdefault("default_guidance", default_guidance(art))
         rows = list((art.eval or {}).get("rows", []))
-        variants = {}
         try:
             from solvers.secant import load_secant, secant_names
         except ImportError:
             secant_names = None
-        for name in secant_names(path) if secant_names else []:
+        found = secant_names(path) if secant_names else []
+        for name in found:  # every secant file's measurements, loaded or not
             try:
-                variants[name] = m = load_secant(path, art.sha256, device, name)
-            except ValueError as e:  # a stale or broken secant file must not take the model down
-                log.error("not serving %s/%s: %s", path, name, e)
+                ev = read_json(f"{path}/{name}.json").get("eval") or {}
+            except ValueError:
                 continue
             seen = {(r.get("solver"), r.get("nfe")) for r in rows}
-            rows += [r for r in (m.meta.get("eval") or {}).get("rows", []) if (r.get("solver"), r.get("nfe")) not in seen]
-        return cls(art.name, art.model, [str(c) for c in names], meta, rows, dict(art.solvers or {}), variants,
-                   art.decoder)
+            rows += [r for r in ev.get("rows", []) if (r.get("solver"), r.get("nfe")) not in seen]
+        entry = cls(art.name, art.model, [str(c) for c in names], meta, rows, dict(art.solvers or {}),
+                    decoder=art.decoder)
+        if variants is None:
+            variants = found
+            if steps:  # the auto-pick over every secant file, then load only the picked ones
+                entry.variants = dict.fromkeys(found)
+                variants = sorted({entry.best(n)[0] for n in steps} & set(found))
+        unknown = sorted(set(variants) - set(found))
+        if unknown:
+            raise ValueError(f"{path}: no secant network {unknown}; available: {found}")
+        entry.variants = {}
+        for name in variants:
+            try:
+                entry.variants[name] = load_secant(path, art.sha256, device, name, weights=weights)
+            except ValueError as e:  # a stale or broken secant file must not take the model down
+                log.error("not serving %s/%s: %s", path, name, e)
+        return entry
+
+    @property
+    def display_scale(self) -> int:
+        """Nearest-neighbour upscale of returned images (model.json 'display': {'scale': k}; default 1)."""
+        return int((self.meta.get("display") or {}).get("scale", 1))
 
     # -- shape of the model -------------------------------------------------------------------
     @property
@@ -217,22 +239,16 @@ class ModelEntry:
     def image_shape(self) -> tuple[int, ...]:
         return tuple(self.decoder.image_shape)
 
-    def png_scale(self, scale: int) -> int:
-        """The display upscale applies to tiny images only (the demo models); decoded real-size
-        images (64 px and more on the long side) come back at their own size."""
-        return scale if max(self.image_shape[1:]) < SMALL_IMAGE else 1
-
-    def image_size(self, scale: int) -> str:
+    def image_size(self) -> str:
         """The served image's 'WxH' in pixels, display upscale included."""
         _, h, w = self.image_shape
-        k = self.png_scale(scale)
-        return f"{w * k}x{h * k}"
+        return f"{w * self.display_scale}x{h * self.display_scale}"
 
     def describe(self, settings) -> dict:
         C, H, W = self.image_shape
         return {
             "name": self.name, "classes": self.class_names, "num_classes": self.num_classes,
-            "shape": list(self.shape), "latent_shape": list(self.shape), "size": self.image_size(settings.png_scale),
+            "shape": list(self.shape), "latent_shape": list(self.shape), "size": self.image_size(), "display_scale": self.display_scale,
             "image": {"width": W, "height": H, "channels": C},
             "dtype": getattr(self.model, "dtype", "float32"), "decoder": self.decoder.kind,
             "decoder_dtype": self.decoder.dtype,
@@ -280,7 +296,8 @@ def analytic_entry(spec: str = "gmm") -> ModelEntry:
                                spread=2.0, scale=0.15, shape=(1, 8, 8))
     delay = float(kw.get("delay_ms", 0)) / 1e3
     names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-    return ModelEntry("gmm", SlowModel(m, delay) if delay else m, names, {"data_range": [-1.5, 1.5]})
+    return ModelEntry("gmm", SlowModel(m, delay) if delay else m, names, {"data_range": [-1.5, 1.5],
+                                                                          "display": {"scale": 8}})
 
 
 class Registry:
@@ -307,7 +324,7 @@ class Registry:
         return list(self.entries)
 
 
-def load_registry(settings, device: str | None = None) -> Registry:
+def load_registry(settings, device: str | None = None, weights: bool = True) -> Registry:
     import os
 
     if settings.test_model:
@@ -318,6 +335,6 @@ def load_registry(settings, device: str | None = None) -> Registry:
         if not os.path.isdir(path):
             raise FileNotFoundError(f"no artifact directory at {path!r}; train one (`stride offline ...`) or pass "
                                     f"--artifacts DIR")
-        entries.append(ModelEntry.from_artifact(path, dev, settings.dtype))
+        entries.append(ModelEntry.from_artifact(path, dev, settings.dtype, settings.steps, settings.variants, weights))
     return Registry(entries)
 

@@ -8,7 +8,6 @@ the `openai` client sends with `extra_body=`. Errors use OpenAI's body
 """
 from __future__ import annotations
 
-import base64
 import difflib
 import json
 import time
@@ -64,7 +63,7 @@ def operation(registry, settings, auth: bool) -> dict:
     props = {k: {kk: vv for kk, vv in v.items() if kk != "title"}
              for k, v in ImagesBody.model_json_schema()["properties"].items()}
     names = sorted({c for e in registry for c in e.class_names})
-    sizes = sorted({e.image_size(settings.png_scale) for e in registry})
+    sizes = sorted({e.image_size() for e in registry})
     exact = {"prompt": {"type": "string", "enum": names},
              "model": {"anyOf": [{"type": "string", "enum": registry.names()}, {"type": "null"}]},
              "n": {"anyOf": [{"type": "integer", "minimum": 1, "maximum": settings.max_images}, {"type": "null"}],
@@ -81,7 +80,7 @@ def operation(registry, settings, auth: bool) -> dict:
     for k, sch in exact.items():
         props[k] = {**sch, "description": props[k].get("description", "")}
     branches = sampler_branches(registry, settings, "prompt", lambda e: {"enum": list(e.class_names)},
-                                lambda e: {"size": {"enum": [e.image_size(settings.png_scale), "auto", None]}})
+                                lambda e: {"size": {"enum": [e.image_size(), "auto", None]}})
     for b in branches:  # null means the default, as for every optional OpenAI field
         if b["properties"]["solver"]["enum"] == ["auto"]:
             b["properties"]["solver"]["enum"] = ["auto", None]
@@ -162,7 +161,7 @@ def to_generate(body: dict, registry, settings) -> dict:
     if fmt != "b64_json":
         why = "stride keeps no image store to serve URLs from; " if fmt == "url" else ""
         raise OpenAIError(400, f"response_format {fmt!r} is not supported: {why}use 'b64_json'", "response_format")
-    size, want = body.get("size"), e.image_size(settings.png_scale)
+    size, want = body.get("size"), e.image_size()
     if size not in (None, "auto", want):
         raise OpenAIError(400, f"size {size!r} is not offered by model {name!r}: its images are {want} "
                                f"(allowed: ['{want}', 'auto'])", "size")
@@ -199,5 +198,5 @@ async def generations(svc, request: Request) -> JSONResponse:
         job, res = await svc.run(request, p, t0)
     except ApiError as err:
         raise OpenAIError.of(err) from None
-    data = [{"b64_json": base64.b64encode(b).decode()} for b in res.images]
+    data = [{"b64_json": b} for b in await svc.encoder.b64_pngs(res.images(), svc.registry[job.model].display_scale)]
     return JSONResponse({"created": int(time.time()), "data": data}, headers=svc.stride_headers(job, res))

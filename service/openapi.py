@@ -119,6 +119,7 @@ def body_schema(registry, settings) -> dict:
         "steps": {"type": "integer", "enum": list(settings.steps)},
         "solver": {"type": "string", "enum": solvers, "default": "auto"},
         "format": {"type": "string", "enum": list(FORMATS), "default": FORMATS[0]},
+        "quality": {"type": "integer", "minimum": 1, "maximum": 100},
         "model": {"type": "string", "enum": registry.names()},
     }
     for k, s in exact.items():

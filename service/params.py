@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, Field
 
+from .encode import FORMATS
 from .models import ModelEntry, Registry, SolverError
 
 SEED_MAX = 2 ** 32 - 1
@@ -26,14 +27,15 @@ class GenerateBody(BaseModel):
     guidance: float | None = Field(None, description="classifier-free guidance scale; 1 = off")
     steps: int | None = Field(None, description="model evaluations (NFE): one of the offered step counts")
     solver: str = Field("auto", description="'auto' (best measured for the step count) or a name from GET /solvers")
-    format: str = Field("png", description="png (one image, or a grid for n > 1) | json (base64 PNGs + seeds)")
+    format: str = Field("png", description="png | jpeg | webp (one image, or a grid for n > 1) | json (base64 PNGs "
+                                           "+ seeds)")
+    quality: int | None = Field(None, description="jpeg / webp quality 1..100 (default 90)")
     model: str | None = Field(None, description="model name (GET /models); default the first")
 
 
 FIELDS = tuple(GenerateBody.model_fields)
 # null stands for "absent" exactly where the body model's type admits None (one place: GenerateBody)
 NULLABLE = frozenset(k for k, f in GenerateBody.model_fields.items() if not f.is_required() and f.default is None)
-FORMATS = ("png", "json")
 INT_DIGITS = 20  # longer digit strings are no int we accept: refuse them before int() does (its 4300-digit limit)
 _INT = re.compile(rf"^\s*[+-]?\d{{1,{INT_DIGITS}}}\s*$")
 _FLOAT = re.compile(rf"^\s*[+-]?(\d{{1,{INT_DIGITS}}}(\.\d*)?|\.\d+)([eE][+-]?\d{{1,3}})?\s*$")
@@ -65,6 +67,7 @@ class GenerateParams:
     steps: int
     solver: str  # resolved
     format: str
+    quality: int | None = None
 
 
 def _no_duplicates(pairs):
@@ -78,7 +81,7 @@ def _no_duplicates(pairs):
 
 def _query_value(k: str, v: str):
     """A query string as the JSON value it stands for: numbers for the numeric fields, else the string."""
-    if k in ("n", "seed", "steps") or k == "class_label" and _INT.match(v):
+    if k in ("n", "seed", "steps", "quality") or k == "class_label" and _INT.match(v):
         return int(v) if _INT.match(v) else v  # a non-integer string is refused by the field's check
     if k == "guidance":
         if _FLOAT.match(v):
@@ -203,4 +206,9 @@ def parse(raw: dict, registry: Registry, settings) -> GenerateParams:
     fmt = raw.get("format", "png")
     if fmt not in FORMATS:
         raise ApiError(422, f"format must be one of {list(FORMATS)} (got {_show(fmt)})", "format", list(FORMATS))
-    return GenerateParams(e, label, n, seed, seed_given, guidance, steps, solver, fmt)
+    quality = raw.get("quality")
+    if quality is not None:
+        quality = _int("quality", quality, "in 1..100", [1, 100])
+        if not 1 <= quality <= 100:
+            raise ApiError(422, f"quality must be in 1..100 (got {quality})", "quality", [1, 100])
+    return GenerateParams(e, label, n, seed, seed_given, guidance, steps, solver, fmt, quality)

@@ -36,7 +36,11 @@ class Settings(BaseSettings):
     default_steps: int = 4
     max_images: int = Field(16, ge=1)
     guidance_max: float = Field(20.0, gt=0)
-    png_scale: int = Field(8, ge=1, le=64)
+    encode_threads: int = Field(2, ge=1, description="API process: threads encoding images (PNG/JPEG/WebP)")
+
+    # the worker's hot path
+    graphs: bool = True  # CUDA graphs per (network, batch bucket); eager off CUDA
+    variants: Annotated[list[str], NoDecode] | None = None  # secant networks to load; None: the auto-pick's
 
     api_key: SecretStr | None = None
 
@@ -60,6 +64,11 @@ class Settings(BaseSettings):
     @classmethod
     def _split_paths(cls, v):
         return [p for p in v.split(",") if p.strip()] if isinstance(v, str) else v
+
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _split_variants(cls, v):
+        return [p.strip() for p in v.split(",") if p.strip()] if isinstance(v, str) else v
 
     @field_validator("steps", mode="before")
     @classmethod

@@ -5,8 +5,8 @@ Two threads of control share the task table under one lock:
   admits images (requests join between steps), then runs the step without the lock. It never
   waits on the event loop, so a step costs no thread hand-off (under CPU contention each hand-off
   is a scheduler wake-up, milliseconds);
-- the event loop: intake from the transport (in-process queue or Redis), PNG encoding on a pool,
-  writing answers, heartbeats. PNG encoding never runs inside the step loop.
+- the event loop: intake from the transport (in-process queue or Redis), writing answers (raw uint8
+  pixels: the API process encodes them), heartbeats.
 
 The same code runs over the in-process queue (embedded mode) and over Redis Streams.
 """
@@ -17,14 +17,14 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from solvers.executor import Stepper, sample, seeded_noise
+from solvers.network import enable_tf32
 
-from . import images
 from .engine import Engine
 from .jobs import Job, Result
 from .metrics import Metrics
@@ -50,7 +50,7 @@ class Task:
     table: object
     rows_per_image: int
     next: int = 0  # images admitted so far
-    done: dict = field(default_factory=dict)  # index -> sample
+    done: dict = field(default_factory=dict)  # index -> uint8 image [H, W, C]
     started: float | None = None
     answered: bool = False
 
@@ -66,7 +66,6 @@ class Worker:
         self.intake_open = True  # the step loop ends only after intake has stopped: a read in flight is run too
         self.lock = threading.Lock()
         self.work = threading.Condition(self.lock)  # the step loop waits on it when idle
-        self.encoder = ThreadPoolExecutor(2, thread_name_prefix="stride-png")
         self.loop: asyncio.AbstractEventLoop | None = None
         self.room: asyncio.Event | None = None  # set when a step frees rows: intake may read more
         self._pending: set[asyncio.Task] = set()
@@ -80,26 +79,33 @@ class Worker:
         if s.threads:
             torch.set_num_threads(s.threads)
         elif s.device == "cpu" and s.role == "all":
-            # API, PNG encoding and (on a laptop) the client share the machine: leave them a core, or
+            # API, encoding and (on a laptop) the client share the machine: leave them a core, or
             # torch's threads get preempted inside parallel regions and every step stalls
             torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - 1))
-        self.engine = Engine(self.registry, s.steps, s.device, self.metrics)
-        if not s.warmup:
-            return
+        cuda = torch.device(s.device).type == "cuda"
+        if cuda:
+            enable_tf32()
+        # the networks come in the dtype the artifact records or --dtype asks for (cast when loaded)
+        self.engine = Engine(self.registry, s.steps, s.device, self.metrics, None, s.graphs, buckets(s.max_batch))
         t0 = time.perf_counter()
         with torch.inference_mode():
+            for net in self.engine.networks():  # CUDA graphs per (network, batch bucket), CFG rows included
+                net.capture()
+            if not s.warmup:
+                return
             for e in self.registry:
                 for variant in ["", *e.variants]:  # the base network, then each secant network
-                    model, key = e.model_for(variant), e.stepper_key(variant)
+                    key = e.stepper_key(variant)
+                    model = self.engine.steppers[key].model
                     for b in buckets(s.max_batch):  # one model call per batch size the engine may form
                         st = Stepper(model, self.engine.steppers[key].window, s.device)
                         st.add([self._warm_table(e, variant, s.steps[-1])] * b,
                                seeded_noise(range(b), e.shape, device=s.device), [0] * b, 1.0)
                         st.step()
-                    for n in s.steps:  # and every step count's table, end to end
+                    for n in s.steps:  # and every step count's table, end to end, and the decoder
                         y = sample(model, self._warm_table(e, variant, n), seeded_noise([0], e.shape, device=s.device),
                                    torch.zeros(1, dtype=torch.long))
-                e.decoder.decode(y)  # and the decoder (a VAE's first call allocates too)
+                        self.engine.pixels(key, y)
         log.info("warm-up done in %.1f s (buckets %s, steps %s)", time.perf_counter() - t0, buckets(s.max_batch), s.steps)
 
     @staticmethod
@@ -163,7 +169,6 @@ class Worker:
             return await self._drain(stepper)
         finally:
             self.ready = False
-            self.encoder.shutdown(wait=False)
 
     async def _drain(self, stepper: threading.Thread) -> bool:
         """Wait for every request read to be answered (the step loop ends once none is left) and its
@@ -225,31 +230,14 @@ class Worker:
         self.loop.call_soon_threadsafe(self.room.set)  # its rows are free
 
     async def _finish(self, tasks: list[Task], end: float):
-        """Encode the PNGs of every request a step finished in one trip to the encoder pool."""
-        try:
-            pngs = await self.loop.run_in_executor(self.encoder, self._encode_all, tasks)
-        except Exception as e:
-            log.exception("encoding failed")
-            for t in tasks:
-                self._spawn(self._deliver(t, Result(t.job.id, 500, f"encoding failed: {type(e).__name__}: {e}",
-                                                    worker=self.name)))
-            return
-        for t, images_ in zip(tasks, pngs):
+        """Answer every request a step finished with its raw pixels."""
+        for t in tasks:
             job = t.job
             self.metrics.images.labels(job.model, job.solver, str(job.steps)).inc(job.n)
-            self._spawn(self._deliver(t, Result(job.id, 200, "", job.solver, job.steps,
-                                                1e3 * (t.started - job.enqueued), 1e3 * (end - t.started), images_,
-                                                self.name)))
-
-    def _encode_all(self, tasks: list[Task]) -> list[list[bytes]]:
-        out = []
-        for t in tasks:
-            entry = self.registry[t.job.model]
-            with torch.inference_mode():  # finished latents -> images in [-1, 1], one batch per request
-                imgs = entry.decoder.decode(torch.stack([t.done[i] for i in range(t.job.n)]))
-            out.append(images.encode(list(imgs), (-1.0, 1.0), entry.png_scale(self.settings.png_scale),
-                                     t.job.format == "png"))
-        return out
+            pixels = np.stack([t.done[i] for i in range(job.n)])
+            self._spawn(self._deliver(t, Result.of_images(job.id, pixels, solver=job.solver, nfe=job.steps,
+                                                          queue_ms=1e3 * (t.started - job.enqueued),
+                                                          compute_ms=1e3 * (end - t.started), worker=self.name)))
 
     async def _deliver(self, t: Task, result: Result):
         try:

@@ -88,14 +88,18 @@ def write_weights(path, state_dict: dict, dtype: str = "float32") -> dict:
             "params": int(sum(v.numel() for v in sd.values())), "bytes": path.stat().st_size}
 
 
-def read_net(directory: Path, meta: dict, where: str, device="cpu") -> torch.nn.Module:
-    """Build the net that `meta['architecture']` describes and load its checked weights."""
+def read_net(directory: Path, meta: dict, where: str, device="cpu", weights: bool = True) -> torch.nn.Module:
+    """Build the net that `meta['architecture']` describes and load its checked weights (or, with
+    weights=False, build it on the meta device: shapes and metadata, no file read, no memory)."""
     arch, rec = meta.get("architecture"), meta.get("weights")
     if not isinstance(arch, dict) or "kind" not in arch or "config" not in arch:
         raise ValueError(f"{where}: 'architecture' must be {{'kind': ..., 'config': {{...}}}}, "
                          f"found {arch!r}")
     if not isinstance(rec, dict) or "file" not in rec or "sha256" not in rec:
         raise ValueError(f"{where}: 'weights' must name the file and its sha256, found {rec!r}")
+    if not weights:
+        with torch.device("meta"):
+            return build_net(arch["kind"], arch["config"]).eval().requires_grad_(False)
     return load_weights(build_net(arch["kind"], arch["config"]), directory / rec["file"], rec["sha256"], where, device)
 
 
@@ -258,9 +262,11 @@ def _check_model_hash(d: dict, art: Artifact, where) -> None:
                          f"has sha256 {art.sha256}; re-run it on this model")
 
 
-def load_artifact(path, device="cpu", dtype: str | None = None) -> Artifact:
+def load_artifact(path, device="cpu", dtype: str | None = None, weights: bool = True) -> Artifact:
     """Load and check an artifact. `dtype` (fp32 | bf16 | fp16) overrides the one model.json's
-    adapter section records for the network and the decoder; solver state stays float32."""
+    adapter section records for the network and the decoder; solver state stays float32.
+    weights=False: metadata, solvers and eval with the nets on the meta device (what an API process
+    needs: no weights read)."""
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"artifact {str(path)!r} is not a directory")
@@ -279,15 +285,15 @@ def load_artifact(path, device="cpu", dtype: str | None = None) -> Artifact:
     net_classes = arch["config"].get("num_classes") if ad["kind"] == "stride" else ad.get("num_classes")
     if net_classes != num_classes:
         raise ValueError(f"{where}: {num_classes} class names, but the network has num_classes={net_classes}")
-    net = read_net(path, meta, str(where), device)
+    net = read_net(path, meta, str(where), device, weights)
     if ad.get("time_freq_shift") is not None:  # DiT repository checkpoints (see set_time_freq_shift)
         set_time_freq_shift(net, ad["time_freq_shift"])
     model = cls(net, schedule_from_json(meta["schedule"]), meta["param"], shape, num_classes,
                 secant=bool(arch["config"].get("secant", False)), sha256=meta["weights"]["sha256"],
                 null_class=ad.get("null_class"), dtype=dt)
     art = Artifact(path.name, path, model, meta, meta["weights"]["sha256"])
-    art.decoder = read_decoder(path, meta, shape, str(where), device, dtype)
-    if (path / "classifier.json").exists():
+    art.decoder = read_decoder(path, meta, shape, str(where), device, dtype, weights)
+    if weights and (path / "classifier.json").exists():
         where = path / "classifier.json"
         cm = read_json(where)
         check_format(cm, CLASSIFIER_FORMAT, where)
@@ -306,13 +312,14 @@ def load_artifact(path, device="cpu", dtype: str | None = None) -> Artifact:
     return art
 
 
-def read_decoder(path: Path, meta: dict, shape, where: str, device="cpu", dtype: str | None = None):
+def read_decoder(path: Path, meta: dict, shape, where: str, device="cpu", dtype: str | None = None,
+                 weights: bool = True):
     """The adapter section's `decoder` -> a decoder; none means identity over the data range."""
     dec = (meta.get("adapter") or {}).get("decoder") or {"kind": "identity"}
     if dec.get("kind") == "identity":
         return IdentityDecoder(shape, meta["data"].get("range", (-1.0, 1.0)))
     if dec.get("kind") == "vae":
-        vae = read_net(path, dec, f"{where} (decoder)", device)
+        vae = read_net(path, dec, f"{where} (decoder)", device, weights)
         return VAEDecoder(vae, shape, dec["scaling_factor"], dec.get("shift_factor"),
                           dtype_name(dtype or dec.get("dtype", "float32")))
     raise ValueError(f"{where}: unknown decoder kind {dec.get('kind')!r}; allowed: ['identity', 'vae']")

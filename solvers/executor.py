@@ -7,6 +7,11 @@ per step; for the others both CFG branches go into one model call.
 
 `Stepper` holds samples that may each run a different table and sit at a different step, so a
 server can let requests join and leave between steps; `sample` is the one-shot loop over it.
+
+The host never waits for the device inside a step: every sample's table, step index, label and
+guidance live in host-side lists, so which rows are active, which are guided, their coefficients
+and when each sample finishes are known without reading device memory. A step uploads two small
+packed tensors (floats, indices), calls the model, and launches the update.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ import torch
 from .table import Table
 from .update import fused_update
 
-# per-sample coefficient row layout: tau, s, hx, hd, c, b[0..W)
+# per-step coefficient row layout: tau, s, hx, hd, c, b[0..W)
 _TAU, _S, _HX, _HD, _C, _B = range(6)
 
 
@@ -28,7 +33,18 @@ def seeded_noise(seeds, shape, device="cpu", dtype=torch.float32) -> torch.Tenso
     for sd in seeds:
         g = torch.Generator().manual_seed(int(sd))
         out.append(torch.randn(tuple(shape), generator=g, dtype=torch.float32))
-    return torch.stack(out).to(device=device, dtype=dtype)
+    x = torch.stack(out)
+    device = torch.device(device)
+    if device.type == "cuda":  # pinned: the copy does not stall the host
+        x = x.pin_memory()
+    return x.to(device=device, dtype=dtype, non_blocking=True)
+
+
+def table_rows(t: Table, window: int) -> list[list[float]]:
+    """A table as host rows [tau, s, hx, hd, c, b_0..b_{window-1}] per evaluation (float64 values)."""
+    b = torch.zeros(t.nfe, window, dtype=torch.float64)
+    b[:, :t.window] = t.b
+    return torch.cat([torch.stack([t.tau, t.s, t.hx, t.hd, t.c], 1), b], 1).tolist()
 
 
 class Stepper:
@@ -39,108 +55,151 @@ class Stepper:
         self.cdtype = torch.float64 if dtype == torch.float64 else torch.float32
         self.guidance_interval = guidance_interval
         self.dim = math.prod(model.shape)
-        self.ids: list = []
+        self.guidance_input = bool(getattr(model, "guidance_input", False))
+        self.pin = self.device.type == "cuda"
+        # device state, one row per sample
         self.y = torch.zeros(0, self.dim, device=self.device, dtype=dtype)
         self.hist = torch.zeros(0, self.window, self.dim, device=self.device, dtype=dtype)
-        self.k = torch.zeros(0, dtype=torch.long, device=self.device)
-        self.n = torch.zeros(0, dtype=torch.long, device=self.device)
-        self.coef = torch.zeros(0, 1, 5 + self.window, device=self.device, dtype=self.cdtype)
-        self.labels = torch.zeros(0, dtype=torch.long, device=self.device)
-        self.w = torch.zeros(0, device=self.device, dtype=self.cdtype)
+        # host tables, one entry per sample
+        self.ids: list = []
+        self.rows: list[list[list[float]]] = []  # the sample's table (shared list per table)
+        self.k: list[int] = []  # evaluations done
+        self.n: list[int] = []  # evaluations in its table
+        self.labels: list[int] = []
+        self.w: list[float] = []
+        self._tables: dict[int, tuple[Table, list]] = {}
         self.evaluations = 0  # model rows evaluated, CFG rows included
 
     def __len__(self):
         return len(self.ids)
 
+    @property
+    def active(self) -> int:
+        """Samples with evaluations left."""
+        return sum(k < n for k, n in zip(self.k, self.n))
+
+    def _rows(self, t: Table) -> list:
+        hit = self._tables.get(id(t))
+        if hit is None or hit[0] is not t:
+            hit = self._tables[id(t)] = (t, table_rows(t, self.window))
+        return hit[1]
+
+    def _upload(self, values, dtype) -> torch.Tensor:
+        x = torch.tensor(values, dtype=dtype, pin_memory=self.pin)
+        return x.to(self.device, non_blocking=True)
+
     def add(self, tables, noise, labels, guidance, ids=None):
-        """Start len(tables) samples from `noise` [B, *shape] (the table scales it by its init)."""
+        """Start len(tables) samples from `noise` [B, *shape] (the table scales it by its init).
+        `labels` and `guidance` are host values (ints/floats or CPU tensors), one per sample or one for all."""
         B = len(tables)
         ids = list(range(len(self.ids), len(self.ids) + B)) if ids is None else list(ids)
         for t in tables:
             if t.window > self.window:
                 raise ValueError(f"table {t.name!r} has window {t.window} > the stepper's {self.window}")
-        nmax = max(max(t.nfe for t in tables), self.coef.shape[1])
-        coef = torch.zeros(B, nmax, 5 + self.window, dtype=torch.float64)
-        for i, t in enumerate(tables):
-            n = t.nfe
-            coef[i, :n, _TAU], coef[i, :n, _S] = t.tau, t.s
-            coef[i, :n, _HX], coef[i, :n, _HD], coef[i, :n, _C] = t.hx, t.hd, t.c
-            coef[i, :n, _B:_B + t.window] = t.b
-        old = self.coef
-        if old.shape[1] < nmax:
-            old = torch.cat([old, old.new_zeros(old.shape[0], nmax - old.shape[1], old.shape[2])], 1)
-        init = torch.tensor([t.init for t in tables], dtype=self.cdtype, device=self.device)
-        y0 = noise.reshape(B, self.dim).to(device=self.device, dtype=self.cdtype) * init[:, None]
-        self.coef = torch.cat([old, coef.to(self.device, self.cdtype)])
+        labels = _host_list(labels, B, int)
+        w = _host_list(guidance, B, float)
+        init = torch.tensor([t.init for t in tables], dtype=self.cdtype)
+        y0 = noise.reshape(B, self.dim).to(device=self.device, dtype=self.cdtype) * init.to(self.device)[:, None]
         self.y = torch.cat([self.y, y0.to(self.dtype)])
         self.hist = torch.cat([self.hist, self.hist.new_zeros(B, self.window, self.dim)])
-        self.k = torch.cat([self.k, torch.zeros(B, dtype=torch.long, device=self.device)])
-        self.n = torch.cat([self.n, torch.tensor([t.nfe for t in tables], device=self.device)])
-        self.labels = torch.cat([self.labels, torch.as_tensor(labels, dtype=torch.long).reshape(B).to(self.device)])
-        w = torch.as_tensor(guidance, dtype=self.cdtype).expand(B) if not torch.is_tensor(guidance) or guidance.ndim == 0 \
-            else guidance.to(self.cdtype)
-        self.w = torch.cat([self.w, w.reshape(B).to(self.device)])
         self.ids += ids
+        self.rows += [self._rows(t) for t in tables]
+        self.k += [0] * B
+        self.n += [t.nfe for t in tables]
+        self.labels += labels
+        self.w += w
 
     def step(self):
-        """One model evaluation for every unfinished sample, then the fused update."""
-        act = (self.k < self.n).nonzero().flatten()
-        if len(act) == 0:
+        """One model evaluation for every unfinished sample, then the fused update. Reads nothing
+        back from the device."""
+        act = [i for i, (k, n) in enumerate(zip(self.k, self.n)) if k < n]
+        A = len(act)
+        if A == 0:
             return
-        full = len(act) == len(self.ids)
-        rows = self.coef[act, self.k[act]]  # [A, 5 + W]
-        tau, s = rows[:, _TAU], rows[:, _S]
-        w = self.w[act]
+        full = A == len(self.ids)
+        W = self.window
+        rows = [self.rows[i][self.k[i]] for i in act]
+        w = [self.w[i] for i in act]
         if self.guidance_interval is not None:
             lo, hi = self.guidance_interval
-            w = torch.where((tau >= lo) & (tau <= hi), w, torch.ones_like(w))
-        y = self.y if full else self.y[act]
-        hist = self.hist if full else self.hist[act]
-        labels = self.labels[act]
-        A = len(act)
-        shape = (-1, *self.model.shape)
-        tdt = self.cdtype
-        if getattr(self.model, "guidance_input", False):
-            out = self.model(y.reshape(shape), tau.to(tdt), s.to(tdt), labels, w.to(tdt))
-            uncond = torch.full((A,), -1, dtype=torch.long, device=self.device)
+            w = [wi if lo <= r[_TAU] <= hi else 1.0 for wi, r in zip(w, rows)]
+        g = [] if self.guidance_input else [j for j, wi in enumerate(w) if wi != 1]
+        G = len(g)
+        R = A + G
+        tau = [r[_TAU] for r in rows] + [rows[j][_TAU] for j in g]
+        s = [r[_S] for r in rows] + [rows[j][_S] for j in g]
+        floats = (tau + s + w + [r[_HX] for r in rows] + [r[_HD] for r in rows] + [r[_C] for r in rows]
+                  + [v for r in rows for v in r[_B:]])
+        uncond = [-1] * A
+        for m, j in enumerate(g):
+            uncond[j] = A + m
+        null = self.model.num_classes
+        labels = [self.labels[i] for i in act]
+        longs = (labels + [null] * G + uncond + [self.k[i] % W for i in act] + g + ([] if full else act))
+        f = self._upload(floats, self.cdtype)
+        ix = self._upload(longs, torch.long)
+        tau_d, s_d, w_d = f[:R], f[R:2 * R], f[2 * R:2 * R + A]
+        hx, hd, c = (f[2 * R + A * (1 + m): 2 * R + A * (2 + m)] for m in range(3))
+        b = f[2 * R + 4 * A:].view(A, W)
+        lab_d, unc_d, slot_d = ix[:R], ix[R:R + A], ix[R + A:R + 2 * A]
+        g_d, act_d = ix[R + 2 * A:R + 2 * A + G], ix[R + 2 * A + G:]
+        y = self.y if full else self.y.index_select(0, act_d)
+        hist = self.hist if full else self.hist.index_select(0, act_d)
+        x_in = torch.cat([y, y.index_select(0, g_d)]) if G else y
+        x_in = x_in.reshape(R, *self.model.shape)
+        if self.guidance_input:
+            out = self.model(x_in, tau_d, s_d, lab_d, w_d)
         else:
-            g = (w != 1).nonzero().flatten()
-            null = torch.full((len(g),), self.model.num_classes, dtype=torch.long, device=self.device)
-            x_in = torch.cat([y, y[g]]).reshape(shape)
-            out = self.model(x_in, torch.cat([tau, tau[g]]).to(tdt), torch.cat([s, s[g]]).to(tdt),
-                             torch.cat([labels, null]))
-            uncond = torch.full((A,), -1, dtype=torch.long, device=self.device)
-            uncond[g] = A + torch.arange(len(g), device=self.device)
-        self.evaluations += out.shape[0]
-        slot = self.k[act] % self.window
-        f32 = lambda v: v.to(self.cdtype).contiguous()  # noqa: E731
-        self.update(y, out.reshape(out.shape[0], -1), uncond, f32(w), f32(rows[:, _HX]), f32(rows[:, _HD]),
-                    f32(rows[:, _C]), f32(rows[:, _B:]), hist, slot)
+            out = self.model(x_in, tau_d, s_d, lab_d)
+        self.evaluations += R
+        self.update(y, out.reshape(R, -1), unc_d, w_d, hx, hd, c, b, hist, slot_d)
         if not full:
-            self.y[act], self.hist[act] = y, hist
-        self.k[act] += 1
+            self.y.index_copy_(0, act_d, y)
+            self.hist.index_copy_(0, act_d, hist)
+        for i in act:
+            self.k[i] += 1
+
+    def _keep(self, keep: list[int]):
+        idx = self._upload(keep, torch.long)
+        self.y, self.hist = self.y.index_select(0, idx), self.hist.index_select(0, idx)
+        for name in ("ids", "rows", "k", "n", "labels", "w"):
+            v = getattr(self, name)
+            setattr(self, name, [v[i] for i in keep])
+
+    def pop_done_batch(self) -> tuple[list, torch.Tensor]:
+        """Remove finished samples; returns (their ids, their states [F, *shape] on the device)."""
+        done = [i for i, (k, n) in enumerate(zip(self.k, self.n)) if k >= n]
+        if not done:
+            return [], self.y.new_zeros(0, *self.model.shape)
+        ids = [self.ids[i] for i in done]
+        out = self.y.index_select(0, self._upload(done, torch.long)).reshape(len(done), *self.model.shape)
+        self._keep([i for i, (k, n) in enumerate(zip(self.k, self.n)) if k < n])
+        return ids, out
 
     def pop_done(self):
         """Remove finished samples; returns [(id, sample [*shape])]."""
-        done = (self.k >= self.n).nonzero().flatten().tolist()
-        if not done:
-            return []
-        out = [(self.ids[i], self.y[i].reshape(self.model.shape)) for i in done]
-        keep = (self.k < self.n).nonzero().flatten()
-        for name in ("y", "hist", "k", "n", "coef", "labels", "w"):
-            setattr(self, name, getattr(self, name)[keep])
-        self.ids = [self.ids[i] for i in keep.tolist()]
-        if len(self.ids) == 0:
-            self.coef = self.coef[:, :1]
-        return out
+        ids, out = self.pop_done_batch()
+        return list(zip(ids, out))
 
     def remove(self, ids):
         """Drop samples before they finish (an expired request)."""
         drop = set(ids)
-        keep = torch.tensor([i for i, x in enumerate(self.ids) if x not in drop], dtype=torch.long, device=self.device)
-        for name in ("y", "hist", "k", "n", "coef", "labels", "w"):
-            setattr(self, name, getattr(self, name)[keep])
-        self.ids = [self.ids[i] for i in keep.tolist()]
+        self._keep([i for i, x in enumerate(self.ids) if x not in drop])
+
+
+def _host_list(v, B: int, kind) -> list:
+    """Per-sample host values from a scalar, a sequence or a CPU tensor (one value or B)."""
+    if torch.is_tensor(v):  # read once when samples join, never inside a step
+        v = v.reshape(-1).tolist()
+    elif isinstance(v, (int, float)):
+        v = [v]
+    else:
+        v = list(v)
+    if len(v) == 1:
+        v = v * B
+    if len(v) != B:
+        raise ValueError(f"{len(v)} values for {B} samples")
+    return [kind(x) for x in v]
 
 
 @torch.no_grad()
@@ -153,6 +212,6 @@ def sample(model, tables, noise, labels, guidance=1.0, update=fused_update, guid
         raise ValueError(f"{len(tables)} tables for {B} samples")
     st = Stepper(model, max(t.window for t in tables), noise.device, noise.dtype, update, guidance_interval)
     st.add(tables, noise, labels, guidance)
-    while (st.k < st.n).any():
+    for _ in range(max(st.n)):
         st.step()
     return st.y.reshape(B, *model.shape)

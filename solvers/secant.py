@@ -95,7 +95,7 @@ class SecantUNet(UNet):
         return self
 
     @classmethod
-    def from_teacher(cls, teacher: UNet, guidance_range=None) -> "SecantUNet":
+    def from_teacher(cls, teacher: UNet, guidance_range=None) -> SecantUNet:
         cfg = {k: v for k, v in teacher.config.items() if k != "secant"}
         return cls(cfg, guidance_range).init_secant_from(teacher.state_dict())
 
@@ -142,7 +142,7 @@ class SecantModel:
     def __call__(self, x, t, s, label, w=None):
         B = x.shape[0]
         p = next(self.net.parameters())
-        f = lambda v: torch.as_tensor(v, device=p.device).to(torch.float32).expand(B)  # noqa: E731
+        f = lambda v: torch.as_tensor(v, device=p.device).to(torch.float32).expand(B)
         label = torch.as_tensor(label, device=p.device)
         out = self.net(x.reshape(B, *self.shape).to(p.dtype), f(t), label, f(s), None if w is None else f(w))
         return out.to(x.dtype).reshape(x.shape)
@@ -181,7 +181,8 @@ def secant_names(artifact_dir) -> list:
     return sorted(s for s in stems if s == "secant" or s.startswith("secant-"))
 
 
-def load_secant(artifact_dir, teacher_sha256: str, device="cpu", name: str = "secant") -> SecantModel:
+def load_secant(artifact_dir, teacher_sha256: str, device="cpu", name: str = "secant",
+                weights: bool = True) -> SecantModel:
     """Load <artifact_dir>/<name>.json + .safetensors; refuse (ValueError) a wrong format, a teacher
     other than `teacher_sha256`, changed weights or mismatched shapes. Never unpickles."""
     d = Path(artifact_dir)
@@ -206,11 +207,17 @@ def load_secant(artifact_dir, teacher_sha256: str, device="cpu", name: str = "se
     rec = meta["weights"]
     g = meta["guidance"]
     gr = g.get("range") if g.get("input") else None
-    if kind == "unet":
-        net = SecantUNet({k: v for k, v in cfg.items() if k != "secant"}, gr)
-    else:
+
+    def build():
+        if kind == "unet":
+            return SecantUNet({k: v for k, v in cfg.items() if k != "secant"}, gr)
         from .secant_dit import SecantDiT
 
-        net = SecantDiT(cfg, gr)
-    net = load_weights(net, d / rec["file"], rec["sha256"], where, device)
+        return SecantDiT(cfg, gr)
+
+    if weights:
+        net = load_weights(build(), d / rec["file"], rec["sha256"], where, device)
+    else:  # metadata only (an API process): on the meta device, no file read
+        with torch.device("meta"):
+            net = build().eval().requires_grad_(False)
     return SecantModel(net, shape, meta["data"]["num_classes"], meta, rec["sha256"])

@@ -56,17 +56,17 @@ def test_non_square_latents_import_sample_and_serve(tmp_path):
     img = art.decoder.decode(lat)
     assert img.shape == (2, 3, 16, 12) and img.dtype == torch.float32 and bool(torch.isfinite(img).all())
 
-    srv = ApiServer(Settings(artifacts=[str(tmp_path / "ns")], steps=[2, 4], max_batch=8, threads=1, png_scale=8))
+    srv = ApiServer(Settings(artifacts=[str(tmp_path / "ns")], steps=[2, 4], max_batch=8, threads=1))
     try:
         r = httpx.post(srv.url + "/generate", params={"steps": 4, "class_label": "owl", "seed": 3}, timeout=60)
         assert r.status_code == 200 and r.headers["content-type"] == "image/png"
         a = images.decode(r.content)
-        assert a.shape == (16 * 8, 12 * 8, 3)  # RGB at the decoded size (upscaled: under 64 px)
+        assert a.shape == (16, 12, 3)  # RGB at the decoded size (no display scale in model.json: 1)
         with torch.inference_mode():
             want = art.decoder.decode(sample(art.model, make_table("dpmpp-2m", art.schedule, art.model.param, 4),
                                              seeded_noise([3], (4, 8, 6)), torch.tensor([2])))
         w = ((want[0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-        assert np.array_equal(a[::8, ::8], w)
+        assert np.array_equal(a, w)
         m = httpx.get(srv.url + "/models").json()["models"][0]
         assert m["image"] == {"width": 12, "height": 16, "channels": 3} and m["latent_shape"] == [4, 8, 6]
         assert m["dtype"] == "float32" and m["classes"] == NAMES and m["decoder"] == "vae"
@@ -87,7 +87,7 @@ def test_imported_dit_serves_decoded_rgb_and_auto_pick_without_eval(tmp_path):
         r = httpx.post(srv.url + "/generate?steps=4", json={"class_label": 3, "n": 2, "format": "json"}, timeout=60)
         assert r.status_code == 200 and r.json()["solver"] == "dpmpp-2m"
         r = httpx.post(srv.url + "/generate?steps=4", params={"class_label": "fox"}, timeout=60)
-        assert r.status_code == 200 and images.decode(r.content).shape == (128, 128, 3)  # 16 px x png_scale 8
+        assert r.status_code == 200 and images.decode(r.content).shape == (16, 16, 3)
         m = httpx.get(srv.url + "/models").json()["models"][0]
         assert m["dtype"] == "bfloat16" and m["decoder_dtype"] == "bfloat16" and m["classes"] == NAMES
         assert m["image"] == {"width": 16, "height": 16, "channels": 3}

@@ -167,7 +167,7 @@ def test_secant_conversion_of_an_imported_sit_is_served(sit_ckpt, tmp_path):
                                                              "solver": "secant"}, timeout=60)
         assert r.status_code == 200 and r.json()["solver"] == "secant"
         r = httpx.post(srv.url + "/generate", params={"steps": 2, "solver": "secant", "class_label": 1}, timeout=60)
-        assert r.status_code == 200 and images.decode(r.content).shape == (128, 128, 3)  # 16 px x png_scale 8
+        assert r.status_code == 200 and images.decode(r.content).shape == (16, 16, 3)  # display scale 1 (the default)
     finally:
         srv.stop()
 

@@ -241,7 +241,8 @@ def test_openapi_states_every_status_limit_enum_and_content_type(api):
     assert p["steps"]["anyOf"][0]["enum"] == STEPS
     assert p["n"]["minimum"] == 1 and p["n"]["maximum"] == 8
     assert p["seed"]["anyOf"][0]["maximum"] == SEED_MAX and p["guidance"]["anyOf"][0]["maximum"] == 20
-    assert p["format"]["enum"] == ["png", "json"]
+    assert p["format"]["enum"] == ["png", "jpeg", "webp", "json"]
+    assert p["quality"]["anyOf"][0] == {"type": "integer", "minimum": 1, "maximum": 100}
     assert p["class_label"]["anyOf"][1]["enum"] == sorted(guided_entry().class_names)
     assert {"auto", "euler", "dpmpp-2m/karras", "secant-test"} <= set(p["solver"]["enum"])
     secant = [b for b in body["anyOf"] if b["properties"]["solver"]["enum"] == ["secant-test"]]

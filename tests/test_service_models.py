@@ -3,7 +3,6 @@ import numpy as np
 import pytest
 import torch
 
-from service import images
 from service.models import ModelEntry, SolverError, analytic_entry
 from solvers.builders import make_table
 
@@ -64,16 +63,6 @@ def test_class_labels(gmm):
             gmm.class_index(bad)
 
 
-def test_png_and_grid():
-    x = torch.linspace(-1, 1, 64).reshape(1, 8, 8)
-    one = images.decode(images.encode([x], (-1, 1), 8, as_grid=True)[0])
-    assert one.shape == (64, 64) and one[0, 0] == 0 and one[-1, -1] == 255
-    g = images.decode(images.encode([x] * 5, (-1, 1), 2, as_grid=True)[0])
-    assert g.shape == ((2 * 8 + 1) * 2, (3 * 8 + 2) * 2)  # 5 images -> 3 columns x 2 rows, 1-pixel gaps
-    singles = images.encode([x] * 3, (-1, 1), 1, as_grid=False)
-    assert len(singles) == 3 and np.array_equal(images.decode(singles[0]), images.to_uint8(x, (-1, 1)))
-
-
 def test_entry_from_an_artifact_directory(tmp_path):
     """The artifact path: model.json + weights, a learned solver file, eval.json choosing per NFE."""
     from service_fixtures import tiny_artifact
@@ -112,6 +101,7 @@ def test_engine_mixed_split_and_dropped_rows_match_the_one_shot_sampler(gmm):
     """Images of one request admitted in two parts, beside other step counts, solvers and guidance,
     and beside a request dropped mid-way, equal the executor's one-shot result per seed."""
     from service.engine import Engine
+    from service.images import quantize
     from service.models import Registry
     from solvers.executor import sample, seeded_noise
 
@@ -131,7 +121,7 @@ def test_engine_mixed_split_and_dropped_rows_match_the_one_shot_sampler(gmm):
         for (jid, i), y in out.items():
             job, tab = {"a": (a, ta), "b": (b, tb)}[jid]
             ref = sample(gmm.model, tab, seeded_noise([job.seed + i], gmm.shape), torch.tensor([job.label]), job.guidance)
-            assert torch.allclose(y, ref[0], atol=1e-6), (jid, i)
+            assert y.dtype == np.uint8 and np.array_equal(y, quantize(ref, gmm.data_range)[0].numpy()), (jid, i)
 
 
 class _SecantLike:
@@ -183,3 +173,26 @@ def test_metrics_create_every_served_series_before_the_first_request(gmm):
     for steps, solver in ((1, "euler"), (4, "dpmpp-2m")):
         assert f'stride_images_total{{model="gmm",solver="{solver}",steps="{steps}"}} 0.0' in text
         assert f'stride_request_duration_seconds_count{{model="gmm",solver="{solver}",steps="{steps}"}} 0.0' in text
+
+
+def test_load_only_what_is_served():
+    """A worker loads the secant networks the auto-pick serves (or --variants); an API process reads
+    metadata only (nets on the meta device) and makes the same choices."""
+    steps = [1, 2, 4, 8]
+    every = ModelEntry.from_artifact("artifacts/digits")
+    served = ModelEntry.from_artifact("artifacts/digits", steps=steps)
+    picks = {every.best(n)[0] for n in steps}
+    assert set(served.variants) == picks & set(every.variants) and len(served.variants) < len(every.variants)
+    assert {n: served.best(n)[0] for n in steps} == {n: every.best(n)[0] for n in steps}
+    one = ModelEntry.from_artifact("artifacts/digits", variants=["secant-pu"])
+    assert list(one.variants) == ["secant-pu"]
+    with pytest.raises(ValueError, match="available"):
+        ModelEntry.from_artifact("artifacts/digits", variants=["secant-nope"])
+    api = ModelEntry.from_artifact("artifacts/digits", steps=steps, weights=False)
+    assert next(api.model.net.parameters()).device.type == "meta"
+    assert all(next(m.net.parameters()).device.type == "meta" for m in api.variants.values())
+    for n in steps:
+        s = api.resolve(n)
+        assert s == served.resolve(n) and torch.equal(api.table(s, n).b, served.table(s, n).b)
+        assert api.rows_per_guided_image(s) == served.rows_per_guided_image(s)
+    assert api.display_scale == 8 and analytic_entry().display_scale == 8

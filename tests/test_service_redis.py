@@ -1,7 +1,10 @@
 """Redis mode against a real redis-server: API in-process, workers as subprocesses."""
 import asyncio
 import base64
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -11,7 +14,16 @@ import httpx
 import numpy as np
 import pytest
 import redis
-from service_fixtures import ApiServer, RedisServer, WorkerProc, metric_value, reference, wait_for
+from service_fixtures import (
+    ROOT,
+    ApiServer,
+    RedisServer,
+    WorkerProc,
+    free_port,
+    metric_value,
+    reference,
+    wait_for,
+)
 
 from service import images
 from service.jobs import Job
@@ -78,6 +90,32 @@ def test_same_seed_alone_and_in_a_mixed_batch(fast):
     assert all(r.status_code == 200 for r in out)
     assert out[2].content == alone
     assert np.array_equal(images.decode(alone), reference(4, 99, 16, "unipc", 3.0))
+
+
+def test_several_api_processes_share_one_redis(fast, rs):
+    """A second API process (its own OS process, its own encoder pool) beside the in-process one, one
+    worker behind both: every request gets its own image, in the format it asked for."""
+    api, _ = fast
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--role", "api", "--test-model", "gmm",
+                             "--redis-url", rs.url, "--key-prefix", "fast", "--port", str(port), "--steps",
+                             ",".join(map(str, STEPS)), "--max-images", "8", "--encode-threads", "1",
+                             "--log-level", "warning"], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+                            stderr=subprocess.PIPE)
+    try:
+        url2 = f"http://127.0.0.1:{port}"
+        wait_for(lambda: httpx.get(url2 + "/readyz").status_code == 200, 60, "second API", 0.2)
+        reqs = [(url, {"class_label": k % 10, "seed": 500 + k, "steps": [1, 2, 4, 8][k % 4],
+                       "format": ["png", "json"][k % 2]}) for k in range(12) for url in (api.url, url2)]
+        with ThreadPoolExecutor(8) as ex:
+            out = list(ex.map(lambda q: httpx.post(q[0] + "/generate", params=q[1], timeout=30), reqs))
+        for (_, q), r in zip(reqs, out):
+            assert r.status_code == 200, r.text
+            raw = r.content if q["format"] == "png" else base64.b64decode(r.json()["images"][0])
+            assert np.array_equal(images.decode(raw), reference(q["class_label"], q["seed"], q["steps"]))
+    finally:
+        proc.terminate()
+        proc.wait(20)
 
 
 def test_readiness_and_metrics(fast):

@@ -105,3 +105,43 @@ def test_validation(change, match):
     change(a)
     with pytest.raises(ValueError, match=match):
         fused_update_triton(**a)
+
+
+# -- through the executor ------------------------------------------------------------------------------
+
+def _executor_run(update, out_dtype):
+    """Mixed step counts and solvers, CFG rows, joining mid-way and leaving; the network's output in
+    `out_dtype` with a float32 state (as a bf16/fp16 network would give it)."""
+    from solvers import GaussianMixture, Stepper, make_table, seeded_noise
+    from solvers.schedules import VPLinearSchedule
+
+    gmm = GaussianMixture.random(VPLinearSchedule(), "eps", num_classes=4, per_class=2, dim=12, seed=0, shape=(3, 2, 2))
+
+    class Net:
+        schedule, param, num_classes, shape = gmm.schedule, gmm.param, gmm.num_classes, gmm.shape
+
+        def __call__(self, x, t, s, label):
+            return gmm(x, t, s, label).to(out_dtype)
+
+    s = gmm.schedule
+    tabs = [make_table(n, s, "eps", k) for n, k in (("dpmpp-3m", 6), ("euler", 2), ("unipc", 4), ("ipndm", 8))]
+    st = Stepper(Net(), window=max(t.window for t in tabs), update=update)
+    st.add(tabs, seeded_noise(range(4), gmm.shape), [0, 1, 2, 3], [1.0, 2.0, 3.0, 1.5], ids=list("abcd"))
+    done = {}
+    for k in range(12):
+        if k == 2:
+            st.add([tabs[2], tabs[1]], seeded_noise([9, 10], gmm.shape), [3, 0], [2.0, 1.0], ids=list("ef"))
+        if k == 3:
+            st.remove(["d"])
+        st.step()
+        done.update(st.pop_done())
+    assert set(done) == set("abcef") and len(st) == 0
+    return done
+
+
+@pytest.mark.parametrize("out_dtype", [F32, BF16, F16])
+def test_stepper_with_the_triton_update(out_dtype):
+    t = _executor_run(fused_update_triton, out_dtype)
+    r = _executor_run(fused_update_torch, out_dtype)
+    for k in r:
+        torch.testing.assert_close(t[k], r[k], rtol=1e-5, atol=1e-5)

@@ -1,0 +1,399 @@
+"""Real-size benchmark: random-weight networks of real architectures, the executor's ceiling and the
+service against it.
+
+Speed does not depend on weight values, so the networks are diffusers' own classes with real
+configurations and random weights: DiT S/2, B/2, XL/2 (DiTTransformer2DModel, 256 px: 32x32x4
+latents, 256 tokens, 1000 classes) and the Stable Diffusion VAE decoder (AutoencoderKL, 4 blocks
+128-256-512-512, 2 layers each). Parts (`--parts`):
+
+- network: FLOPs per image (torch.utils.flop_counter, forward only, a multiply-add = 2 FLOPs), time
+  per call by batch size, images/s, utilisation = achieved FLOP/s / the device's peak (CUDA: the
+  datasheet's dense peak for the dtype; CPU: a float32 matmul measured here, the practical peak),
+  by dtype and, on CUDA, eager against CUDA graphs (`solvers.network.Network`);
+- decode: the SD VAE decoder from 32x32x4 latents to 256x256x3 images;
+- encode: ms per image for png, jpeg, webp and json of a 256x256 RGB image (`service.encode`);
+- ceiling: the executor (the worker's engine) at 1, 2, 4, 8 steps, with the share of its time in
+  the network;
+- service: `benchmarks/load.py` on the service configuration (embedded and Redis, concurrency
+  1/8/32/64, step counts uniform over 1, 2, 4, 8), as service / ceiling with the time split.
+
+The service configuration must be one where the network dominates (>= 80 % of the ceiling's time
+per image). On a GPU: DiT-XL/2 + SD VAE in bfloat16. On the CPU (2 shared cores here) a DiT-XL/2
+image costs seconds, so the CPU configuration is a DiT of the S/2 family made smaller to give
+enough requests in a run: `--cpu-service` (default: 6 layers, width 256, 3x16x16 pixels, 64
+tokens, identity decoder, images shown 8x as 128x128 RGB).
+
+    python benchmarks/realsize.py --out benchmarks/results/realsize_cpu.md
+    python benchmarks/realsize.py --device cuda --dtype bfloat16 --out benchmarks/results/realsize_cuda.md
+    python benchmarks/realsize.py --tiny --parts network,decode,encode,ceiling   # smoke test sizes
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from functools import partial
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import load  # benchmarks/load.py: the load generator and the ceiling
+
+from service.encode import encode
+from solvers.adapters import DiscreteIndex, dtype_name
+from solvers.network import Network, dtype_of, enable_tf32
+from solvers.schedules import VPSchedule
+
+# name -> (layers, heads, head dim); patch 2, 256 px (32x32x4 latents), 1000 classes
+DIT = {"S/2": (12, 6, 64), "B/2": (12, 12, 64), "L/2": (24, 16, 64), "XL/2": (28, 16, 72)}
+SD_VAE = {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "latent_channels": 4,
+          "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
+          "norm_num_groups": 32, "sample_size": 256}
+TINY_DIT = (2, 2, 16)
+TINY_VAE = {**SD_VAE, "block_out_channels": (8, 16), "layers_per_block": 1, "norm_num_groups": 4,
+            "down_block_types": ("DownEncoderBlock2D",) * 2, "up_block_types": ("UpDecoderBlock2D",) * 2}
+# datasheet dense peaks, TFLOP/s (SXM parts; tf32 is what float32 matmuls use with TF32 on)
+PEAKS = {"H100": {"bfloat16": 989.4, "float16": 989.4, "float32": 494.7},
+         "H200": {"bfloat16": 989.4, "float16": 989.4, "float32": 494.7},
+         "A100": {"bfloat16": 312.0, "float16": 312.0, "float32": 156.0}}
+
+
+def diffusers():
+    import diffusers as d
+    return d
+
+
+def dit(layers, heads, head_dim, channels=4, size=32, classes=1000):
+    return diffusers().DiTTransformer2DModel(
+        num_attention_heads=heads, attention_head_dim=head_dim, in_channels=channels, out_channels=2 * channels,
+        num_layers=layers, sample_size=size, patch_size=2, num_embeds_ada_norm=classes).eval().requires_grad_(False)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, min_s: float, min_reps: int = 2) -> float:
+    """Seconds per call: one warm call, then repeats until `min_s` passed (at least `min_reps`)."""
+    fn()
+    sync(device)
+    n, t0 = 0, time.perf_counter()
+    while n < min_reps or time.perf_counter() - t0 < min_s:
+        fn()
+        n += 1
+        sync(device)
+    return (time.perf_counter() - t0) / n
+
+
+def flops_of(fn) -> float:
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return float(fc.get_total_flops())
+
+
+_PEAKS: dict = {}
+
+
+def peak_flops(device, dt: str, min_s: float) -> tuple[float, str]:
+    """(FLOP/s, where the number comes from); measured once per (device, dtype), the best of three."""
+    key = (str(device), dt)
+    if key not in _PEAKS:
+        _PEAKS[key] = _peak(device, dt, min_s)
+    return _PEAKS[key]
+
+
+def _peak(device, dt: str, min_s: float) -> tuple[float, str]:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for k, v in PEAKS.items():
+            if k in name:
+                return v[dt] * 1e12, f"{name} datasheet dense {dt}"
+    n = 2048 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype_of(dt))
+    s = min(timed(partial(torch.matmul, a, a), device, min_s) for _ in range(3))
+    return 2 * n ** 3 / s, (f"the best of three {n}x{n} {dt} matmuls measured on {device.type} with "
+                            f"{torch.get_num_threads()} thread(s), a practical reference (convolutions may beat it: "
+                            "Winograd does fewer multiplications than counted)")
+
+
+def dit_model(net, channels, size, classes):
+    return DiscreteIndex(net, VPSchedule(), "eps", (channels, size, size), classes)
+
+
+# -- parts -----------------------------------------------------------------------------------------------
+
+def part_network(a, device, report):
+    rows = []
+    configs = {"tiny": TINY_DIT} if a.tiny else {k: DIT[k] for k in a.dits.split(",")}
+    for name, (L, H, hd) in configs.items():
+        for dt in a.dtypes.split(","):
+            dt = dtype_name(dt)
+            peak, peak_src = peak_flops(device, dt, a.min_seconds)
+            torch.manual_seed(0)
+            model = dit_model(dit(L, H, hd).to(device), 4, 32, 1000)
+            x1 = torch.randn(1, 4, 32, 32, device=device)
+            t1, l1 = torch.full((1,), 0.5, device=device), torch.zeros(1, dtype=torch.long, device=device)
+            modes = ["eager", "graphs"] if device.type == "cuda" and not a.no_graphs else ["eager"]
+            batches = [int(b) for b in (a.batches_cuda if device.type == "cuda" else a.batches).split(",")]
+            if name == "XL/2" and device.type == "cpu":
+                batches = batches[:1]  # seconds per image here
+            net = Network(model, dtype_of(dt), buckets=batches, graphs="graphs" in modes)
+            with torch.inference_mode():
+                f = flops_of(partial(net.eager, x1, t1, t1, l1))
+                if "graphs" in modes:
+                    net.capture()
+                for B in batches:
+                    x = torch.randn(B, 4, 32, 32, device=device)
+                    t, lab = torch.full((B,), 0.5, device=device), torch.arange(B, device=device) % 1000
+                    for mode in modes:
+                        call = partial(net.eager if mode == "eager" else net, x, t, t, lab)
+                        s = timed(call, device, a.min_seconds)
+                        r = {"net": f"DiT-{name}", "dtype": dt, "mode": mode, "batch": B, "ms": 1e3 * s,
+                             "images_per_s": B / s, "gflop_per_image": f / 1e9, "tflops": B * f / s / 1e12,
+                             "utilisation": B * f / s / peak, "peak_tflops": peak / 1e12, "peak_source": peak_src}
+                        rows.append(r)
+                        print(f"network {r['net']} {dt} {mode} B={B}: {r['ms']:.1f} ms  {r['images_per_s']:.1f} img/s  "
+                              f"{r['gflop_per_image']:.1f} GFLOP/img  util {100 * r['utilisation']:.1f}%", flush=True)
+    report["network"] = rows
+
+
+def part_decode(a, device, report):
+    d = diffusers()
+    cfg = TINY_VAE if a.tiny else SD_VAE
+    torch.manual_seed(0)
+    vae = d.AutoencoderKL(**cfg).eval().requires_grad_(False).to(device)
+    rows = []
+    for dt in a.dtypes.split(","):
+        dt = dtype_name(dt)
+        vae.to(dtype_of(dt))
+        for B in [int(b) for b in a.decode_batches.split(",")]:
+            z = torch.randn(B, 4, 32, 32, device=device, dtype=dtype_of(dt))
+            with torch.inference_mode():
+                f = flops_of(partial(vae.decode, z[:1]))
+                s = timed(partial(vae.decode, z), device, a.min_seconds, 1)
+                shape = tuple(vae.decode(z[:1]).sample.shape[1:])
+            peak, _ = peak_flops(device, dt, a.min_seconds)
+            r = {"dtype": dt, "batch": B, "ms": 1e3 * s, "ms_per_image": 1e3 * s / B, "gflop_per_image": f / 1e9,
+                 "utilisation": B * f / s / peak, "image_shape": list(shape)}
+            rows.append(r)
+            print(f"decode {dt} B={B}: {r['ms_per_image']:.1f} ms/img  {r['gflop_per_image']:.0f} GFLOP/img "
+                  f"-> {shape}", flush=True)
+    report["decode"] = rows
+
+
+def part_encode(a, device, report):
+    """Gradients plus Gaussian noise of 4 grey levels: compresses about like a decoded image, unlike pure noise."""
+    g = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:256, 0:256]
+    img = np.stack([(xx + yy) / 2, 255 - xx, yy], -1) + g.normal(0, 4, (256, 256, 3))
+    px = np.clip(img, 0, 255).astype(np.uint8)[None]
+    rows = []
+    for fmt in ("png", "jpeg", "webp", "json"):
+        s = timed(lambda fmt=fmt: encode(px, fmt), torch.device("cpu"), a.min_seconds / 2, 3)
+        rows.append({"format": fmt, "ms_per_image": 1e3 * s, "bytes": len(encode(px, fmt))})
+        print(f"encode {fmt}: {1e3 * s:.2f} ms  {rows[-1]['bytes']} bytes", flush=True)
+    report["encode"] = rows
+
+
+# -- the service configuration ----------------------------------------------------------------------------
+
+def service_artifact(a, device, out_dir) -> tuple[str, str]:
+    """Write the service configuration as an artifact (random weights, through `stride offline import`'s
+    code) and say what it is."""
+    from offline.importer import import_diffusers
+
+    d = diffusers()
+    src = os.path.join(out_dir, "src")
+    torch.manual_seed(0)
+    if device.type == "cuda" and not a.tiny:
+        net, shape = dit(*DIT[a.cuda_service]), (4, 32, 32)
+        net.save_pretrained(os.path.join(src, "transformer"))
+        d.AutoencoderKL(**SD_VAE).save_pretrained(os.path.join(src, "vae"))
+        with open(os.path.join(src, "model_index.json"), "w") as f:
+            json.dump({"_class_name": "DiTPipeline", "transformer": ["diffusers", "DiTTransformer2DModel"],
+                       "vae": ["diffusers", "AutoencoderKL"]}, f)
+        what = f"DiT-{a.cuda_service} (random weights, 32x32x4 latents) + SD VAE decoder -> 256x256 RGB, {a.dtype}"
+    else:
+        L, H, hd, size = (2, 2, 16, 8) if a.tiny else tuple(int(v) for v in a.cpu_service.split(","))
+        net, shape = dit(L, H, hd, channels=3, size=size, classes=10), (3, size, size)
+        net.save_pretrained(src)
+        what = (f"DiT of the S/2 family, {L} layers, width {H * hd} ({H} heads x {hd}), patch 2, on {size}x{size}x3 "
+                f"pixels ({(size // 2) ** 2} tokens), 10 classes, random weights, identity decoder, images shown "
+                f"{a.display_scale}x")
+    art = import_diffusers(src, os.path.join(out_dir, "artifact"), dtype="float32")
+    meta_path = os.path.join(art, "model.json")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    meta["display"] = {"scale": 1 if shape[0] == 4 else a.display_scale}
+    with open(meta_path, "w") as f:
+        json.dump(meta, f, indent=2)
+    return str(art), what
+
+
+def part_ceiling(a, device, report, art, what):
+    from service.models import ModelEntry
+
+    entry = ModelEntry.from_artifact(art, str(device), a.dtype, steps=list(load.MIXED))
+    rows = []
+    for s in (1, 2, 4, 8):
+        for occ in [int(c) for c in a.ceiling_occupancy.split(",")]:
+            ips, cpu_ms, parts = load.ceiling(entry, s, occ, a.ceiling_seconds, split=device.type == "cpu",
+                                              device=str(device), graphs=not a.no_graphs)
+            r = {"steps": s, "occupancy": occ, "images_per_s": ips, "cpu_ms_per_image": cpu_ms}
+            if parts:
+                r["network_ms_per_image"], r["rest_ms_per_image"] = 1e3 * parts["network"], 1e3 * parts["rest"]
+                r["network_share"] = parts["network"] / (parts["network"] + parts["rest"])
+            rows.append(r)
+            print(f"ceiling steps {s} occupancy {occ}: {ips:.1f} img/s"
+                  + (f"  network {100 * r['network_share']:.0f}% of the time" if parts else ""), flush=True)
+    report["ceiling"] = {"model": what, "rows": rows}
+
+
+def part_service(a, device, report, art, what, out):
+    argv = ["--artifact", art, "--model-note", what, "--steps", a.service_steps, "--concurrency",
+            a.concurrency, "--modes", a.modes, "--duration", str(a.duration), "--warmup", str(a.warmup),
+            "--ceiling-seconds", str(a.ceiling_seconds), "--max-batch", str(a.max_batch),
+            "--threads", str(a.threads), "--ceiling-threads", a.ceiling_threads, "--device", str(device),
+            "--dtype", a.dtype, "--title", f"Service vs ceiling, real-size configuration ({device.type})"]
+    if a.no_graphs:
+        argv.append("--no-graphs")
+    if out:
+        argv += ["--out", os.path.splitext(out)[0] + "_service.md"]
+    report["service"] = load.main(argv)
+
+
+# -- report -----------------------------------------------------------------------------------------------
+
+def render(report, a) -> str:
+    out = [f"# Real-size benchmark ({report['device']})", "",
+           f"- date: {report['date']}", f"- machine: {report['machine']}",
+           (f"- load average before the run: {report['load_avg']:.2f} (this machine is shared: other people's "
+            "processes take cores during the runs)"),
+           f"- command: `python benchmarks/realsize.py {' '.join(report['argv'])}`",
+           f"- torch threads (network, decode, ceiling parts): {report['torch_threads']}", ""]
+    if report.get("network"):
+        out += ["## Network: time per call by batch size", "",
+                "| net | dtype | mode | batch | ms/call | img/s | GFLOP/img | TFLOP/s | utilisation | peak TFLOP/s |",
+                "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in report["network"]:
+            out.append(f"| {r['net']} | {r['dtype']} | {r['mode']} | {r['batch']} | {r['ms']:.1f} | "
+                       f"{r['images_per_s']:.1f} | {r['gflop_per_image']:.1f} | {r['tflops']:.3f} | "
+                       f"{100 * r['utilisation']:.1f}% | {r['peak_tflops']:.2f} |")
+        out += ["", f"Peak: {report['network'][0]['peak_source']}.", ""]
+    if report.get("decode"):
+        out += ["## Decode: SD VAE decoder, 32x32x4 latents", "",
+                "| dtype | batch | ms/image | GFLOP/image | utilisation | image |", "|---|---:|---:|---:|---:|---|"]
+        for r in report["decode"]:
+            out.append(f"| {r['dtype']} | {r['batch']} | {r['ms_per_image']:.1f} | {r['gflop_per_image']:.0f} | "
+                       f"{100 * r['utilisation']:.1f}% | {'x'.join(map(str, r['image_shape']))} |")
+        out.append("")
+    if report.get("encode"):
+        out += ["## Encode: one 256x256 RGB image (API process, one thread)", "",
+                "| format | ms/image | bytes |", "|---|---:|---:|"]
+        out += [f"| {r['format']} | {r['ms_per_image']:.2f} | {r['bytes']} |" for r in report["encode"]]
+        out.append("")
+    if report.get("ceiling"):
+        c = report["ceiling"]
+        out += ["## Executor ceiling", "", f"Model: {c['model']}.", "",
+                "| steps | images in flight | img/s | CPU ms/img | network ms/img | rest ms/img | network share |",
+                "|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in c["rows"]:
+            net = (f"{r['network_ms_per_image']:.1f} | {r['rest_ms_per_image']:.1f} | {100 * r['network_share']:.0f}%"
+                   if "network_share" in r else " | | ")
+            out.append(f"| {r['steps']} | {r['occupancy']} | {r['images_per_s']:.1f} | {r['cpu_ms_per_image']:.1f} | "
+                       f"{net} |")
+        out.append("")
+    if report.get("service"):
+        out += ["## Service / ceiling", "", f"Model: {report['service_model']}.", "",
+                "| mode | steps | conc. | img/s | ceiling img/s | ratio | p50 ms | p99 ms | rows/call |",
+                "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in report["service"]:
+            out.append(f"| {r['mode']} | {r['steps']} | {r['concurrency']} | {r['images_per_s']:.1f} | "
+                       f"{r['ceiling']:.1f} | {r['ratio']:.2f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | "
+                       f"{r['batch_rows']:.1f} |")
+        out += ["", "Time split and CPU per process: the `_service.md` report beside this one.", ""]
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--parts", default="network,decode,encode,ceiling,service")
+    ap.add_argument("--tiny", action="store_true", help="tiny networks: the smoke test of every part")
+    ap.add_argument("--dits", default="S/2,B/2,XL/2", help=f"network part: DiT sizes, of {list(DIT)}")
+    ap.add_argument("--dtypes", default=None, help="network/decode dtypes (default: fp32 on CPU, "
+                                                   "fp32,bf16 on CUDA)")
+    ap.add_argument("--dtype", default=None, help="ceiling/service network and decoder dtype (default: fp32 on CPU, "
+                                                  "bf16 on CUDA)")
+    ap.add_argument("--batches", default="1,2,4,8", help="network part, CPU")
+    ap.add_argument("--batches-cuda", default="1,2,4,8,16,32,64,128")
+    ap.add_argument("--decode-batches", default="1")
+    ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--min-seconds", type=float, default=1.0, help="timing per measurement")
+    ap.add_argument("--cpu-service", default="6,4,64,16", help="layers,heads,head dim,pixels of the CPU service DiT")
+    ap.add_argument("--cuda-service", default="XL/2")
+    ap.add_argument("--display-scale", type=int, default=8)
+    ap.add_argument("--ceiling-occupancy", default="8,32")
+    ap.add_argument("--ceiling-seconds", type=float, default=6.0)
+    ap.add_argument("--service-steps", default="mixed")
+    ap.add_argument("--concurrency", default="1,8,32,64")
+    ap.add_argument("--modes", default="embedded,redis")
+    ap.add_argument("--duration", type=float, default=20.0)
+    ap.add_argument("--warmup", type=float, default=4.0)
+    ap.add_argument("--max-batch", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1, help="the service worker's torch threads (0: its default)")
+    ap.add_argument("--ceiling-threads", default="1,all", help="the service's ceiling: the best of these")
+    ap.add_argument("--cpu-threads", type=int, default=1,
+                    help="CPU: torch threads of the network, decode and ceiling parts (on a shared machine one "
+                         "thread is steadier: a parallel region waits for its slowest, preempted thread)")
+    ap.add_argument("--out", help="markdown report; a .json beside it")
+    a = ap.parse_args(argv)
+    device = torch.device(a.device)
+    cuda = device.type == "cuda"
+    a.dtypes = a.dtypes or ("fp32,bf16" if cuda else "fp32")
+    a.dtype = a.dtype or ("bf16" if cuda else "fp32")
+    if cuda:
+        enable_tf32()
+    else:
+        torch.set_num_threads(a.cpu_threads)
+    parts = a.parts.split(",")
+    report = {"device": str(device) if not cuda else torch.cuda.get_device_name(device), "machine": load.machine(),
+              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "load_avg": os.getloadavg()[0], "argv": sys.argv[1:] if argv is None else list(argv),
+              "torch_threads": torch.get_num_threads()}
+    for p in ("network", "decode", "encode"):
+        if p in parts:
+            globals()[f"part_{p}"](a, device, report)
+    if "ceiling" in parts or "service" in parts:
+        tmp = tempfile.mkdtemp(prefix="stride-realsize-")
+        try:
+            art, what = service_artifact(a, device, tmp)
+            report["service_model"] = what
+            if "ceiling" in parts:
+                part_ceiling(a, device, report, art, what)
+            if "service" in parts:
+                part_service(a, device, report, art, what, a.out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    text = render(report, a)
+    print(text)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(text)
+        with open(os.path.splitext(a.out)[0] + ".json", "w") as f:
+            json.dump(report, f, indent=1)
+    return report
+
+
+if __name__ == "__main__":
+    main()
