@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file
 
 from solvers.adapters import TIME_MAPS, adapter_class, dtype_name
-from solvers.artifact import MODEL_FORMAT, check_net_shape, sha256_file, write_json, write_weights
+from solvers.artifact import MODEL_FORMAT, check_net_shape, fill, sha256_file, write_json, write_weights
 from solvers.nets.diffusers_nets import set_time_freq_shift
 from solvers.schedules import FlowSchedule, VPSchedule
 
@@ -76,22 +76,6 @@ def read_state_dict(path: Path) -> dict:
         raise ValueError(f"{path} holds a {type(sd).__name__}, not a state dict of tensors; save "
                          "model.state_dict() instead")
     return sd
-
-
-def fill(net, sd: dict, where: str):
-    """Load `sd` into `net` after checking names and shapes; the error names the tensor."""
-    want = net.state_dict()
-    missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
-    if missing or unexpected:
-        raise ValueError(f"{where} does not match the network its config describes: missing tensors "
-                         f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected tensors "
-                         f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
-    for k, v in want.items():
-        if tuple(sd[k].shape) != tuple(v.shape):
-            raise ValueError(f"{where}: tensor {k!r} has shape {tuple(sd[k].shape)}, but the config "
-                             f"describes {tuple(v.shape)}")
-    net.load_state_dict({k: v.to(want[k].dtype) for k, v in sd.items()})
-    return net.eval().requires_grad_(False)
 
 
 def _model_folder(d: Path, what: str):

@@ -103,6 +103,22 @@ def read_net(directory: Path, meta: dict, where: str, device="cpu", weights: boo
     return load_weights(build_net(arch["kind"], arch["config"]), directory / rec["file"], rec["sha256"], where, device)
 
 
+def fill(net, sd: dict, where: str):
+    """Load the state dict `sd` into `net` after checking names and shapes; the error names the tensor."""
+    want = net.state_dict()
+    missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
+    if missing or unexpected:
+        raise ValueError(f"{where} does not match the architecture: "
+                         f"missing tensors {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                         f"unexpected tensors {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    for k, v in want.items():
+        if tuple(sd[k].shape) != tuple(v.shape):
+            raise ValueError(f"{where}: tensor {k!r} has shape {tuple(sd[k].shape)}, "
+                             f"but the architecture in {where} expects {tuple(v.shape)}")
+    net.load_state_dict({k: v.to(want[k].dtype) for k, v in sd.items()}, strict=True)
+    return net.eval().requires_grad_(False)
+
+
 def load_weights(net, wpath: Path, sha256: str, where, device="cpu"):
     """Fill `net` from a safetensors file after checking its sha256, names and shapes; never unpickles."""
     if not wpath.is_file():
@@ -115,17 +131,7 @@ def load_weights(net, wpath: Path, sha256: str, where, device="cpu"):
         sd = load_file(str(wpath), device=str(device))
     except Exception as e:  # safetensors raises its own error types
         raise ValueError(f"{wpath}: not a readable safetensors file: {e}") from e
-    want = net.state_dict()
-    missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
-    if missing or unexpected:
-        raise ValueError(f"{wpath} does not match the architecture in {where}: "
-                         f"missing tensors {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                         f"unexpected tensors {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
-    for k, v in want.items():
-        if tuple(sd[k].shape) != tuple(v.shape):
-            raise ValueError(f"{wpath}: tensor {k!r} has shape {tuple(sd[k].shape)}, "
-                             f"but the architecture in {where} expects {tuple(v.shape)}")
-    net.load_state_dict({k: v.to(want[k].dtype) for k, v in sd.items()}, strict=True)
+    fill(net, sd, f"{wpath} (for {where})")
     return net.to(device).eval().requires_grad_(False)
 
 
