@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.benchmark import Timer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from solvers.update import fused_update_torch  # noqa: E402
+from solvers.update import fused_update_torch
 
 aten = torch.ops.aten
 SHAPES = {"4x32x32": 4 * 32 * 32, "3x256x256": 3 * 256 * 256}
@@ -45,8 +45,8 @@ def naive_update(y, d, uncond, w, hx, hd, c, b, hist, slot):
 
 def inputs(B, D, dtype, ddtype, device):
     g = torch.Generator().manual_seed(0)
-    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    f = lambda v: torch.full((B,), v, device=device)  # noqa: E731
+    r = lambda *s: torch.randn(*s, generator=g)
+    f = lambda v: torch.full((B,), v, device=device)
     # CFG on for every sample: d = [cond rows; uncond rows]. Coefficients keep y bounded over repeats.
     return dict(y=r(B, D).to(device, dtype), d=r(2 * B, D).to(device, ddtype),
                 uncond=torch.arange(B, 2 * B, device=device), w=f(4.0), hx=f(0.0), hd=f(1.0), c=f(1.0),
@@ -139,7 +139,7 @@ def main(argv=None):
         t = {k: v.clone() for k, v in a.items()}
         fn(**t)
         tol = dict(rtol=1e-5, atol=1e-5) if dtype in (torch.float32, torch.float64) else {}
-        torch.testing.assert_close(t["y"], ref["y"], **tol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(t["y"], ref["y"], **tol, msg=lambda m, name=name: f"{name}: {m}")
 
     rows = []
     for shape, D in SHAPES.items():

@@ -40,7 +40,7 @@ def stratified_split(labels: np.ndarray, holdout: float, seed: int):
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
         idx = idx[rng.permutation(len(idx))]
-        k = max(1, int(round(holdout * len(idx)))) if len(idx) > 1 else 0
+        k = max(1, round(holdout * len(idx))) if len(idx) > 1 else 0
         test.append(idx[:k]), train.append(idx[k:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 

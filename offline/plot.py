@@ -67,8 +67,8 @@ def line_plot(path, series: dict, title: str, xlabel: str, ylabel: str, logx=Tru
         x0, x1 = x0 / 2, x1 * 2
     tx = (lambda v: math.log(v)) if logx else (lambda v: v)
     ty = (lambda v: math.log(max(v, 1e-300))) if logy else (lambda v: v)
-    px = lambda v: L + (tx(v) - tx(x0)) / (tx(x1) - tx(x0)) * (W - L - R)  # noqa: E731
-    py = lambda v: H - B - (ty(v) - ty(y0)) / (ty(y1) - ty(y0)) * (H - T - B)  # noqa: E731
+    px = lambda v: L + (tx(v) - tx(x0)) / (tx(x1) - tx(x0)) * (W - L - R)
+    py = lambda v: H - B - (ty(v) - ty(y0)) / (ty(y1) - ty(y0)) * (H - T - B)
     d.rectangle([L, T, W - R, H - B], outline="black")
     xt = sorted({x for x, _, _ in pts})
     for v in xt:

@@ -26,6 +26,7 @@ which the API also polls, and a lost message costs at most one poll interval, ne
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -224,10 +225,8 @@ class RedisQueue:
                 self._listening.clear()
                 await asyncio.sleep(0.2)
             finally:
-                try:
+                with contextlib.suppress(Exception):  # closing a dead connection may fail any way
                     await ps.aclose()
-                except Exception:
-                    pass
 
     async def _refresh_once(self):
         k = self.keys

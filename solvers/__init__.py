@@ -8,7 +8,22 @@ from .schedules import EDMSchedule, FlowSchedule, Schedule, VPLinearSchedule, VP
 from .table import Table
 
 __all__ = [
-    "EDMSchedule", "FlowSchedule", "GaussianMixture", "PARAMS", "SOLVERS", "Schedule", "Stepper", "Table",
-    "VPLinearSchedule", "VPSchedule", "build", "convert", "make_grid", "make_table", "sample", "schedule_from_json", "seeded_noise",
+    "PARAMS",
+    "SOLVERS",
+    "EDMSchedule",
+    "FlowSchedule",
+    "GaussianMixture",
+    "Schedule",
+    "Stepper",
+    "Table",
+    "VPLinearSchedule",
+    "VPSchedule",
+    "build",
+    "convert",
+    "make_grid",
+    "make_table",
+    "sample",
+    "schedule_from_json",
+    "seeded_noise",
     "theoretical_order",
 ]

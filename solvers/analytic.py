@@ -74,7 +74,7 @@ class GaussianMixture:
             raise ValueError("exact_solution needs one Gaussian per class and a real class label")
         comp = torch.stack([(self.classes == c).nonzero()[0, 0] for c in label.tolist()])
         m, sc = self.means[comp], self.scales[comp][:, None]
-        sd = lambda u: (self.schedule.alpha(u) ** 2 * sc ** 2 + self.schedule.sigma(u) ** 2).sqrt()  # noqa: E731
+        sd = lambda u: (self.schedule.alpha(u) ** 2 * sc ** 2 + self.schedule.sigma(u) ** 2).sqrt()
         at, as_ = self.schedule.alpha(torch.as_tensor(t, dtype=F64)), self.schedule.alpha(torch.as_tensor(s, dtype=F64))
         x = x.reshape(x.shape[0], -1).to(F64)
         return as_ * m + sd(torch.as_tensor(s, dtype=F64)) / sd(torch.as_tensor(t, dtype=F64)) * (x - at * m)

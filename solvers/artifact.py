@@ -20,9 +20,9 @@ import json
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -65,7 +65,7 @@ def read_json(path) -> dict:
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(d, dict):
-        raise ValueError(f"{path} must hold a JSON object, found {type(d).__name__}")
+        raise ValueError(f"{path} must hold a JSON object, found {type(d).__name__}")  # noqa: TRY004 (loaders raise ValueError)
     return d
 
 

@@ -145,7 +145,7 @@ def searched_coeffs(schedule: Schedule, param: str, form: str, grid: torch.Tenso
 
 
 def table_from_coeffs(co: dict, name: str, meta: dict | None = None) -> Table:
-    f = lambda v: v.detach().to(F64).clone()  # noqa: E731
+    f = lambda v: v.detach().to(F64).clone()
     return Table(f(co["tau"]), f(co["s"]), f(co["hx"]), f(co["hd"]), f(co["c"]), windowed(f(co["B"])),
                  float(torch.as_tensor(co["init"]).detach()), name, dict(meta or {}))
 

@@ -102,7 +102,7 @@ def ddpm_betas(kind: str = "linear", n: int = 1000, beta_start: float = 1e-4, be
         return torch.linspace(beta_start ** 0.5, beta_end ** 0.5, n, dtype=F64) ** 2
     if kind == "cosine":  # Nichol & Dhariwal, betas clipped at 0.999
         s = 0.008
-        f = lambda u: torch.cos((u + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
+        f = lambda u: torch.cos((u + s) / (1 + s) * math.pi / 2) ** 2
         u = torch.arange(n + 1, dtype=F64) / n
         abar = f(u) / f(torch.zeros((), dtype=F64))
         return (1 - abar[1:] / abar[:-1]).clamp(max=0.999)

@@ -65,7 +65,7 @@ class Table:
         if (self.b[j > k] != 0).any():
             raise ValueError(f"table {self.name!r}: b[k, j] must be 0 for j > k (no history before the start)")
 
-    def trimmed(self) -> "Table":
+    def trimmed(self) -> Table:
         """The same table with trailing all-zero window columns removed."""
         nz = (self.b != 0).any(0).nonzero()
         w = int(nz.max()) + 1 if len(nz) else 1
@@ -79,7 +79,7 @@ class Table:
         }
 
     @classmethod
-    def from_json(cls, d: dict) -> "Table":
+    def from_json(cls, d: dict) -> Table:
         if d.get("format") != FORMAT:
             raise ValueError(f"table format {d.get('format')!r} is not supported; expected {FORMAT!r}")
         return cls(d["tau"], d["s"], d["hx"], d["hd"], d["c"], d["b"], d["init"], d.get("name", "table"), d.get("meta", {}))

@@ -35,7 +35,7 @@ def test_velocity_is_time_derivative_of_the_interpolant():
     sched = VPLinearSchedule()
     x0, eps = torch.randn(2, 5, dtype=torch.float64)
     t, h = torch.tensor(0.4, dtype=torch.float64), 1e-6
-    xt = lambda u: sched.alpha(u) * x0 + sched.sigma(u) * eps  # noqa: E731
+    xt = lambda u: sched.alpha(u) * x0 + sched.sigma(u) * eps
     fd = (xt(t + h) - xt(t - h)) / (2 * h)
     A, B = convert("eps", "velocity", sched.alpha(t), sched.sigma(t), *sched.derivatives(t))
     torch.testing.assert_close(A * xt(t) + B * eps, fd, rtol=1e-7, atol=1e-8)

@@ -1,5 +1,7 @@
 """Secant models: exact tangent at init, files, the executor's (t, s), stop-gradients, and short
 SDEI / STEE fits that move a secant net towards the closed-form secant of Gaussian data."""
+import itertools
+
 import pytest
 import torch
 from torch import nn
@@ -95,7 +97,7 @@ def test_executor_passes_t_and_s_and_guidance(teacher):
     out = sample(m, secant_table(3), noise, y, w)
     x, grid = noise.clone(), torch.linspace(1, 0, 4)
     with torch.no_grad():
-        for t, s in zip(grid[:-1], grid[1:]):
+        for t, s in itertools.pairwise(grid):
             x = x + (s - t) * net(x, t.expand(2), y, s.expand(2), w)
     torch.testing.assert_close(out, x, rtol=1e-5, atol=1e-5)
 
@@ -171,8 +173,8 @@ def test_stop_gradients(gmm, loss):
     assert not any(x.requires_grad for x, _, _ in f.calls + teacher.calls)
     assert tw.grad is None and not any(out.requires_grad for *_, out in teacher.calls)
     assert net.g[0].weight.grad is not None
-    t, s, r = tm["t"][:, None], tm["s"][:, None], tm["r"][:, None]
-    (xp, ap, fp), (xl, al, _) = f.calls[0], f.calls[-2 if loss == "stei" else -1]
+    t, r = tm["t"][:, None], tm["r"][:, None]
+    (xp, _, fp), (xl, al, _) = f.calls[0], f.calls[-2 if loss == "stei" else -1]
     if loss in ("sdei", "stei"):  # interior point estimated from the exact x_t
         torch.testing.assert_close(xp, interp(x0, eps, tm["t"]))
         est = xp + (r - t) * fp
@@ -252,7 +254,7 @@ def test_convert_writes_a_loadable_secant_and_resumes(tmp_path, loss):
     art = save_artifact(tmp_path / "a", net.config, net.state_dict(), FlowSchedule(), "flow", (1, 8, 8),
                         [str(i) for i in range(10)], {}, data_source=src)
     st = Settings(loss=loss, n_steps=[2], steps=2, batch=4, ckpt_every=1, guidance_input=loss == "sdei")
-    log = open(tmp_path / "log", "w")
+    log = open(tmp_path / "log", "w")  # noqa: SIM115 (one log across several runs, closed with tmp_path)
     train_secant(art, st, "secant", tmp_path / "ck", log=log)
     st.steps = 3
     meta = train_secant(art, st, "secant", tmp_path / "ck", resume=True, log=log)
@@ -275,7 +277,7 @@ def test_init_starts_from_a_secant_file_and_adds_up_its_cost(tmp_path):
             p.add_(0.2 * torch.randn_like(p))
     art = save_artifact(tmp_path / "a", net.config, net.state_dict(), FlowSchedule(), "flow", (1, 8, 8),
                         [str(i) for i in range(10)], {}, data_source=src)
-    log = open(tmp_path / "log", "w")
+    log = open(tmp_path / "log", "w")  # noqa: SIM115 (one log across several runs, closed with tmp_path)
     first = train_secant(art, Settings(n_steps=[2], steps=3, batch=4, lr=1e-2, w_max=3.0), "secant-a",
                          tmp_path / "ck1", log=log, dtype="float32")
     # zero further iterations: the new file is the init file, not the teacher's tangent
@@ -304,7 +306,7 @@ def test_tangent_anchor_is_zero_at_init_and_grads_only_the_student(teacher):
     x0, eps = torch.randn(6, 1, 8, 8, generator=g), torch.randn(6, 1, 8, 8, generator=g)
     y, tau = torch.tensor([0, 1, 2, 0, 1, 2]), torch.rand(6, generator=g)
     teacher.requires_grad_(True)
-    v = lambda x, t, y, w: teacher(x, t, y)  # noqa: E731
+    v = lambda x, t, y, w: teacher(x, t, y)
     f = SecantUNet.from_teacher(teacher, (1.0, 3.0))
     assert tangent_loss(student(f), v, x0, eps, y, None, tau).item() == 0.0  # f(x, t, t) = v exactly
     with torch.no_grad():

@@ -11,18 +11,18 @@ import torch
 
 pytest.importorskip("triton")
 
-from solvers.update import fused_update_torch  # noqa: E402
+from solvers.update import fused_update_torch
 
 if "solvers.triton_update" in sys.modules:  # imported earlier without the interpreter: decorate again
     importlib.reload(sys.modules["solvers.triton_update"])
-from solvers.triton_update import fused_update_triton  # noqa: E402
+from solvers.triton_update import fused_update_triton
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 
 
 def make(B, D, W, dtype, ddtype, seed=0):
     g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    r = lambda *s: torch.randn(*s, generator=g)
     uncond = torch.tensor([B + 1, -1, B, -1, B + 2, B + 3, -1][:B], dtype=torch.int64)  # some guided
     return dict(  # d: B cond rows, then the uncond rows (one unused)
         y=r(B, D).to(dtype), d=r(B + 4, D).to(ddtype), uncond=uncond,

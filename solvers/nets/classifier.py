@@ -1,7 +1,6 @@
 """A small CNN classifier whose penultimate features define the offline Fréchet distance."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 from torch.nn import functional as F
 
