@@ -70,10 +70,12 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--no-learned", action="store_true", help="skip the learned solvers in <artifact>/solvers")
     e.add_argument("--secant-steps", type=_ints, default=[1, 2, 4, 8],
                    help="step counts for the artifact's secant models (0 skips them)")
-    from offline import secant
+    from offline import grid_search, guidance_eval, secant
     from offline.search import add_parsers  # search + dode
 
     add_parsers(sub)
+    grid_search.add_parser(sub)
+    guidance_eval.add_parser(sub)
     secant.add_parser(sub)
     return p
 
@@ -119,6 +121,6 @@ def _run(a, command: str) -> int:
         from offline.secant import run
 
         return run(a, command=command)
-    elif hasattr(a, "func"):  # subcommands that carry their own runner (search, dode)
+    elif hasattr(a, "func"):  # subcommands that carry their own runner (search, dode, grids, eval-guidance)
         return a.func(a)
     return 0

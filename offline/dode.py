@@ -11,8 +11,8 @@ and the corrected state y_b + lam_k g_k feeds the next evaluation. Unlike the re
 teacher's grid *refines* the student's (C - 1 points inside each student interval, uniform in
 log-SNR), so every target X(s_k) sits at the student's own noise level (the code's index alignment
 puts them at other noise levels; research/dode.md). The n eps^2 ridge (eps in data units) keeps a
-vanishing D_k - D_{k-1} near t_min from blowing lam up; the clip is a last guard. Fitting seeds are
-30_000_000 + i, disjoint from evaluation (10_000_000 +) and held-out selection (20_000_000 +).
+vanishing D_k - D_{k-1} near t_min from blowing lam up; the clip is a last guard. Fitting seeds are the
+`dode` stream of offline/seeds.py, disjoint from evaluation, selection and every other fit.
 """
 from __future__ import annotations
 
@@ -31,12 +31,14 @@ from solvers.learned import (
 )
 from solvers.schedules import F64
 
+from .progress import Progress
 from .search import (
-    Progress, _ints, cfg_scale, cpu_s, heldout, load_model, metrics_for, model_call, reference, references,
+    _ints, cfg_scale, cpu_s, heldout, load_model, metrics_for, model_call, reference, references,
     rmse, trajectory,
 )
+from .seeds import STREAMS, stream_range
 
-FIT_SEED = 30_000_000
+FIT_SEED = STREAMS["dode"][0]
 
 
 def refine(schedule, grid, C: int) -> torch.Tensor:
@@ -97,9 +99,9 @@ def fit_lambdas(model, base, semantics, noise, labels, targets, guidance=1.0, ep
 def fit(model, bases, nfes, *, grid=None, C=8, teacher="dpmpp-2m", batch=64, guidance=1.0, eps=1e-3, clip=5.0,
         val=64, cfg=2.0, ref=None, ref_cfg=None, log=None, sha="", fit_seed=FIT_SEED):
     """Fit every (base, nfe); teachers are shared between bases on the same grid (ddim, dpmpp-2m)."""
-    log = log or Progress("dode")
+    log = log or Progress("dode", len(bases) * len(nfes))
     sch = model.schedule
-    noise = seeded_noise(range(fit_seed, fit_seed + batch), model.shape)
+    noise = seeded_noise(stream_range("dode", fit_seed, batch), model.shape)
     labels = torch.arange(batch) % model.num_classes
     vn, vl = heldout(model, val)
     ref = reference(model, vn, vl) if ref is None else ref
@@ -160,6 +162,7 @@ def add_parser(subparsers):
     p.add_argument("--cfg", type=float, default=None,
                    help="guidance for the CFG-on metrics (default: the artifact's, else 2)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=None, help="solver directory (default ARTIFACT/solvers)")
     p.add_argument("--dry-run", action="store_true")
     p.set_defaults(func=run)
     return p
@@ -181,7 +184,7 @@ def run(args):
         d["fit"].update(reference=f"{args.ref} x{args.ref_nfe}", reference_vs_half_nfe_rmse=conv,
                         cpu_minutes=round(d["fit"]["cpu_minutes"] + ref_cpu / 60, 3))
         if not args.dry_run:
-            write_solver(Path(args.artifact) / "solvers" / f"{name}.json", d)
+            write_solver(Path(args.out or Path(args.artifact) / "solvers") / f"{name}.json", d)
     print(json.dumps({"cpu_minutes_total": round((cpu_s() - t_cpu) / 60, 2),
                       "wall_seconds": round(time.time() - t_wall, 1),
                       "written": [] if args.dry_run else sorted(res)}))

@@ -1,7 +1,9 @@
 """Quality of every sampler x NFE on held-out noise (DESIGN.md section 7).
 
-For each seed set (seeds 10_000_000 + 1_000_000 j + i, never used by any fitting; classes i mod K,
-so balanced) every sampler is scored by
+Two kinds of seeds (offline/seeds.py; disjoint from each other and from every fitting stream):
+the *selection* set, on which everything that chooses does so (the guidance default, the per-NFE
+`best` the service serves), and the *evaluation* sets, on which the reported rows are measured.
+For each evaluation seed set (classes i mod K, so balanced) every sampler is scored by
   rmse   against a converged reference solve of the same ODE from the same noise and class,
   fd     Fréchet distance in the artifact classifier's penultimate features vs held-out real images,
   acc    the fraction classified as the requested class,
@@ -22,12 +24,26 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from offline.data import data_from_source
+from offline.seeds import evaluation_sets, selection_set
 from solvers.artifact import EVAL_FORMAT, default_guidance, load_artifact, write_json
 from solvers.builders import make_table
 from solvers.executor import sample, seeded_noise
 
-SEED_BASE, SET_STRIDE = 10_000_000, 1_000_000
 F64 = torch.float64
+SAMPLING_CODE = ("solvers/executor.py", "solvers/update.py", "solvers/table.py", "solvers/schedules.py",
+                 "solvers/param.py", "solvers/secant.py", "solvers/nets")
+
+
+def sampling_code_version() -> str:
+    """sha256 (12 hex) of the source that turns (model, table, noise) into samples: a cached sample
+    made by other code is never reused."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for rel in SAMPLING_CODE:
+        p = root / rel
+        for f in sorted(p.rglob("*.py")) if p.is_dir() else [p]:
+            h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:12]
 
 
 # -- Fréchet distance ----------------------------------------------------------------------------
@@ -61,8 +77,7 @@ def fd_features(f1, f2) -> float:
 # -- sampling ------------------------------------------------------------------------------------
 
 def make_seed_sets(n: int, sets: int, firsts=None) -> list:
-    firsts = firsts or [SEED_BASE + SET_STRIDE * j for j in range(sets)]
-    return [list(range(f, f + n)) for f in firsts]
+    return evaluation_sets(n, sets, firsts or None)
 
 
 def run(model, table, noise, labels, guidance, batch) -> torch.Tensor:
@@ -122,10 +137,19 @@ class Protocol:
         self.lab = self.labels.repeat(len(sets))
         self.cache = Path(cache) if cache else None
         self.ref_fd = None  # per-set FD of the reference, once `reference` has run
+        self.code = sampling_code_version()
+
+    def selection(self) -> "Protocol":
+        """The same measurement on the selection set (one set of n): what choices are made on."""
+        return Protocol(self.art, self.n, [selection_set(self.n)], self.cache, self.batch)
+
+    def fd_of(self, x) -> float:
+        """Mean FD over the sets of samples x (no reference needed)."""
+        return _ms([s[1] for s in self.score(x)])[0]
 
     def _key(self, sets=None, **kw) -> dict:
         return {"model": self.art.sha256, **kw, "seeds": [[s[0], len(s)] for s in sets or self.sets],
-                "labels": f"i mod {self.K}", "shape": list(self.model.shape), "v": 1}
+                "labels": f"i mod {self.K}", "shape": list(self.model.shape), "code": self.code}
 
     def score(self, x, ref=None) -> list:
         """Per-set (rmse, fd, acc) of samples x [S * n, ...]; rmse None without a reference."""
@@ -206,6 +230,7 @@ def evaluate(artifact, solvers=("euler", "heun", "ddim", "dpmpp-2m", "dpmpp-3m",
     t_start = time.time()
     art = load_artifact(artifact)
     p = Protocol(art, n, make_seed_sets(n, seed_sets, seeds), cache, batch)
+    sel = p.selection()  # choices (guidance default, `best`) are made here, never on p's sets
     model, clf, K, data, S = p.model, p.clf, p.K, p.data, len(p.sets)
     say = lambda *a: print(*a, file=log, flush=True)
 
@@ -217,14 +242,14 @@ def evaluate(artifact, solvers=("euler", "heun", "ddim", "dpmpp-2m", "dpmpp-3m",
         floor_fd.append(fd_features(features(clf, data.train_x[idx]), p.f_real))
     real_acc = float((predict(clf, data.test_x) == data.test_y).to(F64).mean())
 
-    # the guidance sweep; its lowest-FD scale is the default unless one was given
+    # the guidance sweep, on the selection set; its lowest-FD scale is the default unless one was given
     sweep_rows = []
     sw_solver, sw_nfe = sweep_with.split(":")
     for gs in sweep or []:
-        sc = p.score(p.samples(make_table(sw_solver, model.schedule, model.param, int(sw_nfe)), gs))
+        sc = sel.score(sel.samples(make_table(sw_solver, model.schedule, model.param, int(sw_nfe)), gs))
         fd, fd_std = _ms([s[1] for s in sc])
         acc, acc_std = _ms([s[2] for s in sc])
-        sweep_rows.append({"guidance": gs, "solver": sw_solver, "nfe": int(sw_nfe),
+        sweep_rows.append({"guidance": gs, "solver": sw_solver, "nfe": int(sw_nfe), "seeds": "selection",
                            "fd": fd, "fd_std": fd_std, "acc": acc, "acc_std": acc_std})
         say(f"sweep g={gs}: fd {fd:.3f}±{fd_std:.3f} acc {acc:.3f}")
     if guidance is not None:
@@ -244,6 +269,7 @@ def evaluate(artifact, solvers=("euler", "heun", "ddim", "dpmpp-2m", "dpmpp-3m",
     say(f"reference {ref_solver}@{ref_nfe} (and @{ref_nfe // 2}) g={g}: {time.time() - t0:.0f}s")
     conv = float((x_half - x_ref[:n]).to(F64).pow(2).mean().sqrt())
     ref_scores = p.score(x_ref)
+    sel_ref = sel.reference(ref_solver, ref_nfe, g)
 
     def tables():
         for solver in solvers:
@@ -261,20 +287,25 @@ def evaluate(artifact, solvers=("euler", "heun", "ddim", "dpmpp-2m", "dpmpp-3m",
         x = p.samples(tab, g)
         dt = time.time() - t0
         r = p.row(solver, nfe, p.score(x, x_ref), {"grid": tab.meta.get("grid"), "table": tab.name,
-                                                   "learned": solver in art.solvers, "seconds": round(dt, 1)})
+                                                   "learned": solver in art.solvers, "seconds": round(dt, 1),
+                                                   "selection_fd": sel.fd_of(sel.samples(tab, g))})
         rows.append(r)
         grids.setdefault(family(solver), []).append((nfe, x[:K].clone()))
         say(f"{solver:>9} nfe {nfe:>3}  rmse {r['rmse']:.4f}  fd {r['fd']:.3f}±{r['fd_std']:.3f}  "
             f"ratio {r['fd_ratio']:.2f}  acc {r['acc']:.3f}  ({dt:.0f}s)")
+    sel_secant = {(r["solver"], r["steps"]): r["fd"] for r, _ in
+                  (secant_rows(sel, g, sel_ref, secant_steps) if secant_steps else ())}
     for r, x in secant_rows(p, g, x_ref, secant_steps, log=log) if secant_steps else ():
+        r["selection_fd"] = sel_secant[(r["solver"], r["steps"])]
         rows.append(r)
         grids.setdefault(r["solver"], []).append((r["nfe"], x[:K].clone()))
 
-    best = {}
+    best = {}  # chosen on the selection set; reported with the evaluation sets' numbers
     for r in rows:
         b = best.get(str(r["nfe"]))
-        if b is None or r["fd"] < b["fd"]:
-            best[str(r["nfe"])] = {"solver": r["solver"], "fd": r["fd"], "rmse": r["rmse"], "acc": r["acc"]}
+        if b is None or r["selection_fd"] < b["selection_fd"]:
+            best[str(r["nfe"])] = {"solver": r["solver"], "selection_fd": r["selection_fd"], "fd": r["fd"],
+                                   "fd_ratio": r["fd_ratio"], "rmse": r["rmse"], "acc": r["acc"]}
     ref_row = p.row(ref_solver, ref_nfe, ref_scores)
     ref_row["fd_ratio"], ref_row["fd_ratio_std"] = 1.0, 0.0
     floor_mean, floor_std = _ms(floor_fd)
@@ -287,6 +318,10 @@ def evaluate(artifact, solvers=("euler", "heun", "ddim", "dpmpp-2m", "dpmpp-3m",
         "default_guidance": g,
         "n": n,
         "seed_sets": [{"first_seed": s[0], "count": len(s)} for s in p.sets],
+        "selection_set": {"first_seed": sel.sets[0][0], "count": n,
+                          "used_for": "guidance sweep, best (the auto-pick); never a reported row",
+                          "teacher_fd": sel.ref_fd[0]},
+        "sampling_code": p.code,
         "labels": f"seed index i -> class i mod {K} (balanced)",
         "metrics": {"rmse": "RMSE vs the reference solve, pixels in [-1, 1]",
                     "fd": "Fréchet distance, classifier penultimate features, vs held-out real images",
@@ -302,7 +337,7 @@ def evaluate(artifact, solvers=("euler", "heun", "ddim", "dpmpp-2m", "dpmpp-3m",
                                             "acc: classifier on the held-out images"},
         "rows": rows,
         "best": best,
-        "best_criterion": "lowest mean fd at that NFE",
+        "best_criterion": "lowest fd on the selection set at that NFE (fd, rmse, acc: the evaluation sets')",
         "guidance_sweep": sweep_rows,
         "wall_time_s": round(time.time() - t_start, 1),
         "threads": torch.get_num_threads(),

@@ -136,11 +136,13 @@ class ModelEntry:
 
     def best(self, steps: int) -> tuple[str, dict | None]:
         """The sampler with the lowest measured FD at exactly `steps` evaluations (eval.json), or
-        the default when none was measured."""
+        the default when none was measured. The FD it chooses by is the selection set's
+        (`selection_fd`) where the row has one, so the evaluation sets stay for reporting."""
         rows = [r for r in self.eval_rows if int(r.get("nfe", -1)) == steps and self._runnable(str(r.get("solver")), steps)]
-        rows = [r for r in rows if _finite(r.get("fd")) or _finite(r.get("rmse"))]
+        fd = lambda r: r.get("selection_fd", r.get("fd"))  # noqa: E731
+        rows = [r for r in rows if _finite(fd(r)) or _finite(r.get("rmse"))]
         if rows:
-            r = min(rows, key=lambda r: (not _finite(r.get("fd")), _num(r.get("fd")), _num(r.get("rmse"))))
+            r = min(rows, key=lambda r: (not _finite(fd(r)), _num(fd(r)), _num(r.get("rmse"))))
             return str(r["solver"]), r
         return self.default_solver(steps), None
 
