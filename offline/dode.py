@@ -71,29 +71,73 @@ def targets_at(T, X, times) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fit_lambdas(model, base, semantics, noise, labels, targets, guidance=1.0, eps=1e-3, clip=5.0):
-    """Greedy closed-form lam_k on the folded table itself (so fit and served table agree by
-    construction). Returns (lam [N], per-step rmse to the targets with lam_k = 0, with the fitted
-    lam_k; both on the trajectory corrected up to k - 1)."""
+def fit_lambdas(model, base, semantics, noise, labels, targets, guidance=1.0, eps=1e-3, clip=5.0, joint=True):
+    """Closed-form lam_k on the folded table itself (so fit and served table agree by construction),
+    greedily in k. A predictor whose corrector lands at the same time (Heun) is fitted jointly with
+    it (`joint`): its lam is chosen by a 1-D search to minimise the *corrector's* landing error,
+    the corrector's lam in closed form inside it; the predictor's own landing state is never
+    served, so fitting it to the teacher (the greedy rule) only pushed the corrector's lam to its
+    clip. Returns (lam [N], per-step rmse to the targets with lam_k = 0, with the fitted lam_k;
+    both on the trajectory corrected up to k - 1)."""
     n = base.nfe
     G = dode_correction(*dode_directions(base, semantics))
     B = noise.shape[0]
+
+    def closed(g, r):
+        return ((g * r).sum() / ((g * g).sum() + g.numel() * eps ** 2)).clamp(-clip, clip)
+
+    def stage(k, y, hs, lam):
+        """(h_k, base state y_b after evaluation k with lam_k = 0, direction g_k, residual r_k)."""
+        d = model_call(model, y, base.tau[k], base.s[k], labels, guidance)
+        h = base.hx[k] * y.to(F64) + base.hd[k] * d.to(F64)
+        H = [*hs, h]
+        row = dode_matrix(base, lam, semantics)[k]  # lam_k is still 0 here
+        yb = base.c[k] * y.to(F64) + sum(row[j] * H[j] for j in range(k + 1) if row[j] != 0)
+        g = sum((G[k, j] * H[j] for j in range(k + 1) if G[k, j] != 0), torch.zeros_like(yb))
+        return h, yb, g, targets[k].reshape(B, -1).to(F64) - yb
+
+    def corrector_error(k, lp, hs, lam, yb, g):
+        trial = lam.clone()
+        trial[k] = lp
+        _, yb1, g1, r1 = stage(k + 1, (yb + lp * g).to(noise.dtype), hs, trial)
+        return float((r1 - closed(g1, r1) * g1).pow(2).mean())
+
     y = base.init * noise.reshape(B, -1)
     hs, lam = [], torch.zeros(n, dtype=F64)
     before, after = [], []
     for k in range(n):
-        d = model_call(model, y, base.tau[k], base.s[k], labels, guidance)
-        hs.append((base.hx[k] * y.to(F64) + base.hd[k] * d.to(F64)))
-        row = dode_matrix(base, lam, semantics)[k]  # lam_k is still 0 here
-        yb = base.c[k] * y.to(F64) + sum(row[j] * hs[j] for j in range(k + 1) if row[j] != 0)
-        g = sum((G[k, j] * hs[j] for j in range(k + 1) if G[k, j] != 0), torch.zeros_like(yb))
-        r = targets[k].reshape(B, -1).to(F64) - yb
-        if k > 0:
-            lam[k] = ((g * r).sum() / ((g * g).sum() + g.numel() * eps ** 2)).clamp(-clip, clip)
+        h, yb, g, r = stage(k, y, hs, lam)
+        hs.append(h)
+        if k > 0 and joint and k + 1 < n and base.s[k] == base.s[k + 1]:
+            lam[k] = _argmin_1d(lambda lp: corrector_error(k, lp, hs, lam, yb, g), -clip, clip)
+        elif k > 0:
+            lam[k] = closed(g, r)
         y = (yb + lam[k] * g).to(noise.dtype)
         before.append(float(r.pow(2).mean().sqrt()))
         after.append(float((r - lam[k] * g).pow(2).mean().sqrt()))
     return lam, before, after
+
+
+def _argmin_1d(f, lo, hi, coarse=11, iters=20) -> float:
+    """A coarse scan, then golden-section search in the bracket around its best point."""
+    xs = torch.linspace(lo, hi, coarse, dtype=F64).tolist()
+    fs = [f(x) for x in xs]
+    i = min(range(coarse), key=fs.__getitem__)
+    a, b = xs[max(i - 1, 0)], xs[min(i + 1, coarse - 1)]
+    gr = (5 ** 0.5 - 1) / 2
+    c, d = b - gr * (b - a), a + gr * (b - a)
+    fc, fd = f(c), f(d)
+    for _ in range(iters):
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - gr * (b - a)
+            fc = f(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + gr * (b - a)
+            fd = f(d)
+    best = min([(fs[i], xs[i]), (fc, c), (fd, d)])
+    return best[1]
 
 
 def fit(model, bases, nfes, *, grid=None, C=8, teacher="dpmpp-2m", batch=64, guidance=1.0, eps=1e-3, clip=5.0,
@@ -132,6 +176,8 @@ def fit(model, bases, nfes, *, grid=None, C=8, teacher="dpmpp-2m", batch=64, gui
                     "teacher": f"{teacher} on the student grid refined x{C} (log-SNR)", "guidance": guidance,
                     "fit_seeds": f"{fit_seed}..{fit_seed + batch - 1}", "ridge_eps": eps, "clip": clip,
                     "teacher_shared_with_previous_fit": shared,
+                    "predictor_corrector": "joint (predictor lam by 1-D search on the corrector's error)"
+                    if base_name == "heun" else "n/a",
                     "cpu_minutes": round((cpu_s() - t0) / 60, 3), "wall_seconds": round(time.time() - w0, 1),
                     "torch_threads": torch.get_num_threads()}
             out[name] = solver_to_json(spec, sha, name, fitd, met)

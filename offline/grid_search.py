@@ -34,7 +34,15 @@ from solvers.schedules import F64
 from .dode import targets_at, teacher_trajectory
 from .progress import Progress
 from .search import (
-    Student, _ints, cpu_s, heldout, load_model, model_call, optimise, reference, rmse,
+    Student,
+    _ints,
+    cpu_s,
+    heldout,
+    load_model,
+    model_call,
+    optimise,
+    reference,
+    rmse,
 )
 from .seeds import SELECTION_BASE, seeds
 
@@ -201,7 +209,7 @@ def add_parser(subparsers):
 def run(args):
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, sha, art = load_model(args.artifact)
+    model, sha, _ = load_model(args.artifact)
     sch = model.schedule
     solvers = args.solvers.split(",") if args.solvers else (
         ["euler", "dpmpp-2m"] if sch.name == "flow" else ["ddim", "dpmpp-2m"])

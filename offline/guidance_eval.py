@@ -125,13 +125,13 @@ def markdown(gt: dict) -> str:
     out = []
     for t in gt["tables"]:
         rows = t["rows"]
-        fam = lambda r: r["solver"].rsplit("-nfe", 1)[0]  # noqa: E731
+        fam = lambda r: r["solver"].rsplit("-nfe", 1)[0]
         cols = list(dict.fromkeys(fam(r) for r in rows))
         nfes = sorted({r["nfe"] for r in rows})
         at = {(fam(r), r["nfe"]): r for r in rows}
         te = t["teacher"]
-        out += [f"**w = {t['guidance']:g}**: teacher FD {te['fd']:.3f} (NFE {te['nfe']}, converged RMSE "
-                f"{te['converged_rmse']:.1e}); cells: FD / teacher FD (steps)", "",
+        out += [(f"**w = {t['guidance']:g}**: teacher FD {te['fd']:.3f} (NFE {te['nfe']}, converged RMSE "
+                 f"{te['converged_rmse']:.1e}); cells: FD / teacher FD (steps)"), "",
                 "| NFE | " + " | ".join(cols) + " |", "|---:|" + "---:|" * len(cols)]
         for k in nfes:
             cells = []

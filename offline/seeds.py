@@ -17,6 +17,8 @@ ValueError, which the CLI turns into exit status 2 and the message.
 """
 from __future__ import annotations
 
+import itertools
+
 SET_STRIDE = 1_000_000
 MAX_SETS = 10
 
@@ -69,7 +71,7 @@ def evaluation_sets(n: int, sets: int, firsts=None) -> list:
         firsts = [EVAL_BASE + SET_STRIDE * j for j in range(sets)]
     out = [stream_range("evaluation", int(f), n) for f in firsts]
     ordered = sorted(out, key=lambda r: r.start)
-    for a, b in zip(ordered, ordered[1:]):
+    for a, b in itertools.pairwise(ordered):
         if a.stop > b.start:
             raise ValueError(f"evaluation seed sets starting {a.start} and {b.start} overlap at n = {n}")
     return [list(r) for r in out]

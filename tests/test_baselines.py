@@ -10,7 +10,13 @@ from offline.dode import FIT_SEED
 from offline.grid_search import GRID_SOLVERS, coef_of_grid, dp_path, form_of
 from offline.search import heldout, optimise, search
 from offline.seeds import (
-    STREAMS, evaluation_sets, overlaps, seeds, selection_set, stream_range, stream_seed,
+    STREAMS,
+    evaluation_sets,
+    overlaps,
+    seeds,
+    selection_set,
+    stream_range,
+    stream_seed,
 )
 from solvers import GaussianMixture, seeded_noise
 from solvers.builders import build
@@ -109,7 +115,7 @@ def test_a_baseline_file_builds_exactly_the_classic_solver_on_its_grid(schedule,
 
 
 def _path_cost(path, c1, c2):
-    steps = list(zip(path, path[1:]))
+    steps = list(itertools.pairwise(path))
     if c2 is None or len(steps) < 3:
         return sum(float(c1[i, j]) for i, j in steps)
     cost = float(c1[steps[0]]) + float(c1[steps[-1]])
@@ -141,7 +147,7 @@ def test_the_dynamic_programme_finds_the_cheapest_path(second_order, n):
 
 def test_the_search_stops_on_a_plateau_and_records_its_iterations():
     m = GaussianMixture.random(FlowSchedule(), "flow", num_classes=3, per_class=1, dim=8, seed=1)
-    quiet = lambda *a, **k: None  # noqa: E731
+    quiet = lambda *a, **k: None
     capped = search(m, [3], iters=60, patience=1000, batch=4, teacher_nfe=16, val=8, val_every=5, lr=0.0,
                     log=quiet)[3]
     assert capped["iters_run"] == 60 and not capped["stopped_on_plateau"]
