@@ -61,8 +61,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the artifact's default)")
     e.add_argument("--sweep", type=_floats, default=None,
                    help="also measure these guidance scales (with --sweep-with)")
-    e.add_argument("--sweep-with", default="dpmpp-3m:32", help="solver:nfe for the guidance sweep")
-    e.add_argument("--reference", default="dpmpp-3m:128", help="solver:nfe of the converged reference")
+    e.add_argument("--sweep-with", default="dpmpp-3m/logsnr:32", help="solver[/grid]:nfe for the guidance sweep")
+    e.add_argument("--reference", default="dpmpp-3m/logsnr:128", help="solver[/grid]:nfe of the converged reference")
     e.add_argument("--cache", default=".cache/stride/eval")
     e.add_argument("--batch", type=int, default=1000)
     e.add_argument("--threads", type=int, default=None)

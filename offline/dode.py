@@ -202,7 +202,7 @@ def add_parser(subparsers):
     p.add_argument("--eps", type=float, default=1e-3,
                    help="ridge: corrections below ~eps RMS (data units) shrink to 0")
     p.add_argument("--clip", type=float, default=5.0, help="|lambda| bound")
-    p.add_argument("--ref", default="dpmpp-3m", help="converged reference solver (as offline eval's)")
+    p.add_argument("--ref", default="dpmpp-3m/logsnr", help="converged reference solver (as offline eval's)")
     p.add_argument("--ref-nfe", type=int, default=128)
     p.add_argument("--val", type=int, default=64, help="held-out samples (seeds 20_000_000 + i)")
     p.add_argument("--cfg", type=float, default=None,

@@ -174,6 +174,7 @@ class Protocol:
         sets = self.sets[:1] if first_set_only else self.sets
         m = len(sets) * self.n
         tab = make_table(solver, self.model.schedule, self.model.param, nfe)
+        solver = solver if "/" in solver else f"{solver}/{tab.meta['grid']}"  # a default grid can change
         x = cached_run(self.cache, self._key(sets, solver=solver, nfe=nfe, guidance=g),
                        lambda: run(self.model, tab, self.noise[:m], self.lab[:m], g, self.batch))
         if not first_set_only:
@@ -220,7 +221,7 @@ def secant_rows(p: Protocol, g: float, x_ref, steps=(1, 2, 4, 8), names=None, in
 
 def evaluate(artifact, solvers=("euler", "heun", "ddim", "dpmpp-2m", "dpmpp-3m", "unipc", "ipndm"),
              nfes=(1, 2, 3, 4, 5, 6, 8, 10, 16, 32), n=500, seed_sets=3, seeds=None, guidance=None,
-             sweep=None, reference="dpmpp-3m:128", sweep_with="dpmpp-3m:32", cache=".cache/stride/eval",
+             sweep=None, reference="dpmpp-3m/logsnr:128", sweep_with="dpmpp-3m/logsnr:32", cache=".cache/stride/eval",
              batch=1000, threads=None, images=True, learned=True, secant_steps=(1, 2, 4, 8), command=None,
              log=sys.stderr) -> dict:
     """With no `guidance` and a `sweep`, the sweep runs first and its lowest-FD scale becomes the

@@ -97,7 +97,7 @@ def claims(rows) -> dict:
 
 
 def evaluate_guidance(artifact, ws=(1, 1.5, 2, 3, 4), n=300, sets=1, solvers=None, steps=(2, 3, 4, 5, 8),
-                      guided_dir=None, reference="dpmpp-3m:128", secants=None, cache=".cache/stride/eval",
+                      guided_dir=None, reference="dpmpp-3m/logsnr:128", secants=None, cache=".cache/stride/eval",
                       batch=500, threads=None, log=sys.stderr, command=None) -> dict:
     if threads:
         torch.set_num_threads(threads)
@@ -157,7 +157,7 @@ def add_parser(subparsers):
     p.add_argument("--steps", default="2,3,4,5,8", help="classic steps (NFE = steps x 2 under CFG)")
     p.add_argument("--guided-dir", default=None, help="per-w solver files (default ARTIFACT/guided)")
     p.add_argument("--secants", default=None, help="secant files (default: every guidance-input one)")
-    p.add_argument("--reference", default="dpmpp-3m:128")
+    p.add_argument("--reference", default="dpmpp-3m/logsnr:128")
     p.add_argument("--cache", default=".cache/stride/eval")
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=run)

@@ -119,7 +119,7 @@ def heldout(model, n: int, guidance=1.0, dtype=torch.float32):
     return noise, labels
 
 
-def reference(model, noise, labels, guidance=1.0, solver="dpmpp-3m", nfe=128):
+def reference(model, noise, labels, guidance=1.0, solver="dpmpp-3m/logsnr", nfe=128):
     """A converged solution of the same ODE from the same noise (check with --ref-nfe x 2)."""
     return sample(model, make_table(solver, model.schedule, model.param, nfe), noise, labels, guidance)
 
@@ -377,7 +377,7 @@ def add_parser(subparsers):
     p.add_argument("--delta", type=float, default=1e-3, help="Huber delta (paper: 1e-3)")
     p.add_argument("--teacher", default="dpmpp-2m/logsnr")
     p.add_argument("--teacher-nfe", type=int, default=64)
-    p.add_argument("--ref", default="dpmpp-3m", help="converged reference solver (as offline eval's)")
+    p.add_argument("--ref", default="dpmpp-3m/logsnr", help="converged reference solver (as offline eval's)")
     p.add_argument("--ref-nfe", type=int, default=128)
     p.add_argument("--val", type=int, default=64, help="held-out samples (the selection seeds)")
     p.add_argument("--val-every", type=int, default=10)

@@ -302,7 +302,7 @@ def evaluate_secant(artifact, names=None, steps=(1, 2, 4, 8), compare=(), compar
     reference and samples), optionally beside classic solvers; writes them into each <name>.json under
     'eval'. Unset n / seed sets / guidance / reference come from the artifact's eval.json, so the rows
     are comparable with its rows (FD's bias depends on n), else 500 x 3, the default guidance,
-    dpmpp-3m:128."""
+    dpmpp-3m/logsnr:128."""
     from offline.evaluate import Protocol, _ms, make_seed_sets, secant_rows
     from solvers.artifact import default_guidance
     from solvers.builders import make_table
@@ -315,7 +315,9 @@ def evaluate_secant(artifact, names=None, steps=(1, 2, 4, 8), compare=(), compar
     seed_sets = seed_sets or len(firsts or []) or 3
     if reference is None:
         ref = ev0.get("reference", {})
-        reference = f"{ref['solver']}:{ref['nfe']}" if "solver" in ref else "dpmpp-3m:128"
+        solver = ref.get("solver", "dpmpp-3m")
+        solver = solver if "/" in solver else f"{solver}/{ref.get('grid', 'logsnr')}"
+        reference = f"{solver}:{ref.get('nfe', 128)}"
     p = Protocol(art, n, make_seed_sets(n, seed_sets, firsts or None), cache, batch)
     if on == "selection":  # a probe that chooses: one set of n selection seeds
         p = p.selection()
@@ -419,7 +421,7 @@ def add_parser(subparsers):
     e.add_argument("--seed-sets", type=int, default=None, help="default: eval.json's, else 3")
     e.add_argument("--reference", default=None,
                    help="solver:nfe of the teacher's converged solve (default: eval.json's, else "
-                        "dpmpp-3m:128)")
+                        "dpmpp-3m/logsnr:128)")
     e.add_argument("--cache", default=".cache/stride/eval")
     e.add_argument("--report", default=None, help="also write the measured rows to this json file")
     e.add_argument("--on", choices=("evaluation", "selection"), default="evaluation",
