@@ -426,5 +426,5 @@ def figures(d: Path, ev: dict, grids: dict, x_ref, class_names):
     for solver, rs in grids.items():
         rows = [x for _, x in rs] + [x_ref]
         labels = [f"NFE {nfe}" for nfe, _ in rs] + [f"ref {ref['nfe']}"]
-        image_grid(d / f"samples-{solver}.png", rows, labels,
+        image_grid(d / f"samples-{solver.replace('/', '-')}.png", rows, labels,
                    title=f"{ev['model']} · {solver} · classes {' '.join(class_names[: len(x_ref)])}")
