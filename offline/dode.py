@@ -99,7 +99,7 @@ def fit_lambdas(model, base, semantics, noise, labels, targets, guidance=1.0, ep
     def corrector_error(k, lp, hs, lam, yb, g):
         trial = lam.clone()
         trial[k] = lp
-        _, yb1, g1, r1 = stage(k + 1, (yb + lp * g).to(noise.dtype), hs, trial)
+        _, _, g1, r1 = stage(k + 1, (yb + lp * g).to(noise.dtype), hs, trial)
         return float((r1 - closed(g1, r1) * g1).pow(2).mean())
 
     y = base.init * noise.reshape(B, -1)
@@ -109,7 +109,7 @@ def fit_lambdas(model, base, semantics, noise, labels, targets, guidance=1.0, ep
         h, yb, g, r = stage(k, y, hs, lam)
         hs.append(h)
         if k > 0 and joint and k + 1 < n and base.s[k] == base.s[k + 1]:
-            lam[k] = _argmin_1d(lambda lp: corrector_error(k, lp, hs, lam, yb, g), -clip, clip)
+            lam[k] = _argmin_1d(lambda lp, k=k, yb=yb, g=g: corrector_error(k, lp, hs, lam, yb, g), -clip, clip)
         elif k > 0:
             lam[k] = closed(g, r)
         y = (yb + lam[k] * g).to(noise.dtype)

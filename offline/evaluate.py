@@ -139,7 +139,7 @@ class Protocol:
         self.ref_fd = None  # per-set FD of the reference, once `reference` has run
         self.code = sampling_code_version()
 
-    def selection(self) -> "Protocol":
+    def selection(self) -> Protocol:
         """The same measurement on the selection set (one set of n): what choices are made on."""
         return Protocol(self.art, self.n, [selection_set(self.n)], self.cache, self.batch)
 

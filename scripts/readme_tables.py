@@ -48,8 +48,8 @@ def chosen(rows, pred):
 
 def learned_table(ev) -> list:
     rows = [r for r in ev["rows"] if not r.get("secant")]
-    out = ["| NFE | best classic | best grid baseline | searched | D-ODE ddim | D-ODE heun | D-ODE 2M "
-           "| searched vs best of the others |",
+    out = [("| NFE | best classic | best grid baseline | searched | D-ODE ddim | D-ODE heun | D-ODE 2M "
+            "| searched vs best of the others |"),
            "|---:|---|---|---:|---:|---:|---:|---|"]
     for n in NFES:
         at_n = [r for r in rows if r["nfe"] == n]
@@ -66,7 +66,7 @@ def learned_table(ev) -> list:
             tie = abs(d) <= max(se["fd_ratio_std"], rival["fd_ratio_std"])
             verdict = ("wins" if d < 0 else "loses") + (" (within 1 std)" if tie else "") + \
                 f" vs {fam(rival['solver'])} {rival['fd_ratio']:.2f}"
-        fmt = lambda r: "" if r is None else f"{r['fd_ratio']:.2f} ({fam(r['solver'])})"  # noqa: E731
+        fmt = lambda r: "" if r is None else f"{r['fd_ratio']:.2f} ({fam(r['solver'])})"
         out.append(f"| {n} | {fmt(cl)} | {fmt(bl)} | {cell(se)} | {cell(dd['ddim'])} | {cell(dd['heun'])} | "
                    f"{cell(dd['dpmpp-2m'])} | {verdict} |")
     return out

@@ -139,7 +139,7 @@ class ModelEntry:
         the default when none was measured. The FD it chooses by is the selection set's
         (`selection_fd`) where the row has one, so the evaluation sets stay for reporting."""
         rows = [r for r in self.eval_rows if int(r.get("nfe", -1)) == steps and self._runnable(str(r.get("solver")), steps)]
-        fd = lambda r: r.get("selection_fd", r.get("fd"))  # noqa: E731
+        fd = lambda r: r.get("selection_fd", r.get("fd"))
         rows = [r for r in rows if _finite(fd(r)) or _finite(r.get("rmse"))]
         if rows:
             r = min(rows, key=lambda r: (not _finite(fd(r)), _num(fd(r)), _num(r.get("rmse"))))

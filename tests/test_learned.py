@@ -249,7 +249,7 @@ def test_dode_heun_fits_predictor_and_corrector_jointly():
     lam_j, _, after_j = fit_lambdas(m, tab, "raw", noise, labels, tgt)
     lam_g, _, after_g = fit_lambdas(m, tab, "raw", noise, labels, tgt, joint=False)
     assert not torch.equal(lam_j, lam_g)
-    final = lambda lam: rmse(sample(m, dode_table(tab, lam, "raw"), noise, labels).reshape(16, -1).double(),  # noqa: E731
+    final = lambda lam: rmse(sample(m, dode_table(tab, lam, "raw"), noise, labels).reshape(16, -1).double(),
                              tgt[-1])
     assert final(lam_j) <= final(lam_g) + 1e-9
     # the first jointly fitted pair (predictor 2, corrector 3) starts from the same state in both fits
