@@ -61,8 +61,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the artifact's default)")
     e.add_argument("--sweep", type=_floats, default=None,
                    help="also measure these guidance scales (with --sweep-with)")
-    e.add_argument("--sweep-with", default="dpmpp-3m:32", help="solver:nfe for the guidance sweep")
-    e.add_argument("--reference", default="dpmpp-3m:128", help="solver:nfe of the converged reference")
+    e.add_argument("--sweep-with", default="dpmpp-3m/logsnr:32", help="solver[/grid]:nfe for the guidance sweep")
+    e.add_argument("--reference", default="dpmpp-3m/logsnr:128", help="solver[/grid]:nfe of the converged reference")
     e.add_argument("--cache", default=".cache/stride/eval")
     e.add_argument("--batch", type=int, default=1000)
     e.add_argument("--threads", type=int, default=None)
@@ -91,10 +91,12 @@ def parser() -> argparse.ArgumentParser:
         q.add_argument("--class-names", default=None, help="file: one name a line, or a JSON list")
         q.add_argument("--latent-shape", default=None, help="C,H,W when not the config's (non-square allowed)")
         q.add_argument("--time-map", default=None, help="check the kind's time map (discrete, reversed-flow)")
-    from offline import secant
+    from offline import grid_search, guidance_eval, secant
     from offline.search import add_parsers  # search + dode
 
     add_parsers(sub)
+    grid_search.add_parser(sub)
+    guidance_eval.add_parser(sub)
     secant.add_parser(sub)
     return p
 
@@ -166,6 +168,6 @@ def _run(a, command: str) -> int:
         from offline.secant import run
 
         return run(a, command=command)
-    elif hasattr(a, "func"):  # subcommands that carry their own runner (search, dode)
+    elif hasattr(a, "func"):  # subcommands that carry their own runner (search, dode, grids, eval-guidance)
         return a.func(a)
     return 0

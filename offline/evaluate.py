@@ -1,7 +1,9 @@
 """Quality of every sampler x NFE on held-out noise (DESIGN.md section 7).
 
-For each seed set (seeds 10_000_000 + 1_000_000 j + i, never used by any fitting; classes i mod K,
-so balanced) every sampler is scored by
+Two kinds of seeds (offline/seeds.py; disjoint from each other and from every fitting stream):
+the *selection* set, on which everything that chooses does so (the guidance default, the per-NFE
+`best` the service serves), and the *evaluation* sets, on which the reported rows are measured.
+For each evaluation seed set (classes i mod K, so balanced) every sampler is scored by
   rmse   against a converged reference solve of the same ODE from the same noise and class,
   fd     Fréchet distance in the artifact classifier's penultimate features vs held-out real images,
   acc    the fraction classified as the requested class,
@@ -26,12 +28,26 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from offline.data import data_from_source
+from offline.seeds import evaluation_sets, selection_set
 from solvers.artifact import EVAL_FORMAT, default_guidance, load_artifact, write_json
 from solvers.builders import make_table
 from solvers.executor import sample, seeded_noise
 
-SEED_BASE, SET_STRIDE = 10_000_000, 1_000_000
 F64 = torch.float64
+SAMPLING_CODE = ("solvers/executor.py", "solvers/update.py", "solvers/table.py", "solvers/schedules.py",
+                 "solvers/param.py", "solvers/secant.py", "solvers/nets")
+
+
+def sampling_code_version() -> str:
+    """sha256 (12 hex) of the source that turns (model, table, noise) into samples: a cached sample
+    made by other code is never reused."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for rel in SAMPLING_CODE:
+        p = root / rel
+        for f in sorted(p.rglob("*.py")) if p.is_dir() else [p]:
+            h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:12]
 
 
 # -- Fréchet distance ----------------------------------------------------------------------------
@@ -65,8 +81,7 @@ def fd_features(f1, f2) -> float:
 # -- sampling ------------------------------------------------------------------------------------
 
 def make_seed_sets(n: int, sets: int, firsts=None) -> list:
-    firsts = firsts or [SEED_BASE + SET_STRIDE * j for j in range(sets)]
-    return [list(range(f, f + n)) for f in firsts]
+    return evaluation_sets(n, sets, firsts or None)
 
 
 def run(model, table, noise, labels, guidance, batch) -> torch.Tensor:
@@ -127,10 +142,24 @@ class Protocol:
         self.lab = self.labels.repeat(len(sets))
         self.cache = Path(cache) if cache else None
         self.ref_fd = None  # per-set FD of the reference, once `reference` has run
+        self.code = sampling_code_version()
+
+    def selection(self) -> Protocol:
+        """The same measurement on the selection set (one set of n): what choices are made on."""
+        return Protocol(self.art, self.n, [selection_set(self.n)], self.cache, self.batch)
+
+    def choice_score(self, x, ref) -> float:
+        """What choices are made by: mean FD, or mean RMSE to `ref` without a classifier."""
+        per_set = self.score(x, ref)
+        return _ms([s[1] if self.clf is not None else s[0] for s in per_set])[0]
+
+    def fd_of(self, x) -> float:
+        """Mean FD over the sets of samples x (no reference needed)."""
+        return _ms([s[1] for s in self.score(x)])[0]
 
     def _key(self, sets=None, **kw) -> dict:
         return {"model": self.art.sha256, **kw, "seeds": [[s[0], len(s)] for s in sets or self.sets],
-                "labels": f"i mod {self.K}", "shape": list(self.model.shape), "v": 1}
+                "labels": f"i mod {self.K}", "shape": list(self.model.shape), "code": self.code}
 
     def score(self, x, ref=None) -> list:
         """Per-set (rmse, fd, acc) of samples x [S * n, ...]; rmse None without a reference."""
@@ -158,6 +187,7 @@ class Protocol:
         sets = self.sets[:1] if first_set_only else self.sets
         m = len(sets) * self.n
         tab = make_table(solver, self.model.schedule, self.model.param, nfe)
+        solver = solver if "/" in solver else f"{solver}/{tab.meta['grid']}"  # a default grid can change
         x = cached_run(self.cache, self._key(sets, solver=solver, nfe=nfe, guidance=g),
                        lambda: run(self.model, tab, self.noise[:m], self.lab[:m], g, self.batch))
         if not first_set_only and self.clf is not None:
@@ -186,7 +216,7 @@ def secant_rows(p: Protocol, g: float, x_ref, steps=(1, 2, 4, 8), names=None, in
         for n in steps:
             t0, tab = time.time(), secant_table(n)
             spec = {"secant": sm.sha256, "steps": n} | ({"interval": list(interval)} if interval else {})
-            x = p.samples(spec, g, lambda: torch.cat([
+            x = p.samples(spec, g, lambda sm=sm, tab=tab: torch.cat([
                 sample(sm, tab, p.noise[i:i + p.batch].to(dev), p.lab[i:i + p.batch].to(dev), g,
                        guidance_interval=interval).cpu()
                 for i in range(0, len(p.noise), p.batch)]))
@@ -213,7 +243,7 @@ def scores(r: dict) -> str:
 
 def evaluate(artifact, solvers=("euler", "heun", "ddim", "dpmpp-2m", "dpmpp-3m", "unipc", "ipndm"),
              nfes=(1, 2, 3, 4, 5, 6, 8, 10, 16, 32), n=500, seed_sets=3, seeds=None, guidance=None,
-             sweep=None, reference="dpmpp-3m:128", sweep_with="dpmpp-3m:32", cache=".cache/stride/eval",
+             sweep=None, reference="dpmpp-3m/logsnr:128", sweep_with="dpmpp-3m/logsnr:32", cache=".cache/stride/eval",
              batch=1000, threads=None, images=True, learned=True, secant_steps=(1, 2, 4, 8), command=None,
              log=sys.stderr, device="cpu") -> dict:
     """With no `guidance` and a `sweep`, the sweep runs first and its lowest-FD scale becomes the
@@ -223,6 +253,7 @@ def evaluate(artifact, solvers=("euler", "heun", "ddim", "dpmpp-2m", "dpmpp-3m",
     t_start = time.time()
     art = load_artifact(artifact, device)
     p = Protocol(art, n, make_seed_sets(n, seed_sets, seeds), cache, batch)
+    sel = p.selection()  # choices (guidance default, `best`) are made here, never on p's sets
     model, clf, K, data, S = p.model, p.clf, p.K, p.data, len(p.sets)
     say = lambda *a: print(*a, file=log, flush=True)
 
@@ -241,14 +272,14 @@ def evaluate(artifact, solvers=("euler", "heun", "ddim", "dpmpp-2m", "dpmpp-3m",
         raise ValueError("--sweep picks the guidance by FD, which needs the artifact's classifier and data "
                          "(classifier.json); pass --guidance instead")
 
-    # the guidance sweep; its lowest-FD scale is the default unless one was given
+    # the guidance sweep, on the selection set; its lowest-FD scale is the default unless one was given
     sweep_rows = []
     sw_solver, sw_nfe = sweep_with.split(":")
     for gs in sweep or []:
-        sc = p.score(p.samples(make_table(sw_solver, model.schedule, model.param, int(sw_nfe)), gs))
+        sc = sel.score(sel.samples(make_table(sw_solver, model.schedule, model.param, int(sw_nfe)), gs))
         fd, fd_std = _ms([s[1] for s in sc])
         acc, acc_std = _ms([s[2] for s in sc])
-        sweep_rows.append({"guidance": gs, "solver": sw_solver, "nfe": int(sw_nfe),
+        sweep_rows.append({"guidance": gs, "solver": sw_solver, "nfe": int(sw_nfe), "seeds": "selection",
                            "fd": fd, "fd_std": fd_std, "acc": acc, "acc_std": acc_std})
         say(f"sweep g={gs}: fd {fd:.3f}±{fd_std:.3f} acc {acc:.3f}")
     if guidance is not None:
@@ -268,6 +299,9 @@ def evaluate(artifact, solvers=("euler", "heun", "ddim", "dpmpp-2m", "dpmpp-3m",
     say(f"reference {ref_solver}@{ref_nfe} (and @{ref_nfe // 2}) g={g}: {time.time() - t0:.0f}s")
     conv = float((x_half - x_ref[:n]).to(F64).pow(2).mean().sqrt())
     ref_scores = p.score(x_ref)
+    sel_ref = sel.reference(ref_solver, ref_nfe, g)
+    crit = "fd" if clf is not None else "rmse"  # RMSE when FD cannot be measured (no classifier: imported)
+    sel_key = f"selection_{crit}"
 
     def tables():
         for solver in solvers:
@@ -285,19 +319,24 @@ def evaluate(artifact, solvers=("euler", "heun", "ddim", "dpmpp-2m", "dpmpp-3m",
         x = p.samples(tab, g)
         dt = time.time() - t0
         r = p.row(solver, nfe, p.score(x, x_ref), {"grid": tab.meta.get("grid"), "table": tab.name,
-                                                   "learned": solver in art.solvers, "seconds": round(dt, 1)})
+                                                   "learned": solver in art.solvers, "seconds": round(dt, 1),
+                                                   sel_key: sel.choice_score(sel.samples(tab, g), sel_ref)})
         rows.append(r)
         grids.setdefault(family(solver), []).append((nfe, shown(art, x)))
         say(f"{solver:>9} nfe {nfe:>3}  {scores(r)}  ({dt:.0f}s)")
+    sel_secant = {(r["solver"], r["steps"]): r[crit] for r, _ in
+                  (secant_rows(sel, g, sel_ref, secant_steps) if secant_steps else ())}
     for r, x in secant_rows(p, g, x_ref, secant_steps, log=log) if secant_steps else ():
+        r[sel_key] = sel_secant[(r["solver"], r["steps"])]
         rows.append(r)
         grids.setdefault(r["solver"], []).append((r["nfe"], shown(art, x)))
 
-    best, crit = {}, "fd" if clf is not None else "rmse"  # RMSE when FD cannot be measured
+    best = {}  # chosen on the selection set; reported with the evaluation sets' numbers
     for r in rows:
         b = best.get(str(r["nfe"]))
-        if b is None or r[crit] < b[crit]:
-            best[str(r["nfe"])] = {"solver": r["solver"], "fd": r["fd"], "rmse": r["rmse"], "acc": r["acc"]}
+        if b is None or r[sel_key] < b[sel_key]:
+            best[str(r["nfe"])] = {"solver": r["solver"], sel_key: r[sel_key], "fd": r["fd"],
+                                   "fd_ratio": r.get("fd_ratio"), "rmse": r["rmse"], "acc": r["acc"]}
     ref_row = p.row(ref_solver, ref_nfe, ref_scores)
     if clf is not None:
         ref_row["fd_ratio"], ref_row["fd_ratio_std"] = 1.0, 0.0
@@ -316,6 +355,10 @@ def evaluate(artifact, solvers=("euler", "heun", "ddim", "dpmpp-2m", "dpmpp-3m",
         "default_guidance": g,
         "n": n,
         "seed_sets": [{"first_seed": s[0], "count": len(s)} for s in p.sets],
+        "selection_set": {"first_seed": sel.sets[0][0], "count": n,
+                          "used_for": "guidance sweep, best (the auto-pick); never a reported row",
+                          "teacher_fd": sel.ref_fd[0] if sel.ref_fd else None},
+        "sampling_code": p.code,
         "labels": f"seed index i -> class i mod {K} (balanced)",
         "metrics": {"rmse": "RMSE vs the reference solve, pixels in [-1, 1]",
                     "fd": "Fréchet distance, classifier penultimate features, vs held-out real images",
@@ -332,7 +375,7 @@ def evaluate(artifact, solvers=("euler", "heun", "ddim", "dpmpp-2m", "dpmpp-3m",
         "floor": floor,
         "rows": rows,
         "best": best,
-        "best_criterion": f"lowest mean {crit} at that NFE",
+        "best_criterion": f"lowest {crit} on the selection set at that NFE (fd, rmse, acc: the evaluation sets')",
         "guidance_sweep": sweep_rows,
         "wall_time_s": round(time.time() - t_start, 1),
         "threads": torch.get_num_threads(),
@@ -429,5 +472,5 @@ def figures(d: Path, ev: dict, grids: dict, x_ref, class_names):
     for solver, rs in grids.items():
         rows = [x for _, x in rs] + [x_ref]
         labels = [f"NFE {nfe}" for nfe, _ in rs] + [f"ref {ref['nfe']}"]
-        image_grid(d / f"samples-{solver}.png", rows, labels,
+        image_grid(d / f"samples-{solver.replace('/', '-')}.png", rows, labels,
                    title=f"{ev['model']} · {solver} · classes {' '.join(class_names[: len(x_ref)])}")

@@ -10,16 +10,18 @@ student through the frozen network and back-propagates into r and M:
 X is the teacher trajectory interpolated at the student's own (learned) times, not rounded to a
 teacher index, so the target moves with the time grid. Huber / delta with a small delta is an L1
 term on the final sample, as the paper's 1000 * Huber(1e-3). CFG is off while searching (the
-paper); metrics are also reported with CFG on. The iterate kept is the one with the lowest held-out
-trajectory error: RMSE of the final sample to a converged reference, on seeds 20_000_000 + i
-(disjoint from evaluation's 10_000_000 + i and from the training stream).
+paper; `--guidance` searches at a CFG scale instead, the per-scale fit of the paper's guided
+tables); metrics are also reported with CFG on. The iterate kept is the one with the lowest
+held-out trajectory error: RMSE of the final sample to a converged reference, on the selection
+seeds (offline/seeds.py: disjoint from evaluation and from every fitting stream). The search stops
+when that error has not improved by `--min-delta` (relative) for `--patience` iterations, or at
+`--iters` (a cap), and records how many it ran.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -28,15 +30,25 @@ import torch
 from solvers import SOLVERS, make_table, sample, seeded_noise
 from solvers.grids import GRIDS
 from solvers.learned import (
-    FORMS, absolute, coef_matrix, default_form, grid_from_logits, logits_from_grid, restriction_mask,
-    searched_coeffs, searched_from_table, searched_spec, searched_table, solver_to_json, table_from_coeffs,
+    FORMS,
+    absolute,
+    coef_matrix,
+    default_form,
+    grid_from_logits,
+    logits_from_grid,
+    restriction_mask,
+    searched_coeffs,
+    searched_from_table,
+    searched_spec,
+    searched_table,
+    solver_to_json,
+    table_from_coeffs,
     write_solver,
 )
 from solvers.schedules import F64
 
-VAL_SEED = 20_000_000  # held-out selection seeds; evaluation uses 10_000_000 +
-TRAIN_SEED = 1234  # a generator stream, not per-sample seeds
-
+from .progress import Progress
+from .seeds import SELECTION_BASE, selection_set, stream_seed
 
 # --- shared by search and dode ----------------------------------------------------------------------
 
@@ -114,35 +126,17 @@ def device_of(model) -> torch.device:
     return torch.device(getattr(model, "device", "cpu"))
 
 
-def heldout(model, n: int, guidance=1.0, seed0=VAL_SEED, dtype=torch.float32):
+def heldout(model, n: int, guidance=1.0, dtype=torch.float32):
+    """The selection set's first n seeds: what every fit keeps or compares its iterates on."""
     dev = device_of(model)  # drawn on the CPU (seeded_noise), so the same on every device
-    noise = seeded_noise(range(seed0, seed0 + n), model.shape, device=dev, dtype=dtype)
+    noise = seeded_noise(selection_set(n), model.shape, device=dev, dtype=dtype)
     labels = (torch.arange(n) % model.num_classes).to(dev)  # uniform classes
     return noise, labels
 
 
-def reference(model, noise, labels, guidance=1.0, solver="dpmpp-3m", nfe=128):
+def reference(model, noise, labels, guidance=1.0, solver="dpmpp-3m/logsnr", nfe=128):
     """A converged solution of the same ODE from the same noise (check with --ref-nfe x 2)."""
     return sample(model, make_table(solver, model.schedule, model.param, nfe), noise, labels, guidance)
-
-
-class Progress:
-    """One plain stderr line, rewritten in place; a newline only at the end."""
-
-    def __init__(self, prefix: str):
-        self.prefix, self.t0, self.tty = prefix, time.time(), sys.stderr.isatty()
-        self.last = 0.0
-
-    def __call__(self, msg: str, final=False):
-        now = time.time()
-        if not final and not self.tty and now - self.last < 10:
-            return  # logs: one line every 10 s, not a carriage-return soup
-        self.last = now
-        line = f"{self.prefix} {msg} [{now - self.t0:.0f}s]"
-        sys.stderr.write(("\r" + line + "\x1b[K") if self.tty else line + "\n")
-        if final and self.tty:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
 
 
 def load_model(path, device="cpu"):
@@ -194,19 +188,23 @@ class Lion:
 class Student:
     """One NFE's learnable solver: step logits and the free strictly-lower coefficients."""
 
-    def __init__(self, model, n, form, grid, M, restrict=False, init="", lr=1e-2):
+    def __init__(self, model, n, form, grid, M, restrict=False, init="", lr=1e-2, m_of_grid=None):
+        """m_of_grid: grid -> M (differentiable) fixes the coefficients to a classic solver's on the
+        learned grid, so only the grid is searched (the LD3-style baseline, offline/grid_search.py)."""
         self.model, self.n, self.form, self.init, self.sch = model, n, form, init, model.schedule
+        self.m_of_grid = m_of_grid
         self.t_max, self.t_min = float(grid[0]), float(grid[-1])
         self.logits = logits_from_grid(grid).clone().requires_grad_(True)
         self.mask = restriction_mask(n, restrict)
         self.lower = (torch.tril(torch.as_tensor(M, dtype=F64), -1) * self.mask).clone().requires_grad_(True)
-        self.opt = Lion([self.logits, self.lower], lr=lr)
+        self.opt = Lion([self.logits] if m_of_grid else [self.logits, self.lower], lr=lr)
         self.best = (math.inf, None, -1)  # (held-out rmse, (grid, M), iteration)
         self.curve, self.cpu, self.init_rmse = [], 0.0, math.nan
+        self.iters_run, self.stopped = 0, False
 
     def params(self):
         grid = grid_from_logits(self.logits, self.t_max, self.t_min)
-        return grid, coef_matrix(self.lower, self.mask)
+        return grid, (self.m_of_grid(grid) if self.m_of_grid else coef_matrix(self.lower, self.mask))
 
     def coeffs(self):
         grid, M = self.params()
@@ -254,19 +252,10 @@ def classic_rmse(model, n, noise, labels, ref, names=None, guidance=1.0):
     return {s: rmse(sample(model, t, noise, labels, guidance), ref) for s, t in tabs.items()}
 
 
-def search(model, nfes, *, form=None, init="euler", restrict=False, iters=100, batch=12, lr=1e-2,
-           final_weight=1.0, delta=1e-3, teacher="dpmpp-2m/logsnr", teacher_nfe=64, val=64, val_every=10,
-           ref=None, seed=TRAIN_SEED, log=None):
-    """Search every NFE in `nfes` jointly (one teacher run per iteration serves all). Returns
-    {n: dict(grid, M, form, init, best_rmse, best_iter, init_rmse, curve, cpu_s)}."""
-    form = form or default_form(model.schedule)
-    if form not in FORMS:
-        raise ValueError(f"unknown form {form!r}; allowed: {list(FORMS)}")
-    log = log or Progress("search")
-    sch = model.schedule
-    vn, vl = heldout(model, val)
-    ref = reference(model, vn, vl) if ref is None else ref
-    students = {}
+def initial_students(model, nfes, form, init, restrict, lr, vn, vl, ref, guidance=1.0) -> dict:
+    """One Student per NFE, started from Euler/DDIM on a uniform grid (the paper) or from the
+    classic table of this form with the lowest error on the selection set."""
+    sch, students = model.schedule, {}
     for n in nfes:
         t0 = cpu_s()
         if init == "euler":  # the paper: M = I on a uniform grid in t (Euler / DDIM)
@@ -274,7 +263,7 @@ def search(model, nfes, *, form=None, init="euler", restrict=False, iters=100, b
             M, name = torch.eye(n, dtype=F64), ("euler" if form == "velocity" else "ddim") + "/uniform"
         elif init == "best":  # the classic table of this form with the lowest held-out error
             cands = candidate_tables(model, n, form)
-            errs = {k: rmse(sample(model, tab, vn, vl), ref) for k, (tab, _) in cands.items()}
+            errs = {k: rmse(sample(model, tab, vn, vl, guidance), ref) for k, (tab, _) in cands.items()}
             name = min(errs, key=errs.get)
             grid, M = cands[name][1]
         else:
@@ -282,19 +271,36 @@ def search(model, nfes, *, form=None, init="euler", restrict=False, iters=100, b
         st = Student(model, n, form, grid, M, restrict, name, lr)
         st.cpu += cpu_s() - t0
         students[n] = st
-    teach = make_table(teacher, sch, model.param, teacher_nfe)
+    return students
+
+
+def optimise(model, students: dict, vn, vl, ref, *, iters=300, patience=40, min_delta=1e-3, batch=12,
+             final_weight=1.0, delta=1e-3, teacher="dpmpp-2m/logsnr", teacher_nfe=64, val_every=10,
+             guidance=1.0, seed=None, log=None) -> dict:
+    """Lion on every student at once (one teacher run per iteration serves all), keeping each
+    student's iterate with the lowest selection-set RMSE. A student stops once that RMSE has not
+    fallen by a relative `min_delta` for `patience` iterations; `iters` caps the run."""
+    seed = stream_seed("search") if seed is None else seed
+    log = log or Progress("search", iters)
+    teach = make_table(teacher, model.schedule, model.param, teacher_nfe)
     gen = torch.Generator().manual_seed(seed)
     t_share = 0.0
 
     def validate(it):
         msg = []
         for n, st in students.items():
+            if st.stopped:
+                continue
             t0 = cpu_s()
-            e = rmse(sample(model, st.table(), vn, vl), ref)
-            if e < st.best[0]:
+            e = rmse(sample(model, st.table(), vn, vl, guidance), ref)
+            if e < st.best[0] * (1 - min_delta):
                 st.best = (e, st.snapshot(), it)
+            elif e < st.best[0]:  # lower but not by enough to count as progress: keep it, not the clock
+                st.best = (e, st.snapshot(), st.best[2])
             st.curve.append((it, e))
             st.cpu += cpu_s() - t0
+            st.iters_run = it
+            st.stopped = it - st.best[2] >= patience
             msg.append(f"{n}:{e:.4f}")
         return " ".join(msg)
 
@@ -303,16 +309,19 @@ def search(model, nfes, *, form=None, init="euler", restrict=False, iters=100, b
         st.init_rmse = st.best[0]
     lmsg = ""
     for it in range(1, iters + 1):
+        active = {n: st for n, st in students.items() if not st.stopped}
+        if not active:
+            break
         t0 = cpu_s()
         noise = torch.randn(batch, *model.shape, generator=gen).to(device_of(model))
         labels = torch.randint(0, model.num_classes, (batch,), generator=gen).to(device_of(model))
-        T, X = trajectory(model, teach, noise, labels)  # CFG off while searching
-        t_share += (cpu_s() - t0) / len(students)
+        T, X = trajectory(model, teach, noise, labels, guidance)
+        t_share += (cpu_s() - t0) / len(active)
         losses = []
-        for n, st in students.items():
+        for n, st in active.items():
             t0 = cpu_s()
             co = st.coeffs()
-            ys = unroll(model, co, noise, labels, states=True)
+            ys = unroll(model, co, noise, labels, guidance, states=True)
             loss = loss_fn(ys, co, T, X, final_weight, delta)
             st.opt.zero_grad()
             loss.backward()
@@ -322,14 +331,31 @@ def search(model, nfes, *, form=None, init="euler", restrict=False, iters=100, b
         lmsg = " ".join(losses)
         if it % val_every == 0 or it == iters:
             vmsg = validate(it)
-        log(f"it {it}/{iters} loss {lmsg} | held-out rmse {vmsg}")
+        log(f"loss {lmsg} | held-out rmse {vmsg}")
     log(f"done: loss {lmsg} | held-out rmse {vmsg}", final=True)
     out = {}
     for n, st in students.items():
         e, (grid, M), it = st.best
-        out[n] = {"grid": grid, "M": M, "form": form, "init": st.init, "best_rmse": e, "best_iter": it,
-                  "init_rmse": st.init_rmse, "curve": st.curve, "cpu_s": st.cpu + t_share}
+        out[n] = {"grid": grid, "M": M, "form": st.form, "init": st.init, "best_rmse": e, "best_iter": it,
+                  "iters_run": st.iters_run, "stopped_on_plateau": st.stopped, "init_rmse": st.init_rmse,
+                  "curve": st.curve, "cpu_s": st.cpu + t_share}
     return out
+
+
+def search(model, nfes, *, form=None, init="euler", restrict=False, iters=300, patience=40, min_delta=1e-3,
+           batch=12, lr=1e-2, final_weight=1.0, delta=1e-3, teacher="dpmpp-2m/logsnr", teacher_nfe=64, val=64,
+           val_every=10, ref=None, guidance=1.0, seed=None, log=None):
+    """Search every NFE in `nfes` jointly. Returns {n: dict(grid, M, form, init, best_rmse, best_iter,
+    iters_run, init_rmse, curve, cpu_s)}."""
+    form = form or default_form(model.schedule)
+    if form not in FORMS:
+        raise ValueError(f"unknown form {form!r}; allowed: {list(FORMS)}")
+    vn, vl = heldout(model, val)
+    ref = reference(model, vn, vl, guidance) if ref is None else ref
+    students = initial_students(model, nfes, form, init, restrict, lr, vn, vl, ref, guidance)
+    return optimise(model, students, vn, vl, ref, iters=iters, patience=patience, min_delta=min_delta,
+                    batch=batch, final_weight=final_weight, delta=delta, teacher=teacher,
+                    teacher_nfe=teacher_nfe, val_every=val_every, guidance=guidance, seed=seed, log=log)
 
 
 # --- CLI --------------------------------------------------------------------------------------------
@@ -351,7 +377,13 @@ def add_parser(subparsers):
                         "with the lowest held-out error")
     p.add_argument("--restrict", action="store_true",
                    help="the paper's rule for NFE <= 6: the last two steps only use the previous output")
-    p.add_argument("--iters", type=int, default=100)
+    p.add_argument("--iters", type=int, default=300, help="cap on iterations (the search stops on a plateau)")
+    p.add_argument("--patience", type=int, default=40,
+                   help="stop an NFE once its selection-set RMSE has not improved for this many iterations")
+    p.add_argument("--min-delta", type=float, default=1e-3, help="relative improvement that counts")
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="CFG scale to search at (default 1: CFG off, the paper); >1 fits a per-scale solver")
+    p.add_argument("--out", default=None, help="solver directory (default ARTIFACT/solvers)")
     p.add_argument("--batch", type=int, default=12, help="fresh noise samples per iteration")
     p.add_argument("--lr", type=float, default=None,
                    help="Lion learning rate (default 1e-2 as the paper; 2e-3 with --init best, whose tuned "
@@ -360,13 +392,13 @@ def add_parser(subparsers):
     p.add_argument("--delta", type=float, default=1e-3, help="Huber delta (paper: 1e-3)")
     p.add_argument("--teacher", default="dpmpp-2m/logsnr")
     p.add_argument("--teacher-nfe", type=int, default=64)
-    p.add_argument("--ref", default="dpmpp-3m", help="converged reference solver (as offline eval's)")
+    p.add_argument("--ref", default="dpmpp-3m/logsnr", help="converged reference solver (as offline eval's)")
     p.add_argument("--ref-nfe", type=int, default=128)
-    p.add_argument("--val", type=int, default=64, help="held-out samples (seeds 20_000_000 + i)")
+    p.add_argument("--val", type=int, default=64, help="held-out samples (the selection seeds)")
     p.add_argument("--val-every", type=int, default=10)
     p.add_argument("--cfg", type=float, default=None,
                    help="guidance of the CFG-on metrics (default: the artifact's, else 2); search: CFG off")
-    p.add_argument("--seed", type=int, default=TRAIN_SEED, help="training noise stream")
+    p.add_argument("--seed", type=int, default=0, help="training noise stream: offset into the search range")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu", help="torch device of the model, e.g. cuda")
     p.add_argument("--dry-run", action="store_true", help="do not write solver files")
@@ -380,7 +412,8 @@ def metrics_for(model, tab, vn, vl, ref, ref_cfg, cfg, classic=None, classic_cfg
     """Held-out trajectory error of `tab` (CFG off and on) and, optionally, of the classic solvers."""
     m = {"heldout_rmse": rmse(sample(model, tab, vn, vl), ref),
          f"heldout_rmse_cfg{cfg:g}": rmse(sample(model, tab, vn, vl, cfg), ref_cfg),
-         "heldout_seeds": f"{VAL_SEED}..{VAL_SEED + len(vn) - 1}", "heldout_labels": "i mod num_classes"}
+         "heldout_seeds": f"{SELECTION_BASE}..{SELECTION_BASE + len(vn) - 1}",
+         "heldout_labels": "i mod num_classes"}
     if classic:
         best = min(classic, key=classic.get)
         m.update(classic=classic, best_classic=best, best_classic_rmse=classic[best])
@@ -402,15 +435,18 @@ def run(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     model, sha, art = load_model(args.artifact, args.device)
-    args.cfg = cfg_scale(art, args.cfg)
+    args.cfg = args.guidance if args.guidance != 1 else cfg_scale(art, args.cfg)
     args.lr = args.lr or (2e-3 if args.init == "best" else 1e-2)
+    seed = stream_seed("search", args.seed)
     t_wall, t_cpu = time.time(), cpu_s()
     vn, vl, ref, ref_cfg, conv = references(model, args)
     ref_cpu = (cpu_s() - t_cpu) / len(args.nfe)
     res = search(model, args.nfe, form=args.form, init=args.init, restrict=args.restrict, iters=args.iters,
-                 batch=args.batch, lr=args.lr, final_weight=args.final_weight, delta=args.delta,
-                 teacher=args.teacher, teacher_nfe=args.teacher_nfe, val=args.val, val_every=args.val_every,
-                 ref=ref, seed=args.seed, log=Progress(f"search {Path(args.artifact).name}"))
+                 patience=args.patience, min_delta=args.min_delta, batch=args.batch, lr=args.lr,
+                 final_weight=args.final_weight, delta=args.delta, teacher=args.teacher,
+                 teacher_nfe=args.teacher_nfe, val=args.val, val_every=args.val_every,
+                 ref=ref if args.guidance == 1 else ref_cfg, guidance=args.guidance, seed=seed,
+                 log=Progress(f"search {Path(args.artifact).name}", args.iters))
     files = {}
     for n, r in res.items():
         t0 = cpu_s()
@@ -421,15 +457,18 @@ def run(args):
         top = sorted(classic, key=classic.get)[:5]  # CFG on: the five best without CFG (CPU budget)
         classic_cfg = classic_rmse(model, n, vn, vl, ref_cfg, top, guidance=args.cfg)
         met = metrics_for(model, tab, vn, vl, ref, ref_cfg, args.cfg, classic, classic_cfg)
-        met.update(init_rmse=r["init_rmse"], best_iter=r["best_iter"], curve=r["curve"])
+        met.update(init_rmse=r["init_rmse"], best_iter=r["best_iter"], iters_run=r["iters_run"],
+                   stopped_on_plateau=r["stopped_on_plateau"], curve=r["curve"])
         fit = {"method": "differentiable solver search (arXiv 2505.21114)", "form": r["form"],
                "init": r["init"],
-               "restrict_nfe_le_6": args.restrict, "iters": args.iters, "batch": args.batch,
+               "restrict_nfe_le_6": args.restrict, "iters_cap": args.iters, "iters_run": r["iters_run"],
+               "patience": args.patience, "min_delta": args.min_delta, "batch": args.batch,
                "optimizer": f"lion lr {args.lr:g}", "final_weight": args.final_weight,
                "huber_delta": args.delta,
                "teacher": f"{args.teacher} x{args.teacher_nfe}, interpolated at the student's times",
                "reference": f"{args.ref} x{args.ref_nfe}", "reference_vs_half_nfe_rmse": conv,
-               "guidance": 1.0, "train_stream_seed": args.seed, "selection": "lowest held-out rmse",
+               "guidance": args.guidance, "train_stream_seed": seed,
+               "selection": "lowest selection-set rmse (at the search's guidance)",
                "cpu_minutes": round((r["cpu_s"] + ref_cpu + cpu_s() - t0) / 60, 3),
                "cpu_minutes_note": "this NFE's share of one joint run (teacher and references split evenly)",
                "torch_threads": torch.get_num_threads(), "nfes_in_run": list(args.nfe)}
@@ -442,7 +481,7 @@ def run(args):
     written = []
     for name, d in files.items():
         d["fit"]["wall_seconds_run"] = round(wall, 1)
-        path = Path(args.artifact) / "solvers" / f"{name}.json"
+        path = Path(args.out or Path(args.artifact) / "solvers") / f"{name}.json"
         if args.dry_run or (args.keep_better and _better_on_disk(path, d)):
             continue
         write_solver(path, d)

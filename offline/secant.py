@@ -98,7 +98,7 @@ assert tuple(LOSS_FNS) == LOSSES
 
 def sample_times(B: int, steps, g: torch.Generator, both: bool = False, grid: bool = True) -> dict:
     """t, s, r (and STEI's tau) for B samples; see the module docstring."""
-    u = lambda: torch.rand(B, generator=g, dtype=F64)  # noqa: E731
+    u = lambda: torch.rand(B, generator=g, dtype=F64)
     N = torch.as_tensor(list(steps), dtype=F64)[torch.randint(len(steps), (B,), generator=g)]
     d = u() / N
     t = 1 - (u() * N).floor() / N if grid else d + (1 - d) * u()  # grid: uniform over the N start points
@@ -208,8 +208,10 @@ def warm_start(net, art, name: str) -> dict:
 def train_secant(artifact, st: Settings, name: str = "secant", ckpt_dir=None, resume=False, threads=None,
                  dtype="float16", command=None, log=sys.stderr, device="cpu") -> dict:
     from offline.data import data_from_source
+    from offline.progress import Progress
+    from offline.seeds import stream_seed
     from offline.teacher_data import has_data, teacher_pool
-    from offline.train import Progress, learning_rate, load_ckpt, optimise, save_ckpt
+    from offline.train import learning_rate, load_ckpt, optimise, save_ckpt
 
     if threads:
         torch.set_num_threads(threads)
@@ -225,12 +227,12 @@ def train_secant(artifact, st: Settings, name: str = "secant", ckpt_dir=None, re
         x_all, y_all = data.train_x, data.train_y
     else:  # an imported network: its own samples stand in for the data it was trained on
         x_all, y_all = teacher_pool(m, st.pool, st.pool_solver, log=log)
-    torch.manual_seed(st.seed)
+    torch.manual_seed(stream_seed("secant", st.seed))
     net = secant_from_teacher(m, (1.0, st.w_max) if st.guidance_input else None).to(m.device).train()
     init = warm_start(net, art, st.init) if st.init else None
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=st.lr, betas=(0.9, 0.99), weight_decay=st.weight_decay)
-    g = torch.Generator().manual_seed(st.seed)
+    g = torch.Generator().manual_seed(stream_seed("secant", st.seed))
     ckpt_dir = Path(ckpt_dir) if ckpt_dir else Path("runs") / f"{art.name}-{name}"
     step, wall, cpu, loss_avg = 0, 0.0, 0.0, None
     if resume and (ckpt_dir / "state.json").exists():
@@ -240,7 +242,8 @@ def train_secant(artifact, st: Settings, name: str = "secant", ckpt_dir=None, re
     loss_fn, f, v = LOSS_FNS[st.loss], student(net), teacher_velocity(m)
     both, K = st.loss.endswith("ee"), m.num_classes
     dev = m.device
-    bar = Progress(st.steps, st.log_every, st.batch, log)
+    bar = Progress("secant", st.steps, log)
+    bar.bar.update(step)
     t0, c0, seen = time.time(), time.process_time(), 0
     while step < st.steps:
         idx = torch.randint(0, len(x_all), (st.batch,), generator=g)
@@ -261,7 +264,7 @@ def train_secant(artifact, st: Settings, name: str = "secant", ckpt_dir=None, re
         step += 1
         loss_avg = li if loss_avg is None else 0.98 * loss_avg + 0.02 * li
         seen += st.batch
-        bar(step, loss_avg, seen / max(time.time() - t0, 1e-9), done=step == st.steps)
+        bar(f"loss {loss_avg:.4f} {seen / max(time.time() - t0, 1e-9):.0f} img/s")
         if step % st.ckpt_every == 0 or step == st.steps:
             save_ckpt(ckpt_dir, step, net, ema, opt, g, st, net.config, wall + time.time() - t0, loss_avg)
             write_json(ckpt_dir / "cpu.json", {"cpu_s": cpu + time.process_time() - c0})
@@ -304,12 +307,13 @@ def nfe_of(model, steps: int, guidance: float, interval=None) -> int:
 
 def evaluate_secant(artifact, names=None, steps=(1, 2, 4, 8), compare=(), compare_nfe=(1, 2, 4, 8), n=None,
                     seed_sets=None, guidance=None, interval=None, reference=None,
-                    cache=".cache/stride/eval", batch=500, write=True, log=sys.stderr, device="cpu") -> dict:
+                    cache=".cache/stride/eval", batch=500, write=True, log=sys.stderr, device="cpu",
+                    on="evaluation") -> dict:
     """The secant rows through offline/evaluate.py's Protocol (same seeds, classes, classifier, cached
     reference and samples), optionally beside classic solvers; writes them into each <name>.json under
     'eval'. Unset n / seed sets / guidance / reference come from the artifact's eval.json, so the rows
     are comparable with its rows (FD's bias depends on n), else 500 x 3, the default guidance,
-    dpmpp-3m:128."""
+    dpmpp-3m/logsnr:128."""
     from offline.evaluate import Protocol, _ms, make_seed_sets, scores, secant_rows
     from solvers.artifact import default_guidance
     from solvers.builders import make_table
@@ -322,8 +326,14 @@ def evaluate_secant(artifact, names=None, steps=(1, 2, 4, 8), compare=(), compar
     seed_sets = seed_sets or len(firsts or []) or 3
     if reference is None:
         ref = ev0.get("reference", {})
-        reference = f"{ref['solver']}:{ref['nfe']}" if "solver" in ref else "dpmpp-3m:128"
+        solver = ref.get("solver", "dpmpp-3m")
+        solver = solver if "/" in solver else f"{solver}/{ref.get('grid', 'logsnr')}"
+        reference = f"{solver}:{ref.get('nfe', 128)}"
     p = Protocol(art, n, make_seed_sets(n, seed_sets, firsts or None), cache, batch)
+    if on == "selection":  # a probe that chooses: one set of n selection seeds
+        p = p.selection()
+    elif on != "evaluation":
+        raise ValueError(f"on must be 'evaluation' or 'selection', got {on!r}")
     ref_solver, ref_nfe = reference.split(":")
     x_ref = p.reference(ref_solver, int(ref_nfe), g)
     rows = [r for r, _ in secant_rows(p, g, x_ref, steps, names, interval, log)]
@@ -337,7 +347,7 @@ def evaluate_secant(artifact, names=None, steps=(1, 2, 4, 8), compare=(), compar
             classic.append(r)
             print(f"{solver:>12} nfe {k:>2}  evals {r['evaluations']:>2}  {scores(r)}", file=log, flush=True)
     ref_mean, ref_std = _ms(p.ref_fd) if p.ref_fd else (None, None)
-    ev = {"guidance": g, "guidance_interval": interval, "n": n,
+    ev = {"guidance": g, "guidance_interval": interval, "n": n, "seeds": on,
           "seed_sets": [{"first_seed": s[0], "count": len(s)} for s in p.sets],
           "labels": f"seed index i -> class i mod {p.K} (balanced)",
           "reference": {"solver": ref_solver, "nfe": int(ref_nfe), "fd": ref_mean, "fd_std": ref_std,
@@ -426,9 +436,12 @@ def add_parser(subparsers):
     e.add_argument("--seed-sets", type=int, default=None, help="default: eval.json's, else 3")
     e.add_argument("--reference", default=None,
                    help="solver:nfe of the teacher's converged solve (default: eval.json's, else "
-                        "dpmpp-3m:128)")
+                        "dpmpp-3m/logsnr:128)")
     e.add_argument("--cache", default=".cache/stride/eval")
     e.add_argument("--report", default=None, help="also write the measured rows to this json file")
+    e.add_argument("--on", choices=("evaluation", "selection"), default="evaluation",
+                   help="selection: a recipe probe, measured on the selection seeds and written only to "
+                        "--report (choices are made there; evaluation seeds are for reported rows)")
     return p
 
 
@@ -448,7 +461,8 @@ def run(a, command=None) -> int:
         names = [name] if not a.eval_only or a.name else None  # --eval-only alone: every secant file
         compare = [s for s in a.compare.split(",") if s]
         res = evaluate_secant(a.artifact, names, a.eval_steps, compare, a.compare_nfe, a.n, a.seed_sets,
-                              a.guidance, a.guidance_interval, a.reference, a.cache, device=a.device)
+                              a.guidance, a.guidance_interval, a.reference, a.cache, device=a.device,
+                              write=a.on == "evaluation", on=a.on)
         if a.report:
             Path(a.report).parent.mkdir(parents=True, exist_ok=True)
             Path(a.report).write_text(json.dumps(res, indent=1) + "\n")

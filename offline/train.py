@@ -20,6 +20,8 @@ from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 
 from offline.data import ImageSet, data_from_source
+from offline.progress import Progress
+from offline.seeds import stream_seed
 from solvers.artifact import read_json, save_artifact, save_classifier, write_json
 from solvers.nets import Classifier, UNet, classifier_config, unet_config
 from solvers.param import check_param, convert
@@ -99,7 +101,7 @@ def loss_fn(net, x0, labels, st: Settings, sched, g: torch.Generator):
     drop = torch.rand(B, generator=g) < st.label_dropout
     labels = torch.where(drop, torch.full_like(labels, net.num_classes), labels)
     a, s = sched.alpha(t), sched.sigma(t)
-    r = lambda v: v.float().reshape(B, 1, 1, 1)  # noqa: E731
+    r = lambda v: v.float().reshape(B, 1, 1, 1)
     xt = r(a) * x0 + r(s) * eps
     # target = A x_t + B out evaluated at the true (x0, eps): out = (x0-or-eps-form - A x_t) / B
     ax, bx = convert(st.param, "x0", a, s)
@@ -171,26 +173,6 @@ def optimise(net, ema, opt, loss, lr: float, grad_clip: float, ema_decay: float,
     return loss.item()
 
 
-class Progress:
-    """One stderr line per update: rewritten in place on a terminal, appended in a log file."""
-
-    def __init__(self, total: int, every: int, batch: int, stream=sys.stderr):
-        self.total, self.every, self.batch, self.stream = total, every, batch, stream
-        self.tty = stream.isatty()
-
-    def __call__(self, step, loss, ips, done=False):
-        if not (done or step % self.every == 0):
-            return
-        eta = (self.total - step) * self.batch / max(ips, 1e-9)
-        line = f"step {step}/{self.total}  loss {loss:.4f}  {ips:.0f} img/s"
-        if not done:
-            line += f"  eta {eta / 60:.1f} min"
-        self.stream.write(("\r" + line + " " * 8) if self.tty else line + "\n")
-        if done and self.tty:
-            self.stream.write("\n")
-        self.stream.flush()
-
-
 def train(data: ImageSet, out, st: Settings, config="small", ckpt_dir=None, resume=False, threads=None,
           dtype="float32", progress_stream=sys.stderr, command=None) -> Path:
     if threads:
@@ -200,17 +182,18 @@ def train(data: ImageSet, out, st: Settings, config="small", ckpt_dir=None, resu
     cfg = resolve_config(config, data)
     out = Path(out)
     ckpt_dir = Path(ckpt_dir) if ckpt_dir else Path("runs") / out.name
-    torch.manual_seed(st.seed)
+    torch.manual_seed(stream_seed("train", st.seed))
     net = UNet(cfg)
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=st.lr, betas=(0.9, 0.99), weight_decay=st.weight_decay)
-    g = torch.Generator().manual_seed(st.seed)
+    g = torch.Generator().manual_seed(stream_seed("train", st.seed))
     step, wall, loss_avg = 0, 0.0, None
     if resume and (ckpt_dir / "state.json").exists():
         step, wall, loss_avg = load_ckpt(ckpt_dir, net, ema, opt, g, st, cfg)
         print(f"resumed from {ckpt_dir} at step {step}", file=progress_stream)
     x_all, y_all = data.train_x, data.train_y
-    bar = Progress(st.steps, st.log_every, st.batch, progress_stream)
+    bar = Progress("train", st.steps, progress_stream)
+    bar.bar.update(step)
     net.train()
     t0, seen = time.time(), 0
     while step < st.steps:
@@ -221,7 +204,7 @@ def train(data: ImageSet, out, st: Settings, config="small", ckpt_dir=None, resu
         loss_avg = li if loss_avg is None else 0.98 * loss_avg + 0.02 * li
         seen += st.batch
         now = time.time()
-        bar(step, loss_avg, seen / max(now - t0, 1e-9), done=step == st.steps)
+        bar(f"loss {loss_avg:.4f} {seen / max(now - t0, 1e-9):.0f} img/s")
         if step % st.ckpt_every == 0 or step == st.steps:
             save_ckpt(ckpt_dir, step, net, ema, opt, g, st, cfg, wall + now - t0, loss_avg)
     wall += time.time() - t0
@@ -267,8 +250,8 @@ def train_classifier(artifact, epochs=40, batch=128, lr=2e-3, seed=0, threads=No
     C, H, _ = data.shape
     cfg = classifier_config({**(config or {}), "in_channels": C, "image_size": H,
                              "num_classes": data.num_classes})
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(stream_seed("train", seed))
+    g = torch.Generator().manual_seed(stream_seed("train", seed))
     clf = Classifier(cfg)
     opt = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=1e-4)
     n = len(data.train_x)

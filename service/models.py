@@ -171,12 +171,16 @@ class ModelEntry:
 
     def best(self, steps: int, guidance: float | None = None) -> tuple[str, dict | None]:
         """The sampler with the lowest measured FD at exactly `steps` evaluations (eval.json) among
-        those that honour `guidance` (any when None), or the default when none was measured."""
+        those that honour `guidance` (any when None), or the default when none was measured. The FD
+        it chooses by is the selection set's (`selection_fd`) where the row has one, so the
+        evaluation sets stay for reporting; rows without FD (imported models) go by RMSE."""
         rows = [r for r in self.eval_rows if int(r.get("nfe", -1)) == steps and self._runnable(str(r.get("solver")), steps)
                 and (guidance is None or self.supports_guidance(str(r.get("solver")), guidance))]
-        rows = [r for r in rows if _finite(r.get("fd")) or _finite(r.get("rmse"))]
+        fd = lambda r: r.get("selection_fd", r.get("fd"))
+        rmse = lambda r: r.get("selection_rmse", r.get("rmse"))
+        rows = [r for r in rows if _finite(fd(r)) or _finite(rmse(r))]
         if rows:
-            r = min(rows, key=lambda r: (not _finite(r.get("fd")), _num(r.get("fd")), _num(r.get("rmse"))))
+            r = min(rows, key=lambda r: (not _finite(fd(r)), _num(fd(r)), _num(rmse(r))))
             return str(r["solver"]), r
         return self.default_solver(steps), None
 

@@ -95,7 +95,7 @@ def test_eval_without_a_classifier_writes_rmse_rows_and_the_auto_pick_follows_rm
                      "--seed-sets", "2", "--reference", "dpmpp-3m:16", "--cache", str(tmp_path / "cache"),
                      "--device", "cpu"]) == 0
     ev = json.loads((art_dir / "eval.json").read_text())
-    assert ev["floor"] is None and ev["best_criterion"] == "lowest mean rmse at that NFE"
+    assert ev["floor"] is None and ev["best_criterion"].startswith("lowest rmse on the selection set")
     assert {(r["solver"], r["nfe"]) for r in ev["rows"]} == {(s, k) for s in ("euler", "ddim", "dpmpp-2m") for k in (2, 4)}
     assert all(r["fd"] is None and r["acc"] is None and r["rmse"] > 0 for r in ev["rows"])
     # the RMSE is the executor's samples against the reference solve, per seed set, averaged
@@ -112,7 +112,7 @@ def test_eval_without_a_classifier_writes_rmse_rows_and_the_auto_pick_follows_rm
     assert row["rmse"] == pytest.approx(sum(per_set) / 2, rel=1e-5)
     entry = ModelEntry.from_artifact(str(art_dir))
     for k in (2, 4):
-        want = min((r for r in ev["rows"] if r["nfe"] == k), key=lambda r: r["rmse"])["solver"]
+        want = min((r for r in ev["rows"] if r["nfe"] == k), key=lambda r: r["selection_rmse"])["solver"]
         assert ev["best"][str(k)]["solver"] == want and entry.best(k)[0] == want
     assert "RMSE only" in (art_dir / "eval.md").read_text()
     assert (art_dir / "eval" / "rmse.png").is_file() and (art_dir / "eval" / "samples-ddim.png").is_file()

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 
+import httpx
 import pytest
 from service_fixtures import ROOT, ApiServer
 
@@ -79,9 +80,11 @@ def test_playground_in_a_browser(api, browser, tmp_path):
     # the sampler list: auto first, then the samplers measured at this step count with their quality
     Select(d.find_element(By.ID, "steps")).select_by_value("4")
     labels = [o.text for o in Select(d.find_element(By.ID, "solver")).options]
-    assert labels[0].startswith("auto → secant-tan-pu") and any(
-        re.match(r"searched-nfe4 — 1\.\d\d× reference FD", t) for t in labels), labels
-    assert d.find_element(By.ID, "guidance").get_attribute("max") == "3"  # secant-tan-pu's trained range
+    pick = httpx.get(api.url + "/solvers").json()["models"]["digits"]["steps"]["4"]["solver"]  # the auto-pick
+    hi = httpx.get(api.url + "/models").json()["models"][0]["guidance_ranges"][pick][1]
+    assert labels[0].startswith(f"auto → {pick}") and any(
+        re.match(r"secant-tan-pu — 1\.\d\d× reference FD", t) for t in labels), labels
+    assert float(d.find_element(By.ID, "guidance").get_attribute("max")) == hi  # the pick's guidance range
 
     # generate from the keyboard: type the class, the seed, Enter
     cls = d.find_element(By.ID, "class")
@@ -93,7 +96,7 @@ def test_playground_in_a_browser(api, browser, tmp_path):
     widths = decoded(d, "#images img")
     assert widths == [128] * 4
     status = wait.until(lambda d: (t := d.find_element(By.ID, "status").text) and "NFE" in t and t)
-    assert re.search(r"“3” · secant-tan-pu · NFE 4 · queue [\d.]+ ms · compute [\d.]+ ms · round trip [\d.]+ ms",
+    assert re.search(rf"“3” · {re.escape(pick)} · NFE 4 · queue [\d.]+ ms · compute [\d.]+ ms · round trip [\d.]+ ms",
                      status), status
 
     # compare: one seed and class at 1, 2, 4, 8 steps, each with its latency
@@ -159,8 +162,6 @@ def test_with_an_api_key_the_page_asks_for_it(browser):
 
 
 def test_page_and_assets_are_served_with_a_same_origin_policy(api):
-    import httpx
-
     r = httpx.get(api.url + "/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     assert "default-src 'self'" in r.headers["content-security-policy"]  # a CDN link could not load

@@ -37,6 +37,13 @@ def test_auto_picks_lowest_fd_at_that_nfe(gmm):
     assert e.table("mine", 4).nfe == 4
 
 
+def test_auto_picks_by_the_selection_sets_fd_not_the_reported_one(gmm):
+    """eval.json rows carry the evaluation sets' fd (reported) and the selection set's (chosen on)."""
+    rows = [{"solver": "dpmpp-2m", "nfe": 4, "fd": 1.0, "selection_fd": 2.0},
+            {"solver": "heun", "nfe": 4, "fd": 1.5, "selection_fd": 1.2}]
+    assert entry_with(gmm, rows).resolve(4) == "heun"
+
+
 def test_explicit_solvers(gmm):
     e = entry_with(gmm, learned={"mine": make_table("unipc", gmm.model.schedule, gmm.model.param, 4)})
     assert e.resolve(4, "heun") == "heun" and e.table("heun", 4).nfe == 4
