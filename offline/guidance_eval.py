@@ -97,7 +97,8 @@ def claims(rows) -> dict:
 
 def evaluate_guidance(artifact, ws=(1, 1.5, 2, 3, 4), n=300, sets=1, solvers=None, steps=(2, 3, 4, 5, 8),
                       guided_dir=None, reference="dpmpp-3m/logsnr:128", secants=None, cache=".cache/stride/eval",
-                      batch=500, threads=None, log=sys.stderr, command=None) -> dict:
+                      batch=500, threads=None, log=None, command=None) -> dict:
+    log = sys.stderr if log is None else log  # per call: a test may swap sys.stderr
     if threads:
         torch.set_num_threads(threads)
     art = load_artifact(artifact)

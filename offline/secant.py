@@ -206,7 +206,8 @@ def warm_start(net, art, name: str) -> dict:
 
 
 def train_secant(artifact, st: Settings, name: str = "secant", ckpt_dir=None, resume=False, threads=None,
-                 dtype="float16", command=None, log=sys.stderr, device="cpu") -> dict:
+                 dtype="float16", command=None, log=None, device="cpu") -> dict:
+    log = sys.stderr if log is None else log  # per call: a test may swap sys.stderr
     from offline.data import data_from_source
     from offline.progress import Progress
     from offline.seeds import stream_seed
@@ -307,13 +308,14 @@ def nfe_of(model, steps: int, guidance: float, interval=None) -> int:
 
 def evaluate_secant(artifact, names=None, steps=(1, 2, 4, 8), compare=(), compare_nfe=(1, 2, 4, 8), n=None,
                     seed_sets=None, guidance=None, interval=None, reference=None,
-                    cache=".cache/stride/eval", batch=500, write=True, log=sys.stderr, device="cpu",
+                    cache=".cache/stride/eval", batch=500, write=True, log=None, device="cpu",
                     on="evaluation") -> dict:
     """The secant rows through offline/evaluate.py's Protocol (same seeds, classes, classifier, cached
     reference and samples), optionally beside classic solvers; writes them into each <name>.json under
     'eval'. Unset n / seed sets / guidance / reference come from the artifact's eval.json, so the rows
     are comparable with its rows (FD's bias depends on n), else 500 x 3, the default guidance,
     dpmpp-3m/logsnr:128."""
+    log = sys.stderr if log is None else log  # per call: a test may swap sys.stderr
     from offline.evaluate import Protocol, _ms, make_seed_sets, scores, secant_rows
     from solvers.artifact import default_guidance
     from solvers.builders import make_table

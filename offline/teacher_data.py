@@ -24,8 +24,9 @@ def has_data(meta: dict) -> bool:
 
 
 def teacher_pool(model, n: int, solver: str = "dpmpp-3m:32", batch: int = 64, seed0: int = POOL_SEED,
-                 log=sys.stderr):
+                 log=None):
     """(x0 [n, *shape], labels [n]) on the CPU: `solver` (name:nfe) from seeds seed0 + i, class i mod K."""
+    log = sys.stderr if log is None else log  # per call: a test may swap sys.stderr
     name, nfe = solver.split(":") if ":" in solver else (solver, "")
     if not nfe.isdigit():
         raise ValueError(f"--pool-solver must be solver:nfe, e.g. dpmpp-3m:32, got {solver!r}")

@@ -174,7 +174,8 @@ def optimise(net, ema, opt, loss, lr: float, grad_clip: float, ema_decay: float,
 
 
 def train(data: ImageSet, out, st: Settings, config="small", ckpt_dir=None, resume=False, threads=None,
-          dtype="float32", progress_stream=sys.stderr, command=None) -> Path:
+          dtype="float32", progress_stream=None, command=None) -> Path:
+    progress_stream = sys.stderr if progress_stream is None else progress_stream  # per call: a test may swap sys.stderr
     if threads:
         torch.set_num_threads(threads)
     check_param(st.param)
@@ -239,9 +240,10 @@ def accuracy(clf, x, y, batch=512) -> float:
 
 
 def train_classifier(artifact, epochs=40, batch=128, lr=2e-3, seed=0, threads=None, min_acc=0.95,
-                     config=None, progress_stream=sys.stderr) -> dict:
+                     config=None, progress_stream=None) -> dict:
     """Fit the quality classifier on the artifact's own train split; refuse to write one that is
     too weak to judge samples."""
+    progress_stream = sys.stderr if progress_stream is None else progress_stream  # per call: a test may swap sys.stderr
     if threads:
         torch.set_num_threads(threads)
     artifact = Path(artifact)
