@@ -26,12 +26,7 @@ from solvers.schedules import FlowSchedule, VPSchedule
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # --- seeds ------------------------------------------------------------------------------------------

@@ -35,13 +35,7 @@ from solvers.schedules import FlowSchedule, VPSchedule
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: intra-op threads only add waiting (10x slower on a loaded 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 CASES = [(FlowSchedule(), "flow", "velocity", euler), (VPSchedule("linear"), "eps", "x0", ddim)]
 IDS = ["flow-velocity", "vp-x0"]
 

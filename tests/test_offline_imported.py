@@ -20,13 +20,7 @@ from solvers import make_table, sample, seeded_noise
 from solvers.artifact import load_artifact
 from solvers.secant import SecantModel, load_secant, save_secant, secant_from_teacher, secant_table
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

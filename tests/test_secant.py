@@ -16,13 +16,7 @@ TINY = {"in_channels": 1, "image_size": 8, "num_classes": 3, "channels": 8, "cha
         "num_res_blocks": 1, "emb_dim": 32, "num_heads": 2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny ops: a second thread only adds contention on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
