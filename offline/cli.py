@@ -45,7 +45,7 @@ def parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("train-classifier", help="train the quality classifier into an artifact")
     c.add_argument("artifact")
-    c.add_argument("--epochs", type=int, default=40)
+    c.add_argument("--epochs", type=int, default=300, help="passes over its ~180 images (digits)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--threads", type=int, default=None)
     c.add_argument("--min-acc", type=float, default=0.95)

@@ -1,7 +1,12 @@
 """Class-conditional image sets: scikit-learn's digits, or a user's folder of class sub-folders.
 
 Images are float32 [N, C, H, W] in [-1, 1]; the train / held-out split is stratified and fixed by
-a seed, so the held-out images that evaluation compares against are never seen by any fitting.
+a seed. The generative model trains on `train` only. The held-out images are split once more
+(`judge_split`): one part trains the quality classifier, the other is the reference that FD and
+accuracy are measured against. So the generative model never sees the classifier's images, and the
+classifier never sees the reference or the train images. Real train images against the reference
+are then a true floor: every image the floor compares is unseen by the classifier, as generated
+samples are.
 """
 from __future__ import annotations
 
@@ -50,6 +55,39 @@ def _split(x: torch.Tensor, y: np.ndarray, names, holdout, seed, source) -> Imag
     y = torch.as_tensor(y, dtype=torch.long)
     return ImageSet(x[tr].contiguous(), y[tr], x[te].contiguous(), y[te], list(names),
                     {**source, "holdout": holdout, "split_seed": seed})
+
+
+@dataclass
+class JudgeSplit:
+    """The held-out images, split for evaluation: the classifier's training part and the reference."""
+    clf_x: torch.Tensor
+    clf_y: torch.Tensor
+    ref_x: torch.Tensor
+    ref_y: torch.Tensor
+    spec: dict  # goes into classifier.json: how to rebuild it
+
+
+def judge_split(data: ImageSet, reference: float = 0.5, seed: int = 0) -> JudgeSplit:
+    """Stratified split of the held-out images: a `reference` fraction (at least one image per class)
+    for FD and accuracy, the rest to train the classifier."""
+    if not 0 < reference < 1:
+        raise ValueError(f"reference fraction must be in (0, 1), got {reference}")
+    clf, ref = stratified_split(data.test_y.numpy(), reference, seed)
+    if len(clf) == 0 or len(torch.unique(data.test_y[clf])) < data.num_classes:
+        raise ValueError(f"the held-out set ({len(data.test_x)} images) is too small to give the classifier an "
+                         "image of every class and keep a reference; the data set needs more images per class")
+    return JudgeSplit(data.test_x[clf], data.test_y[clf], data.test_x[ref], data.test_y[ref],
+                      {"of": "held-out", "reference": reference, "seed": seed,
+                       "classifier_images": len(clf), "reference_images": len(ref)})
+
+
+def classifier_judge_split(data: ImageSet, classifier_meta: dict) -> JudgeSplit:
+    """The split a classifier.json records (the reference its FD is measured against)."""
+    spec = classifier_meta.get("data", {}).get("split")
+    if spec is None:
+        raise ValueError("classifier.json records no held-out split: it was trained on the model's own train "
+                         "images, so its FD has no real floor; retrain it (stride offline train-classifier ARTIFACT)")
+    return judge_split(data, spec["reference"], spec["seed"])
 
 
 def load_digits(size: int = 16, holdout: float = 0.2, seed: int = 0) -> ImageSet:

@@ -104,6 +104,10 @@ def fit_lambdas(model, base, semantics, noise, labels, targets, guidance=1.0, ep
     def closed(g, r):
         return float(((g * r).sum() / ((g * g).sum() + g.numel() * eps ** 2)).clamp(-clip, clip))  # g may sit on a GPU
 
+    def penalised(r, g, lam_):
+        """What `closed` minimises, per element: the landing error plus the ridge eps^2 lam^2."""
+        return float((r - lam_ * g).pow(2).mean()) + eps ** 2 * lam_ ** 2
+
     def stage(k, y, hs, lam):
         """(h_k, base state y_b after evaluation k with lam_k = 0, direction g_k, residual r_k)."""
         d = model_call(model, y, base.tau[k], base.s[k], labels, guidance)
@@ -115,10 +119,14 @@ def fit_lambdas(model, base, semantics, noise, labels, targets, guidance=1.0, ep
         return h, yb, g, targets[k].reshape(B, -1).to(F64) - yb
 
     def corrector_error(k, lp, hs, lam, yb, g):
+        """The pair's objective at predictor scalar lp: the corrector's penalised landing error
+        (its scalar in closed form) plus the same ridge on lp. Without lp's ridge the predictor, whose
+        only lever is where the corrector evaluates (a second-order effect), drifts along a nearly
+        flat error to the clip; with it lp moves only as far as the landing error pays for."""
         trial = lam.clone()
         trial[k] = lp
         _, _, g1, r1 = stage(k + 1, (yb + lp * g).to(noise.dtype), hs, trial)
-        return float((r1 - closed(g1, r1) * g1).pow(2).mean())
+        return penalised(r1, g1, closed(g1, r1)) + eps ** 2 * lp ** 2
 
     y = base.init * noise.reshape(B, -1)
     hs, lam = [], torch.zeros(n, dtype=F64)

@@ -5,11 +5,13 @@ the *selection* set, on which everything that chooses does so (the guidance defa
 `best` the service serves), and the *evaluation* sets, on which the reported rows are measured.
 For each evaluation seed set (classes i mod K, so balanced) every sampler is scored by
   rmse   against a converged reference solve of the same ODE from the same noise and class,
-  fd     Fréchet distance in the artifact classifier's penultimate features vs held-out real images,
+  fd     Fréchet distance in the artifact classifier's penultimate features vs the reference images,
   acc    the fraction classified as the requested class,
 and reported as mean ± std over the seed sets, FD also as a ratio to the reference's own FD. The
-floor is the FD of as many real *train* images against the held-out ones (same sample sizes, so
-the same estimator bias).
+classifier trained on one part of the held-out images; the reference is the other part
+(offline/data.py), so neither the classifier nor the generative model saw it. The floor is the FD of
+as many real *train* images (which the classifier never saw either) against the reference: the
+same sample sizes, so the same estimator bias, and a real lower bound a perfect sampler would reach.
 
 FD and accuracy need the artifact's classifier (classifier.json) and the data split model.json
 records, so they exist only for models stride trained. An imported network has neither: its rows
@@ -27,7 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from offline.data import data_from_source
+from offline.data import classifier_judge_split, data_from_source
 from offline.seeds import evaluation_sets, selection_set
 from solvers.artifact import EVAL_FORMAT, default_guidance, load_artifact, write_json
 from solvers.builders import make_table
@@ -133,10 +135,11 @@ class Protocol:
     def __init__(self, art, n: int, sets: list, cache=".cache/stride/eval", batch: int = 1000):
         self.art, self.n, self.sets, self.batch = art, n, sets, batch
         self.model, self.clf, self.K = art.model.to_channels_last(), art.classifier, art.model.num_classes
-        self.data = self.f_real = None  # without a classifier: RMSE only (module docstring)
+        self.data = self.judge = self.f_real = None  # without a classifier: RMSE only (module docstring)
         if self.clf is not None:
             self.data = data_from_source(art.meta["data"]["source"])
-            self.f_real = features(self.clf, self.data.test_x)
+            self.judge = classifier_judge_split(self.data, art.classifier_meta)
+            self.f_real = features(self.clf, self.judge.ref_x)
         self.labels = torch.arange(n) % self.K
         self.noise = torch.cat([seeded_noise(s, self.model.shape) for s in sets])
         self.lab = self.labels.repeat(len(sets))
@@ -258,14 +261,15 @@ def evaluate(artifact, solvers=("euler", "heun", "ddim", "dpmpp-2m", "dpmpp-3m",
     model, clf, K, data, S = p.model, p.clf, p.K, p.data, len(p.sets)
     say = lambda *a: print(*a, file=log, flush=True)
 
-    # the floor: real train images vs held-out, the same n as the generated sets
+    # the floor: real train images (unseen by the classifier) vs the reference, the same n as the
+    # generated sets
     floor_fd, real_acc = [], None
     for j in range(S) if clf is not None else ():
         gj = torch.Generator().manual_seed(j)
         idx = torch.randperm(len(data.train_x), generator=gj)[:n]
         floor_fd.append(fd_features(features(clf, data.train_x[idx]), p.f_real))
     if clf is not None:
-        real_acc = float((predict(clf, data.test_x) == data.test_y).to(F64).mean())
+        real_acc = float((predict(clf, p.judge.ref_x) == p.judge.ref_y).to(F64).mean())
     else:
         say(f"{art.path}: no classifier.json, so RMSE only (FD and accuracy need stride's classifier and data "
             "split); the best per NFE is the lowest RMSE")
@@ -343,8 +347,8 @@ def evaluate(artifact, solvers=("euler", "heun", "ddim", "dpmpp-2m", "dpmpp-3m",
         ref_row["fd_ratio"], ref_row["fd_ratio_std"] = 1.0, 0.0
         floor_mean, floor_std = _ms(floor_fd)
         floor = {"fd": floor_mean, "fd_std": floor_std, "fd_ratio": floor_mean / _ms(p.ref_fd)[0],
-                 "acc": real_acc, "what": f"{n} real train images vs the {len(data.test_x)} held-out ones; "
-                                           "acc: classifier on the held-out images"}
+                 "acc": real_acc, "what": f"{n} real train images vs the {len(p.judge.ref_x)} reference images (held out "
+                                           "from the model and the classifier); acc: classifier on the reference"}
     else:
         floor = None
     ev = {

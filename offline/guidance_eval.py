@@ -111,8 +111,8 @@ def evaluate_guidance(artifact, ws=(1, 1.5, 2, 3, 4), n=300, sets=1, solvers=Non
                        reference=reference, secants=secants, cache=cache, batch=batch, log=log) for w in ws]
     f = art.path / "eval.json"
     ev = read_json(f)
-    ev["guidance_tables"] = {"protocol": f"{n} samples x {sets} evaluation seed set(s) per w (smaller than the "
-                                         "main table's); best classic and every choice on the selection set",
+    ev["guidance_tables"] = {"protocol": f"{n} samples x {sets} evaluation seed set(s) per w; best classic and "
+                                         "every choice on the selection set",
                              "nfe": "network calls per sample, both CFG branches counted",
                              "wall_time_s": round(time.time() - t0, 1), "threads": torch.get_num_threads(),
                              "command": command, "tables": tables}
