@@ -5,8 +5,8 @@ a seed. The generative model trains on `train` only. The held-out images are spl
 (`judge_split`): one part trains the quality classifier, the other is the reference that FD and
 accuracy are measured against. So the generative model never sees the classifier's images, and the
 classifier never sees the reference or the train images. Real train images against the reference
-are then a true floor: every image the floor compares is unseen by the classifier, as generated
-samples are.
+are then what real data scores: every image the floor compares is unseen by the classifier, as
+generated samples are.
 """
 from __future__ import annotations
 

@@ -10,8 +10,10 @@ For each evaluation seed set (classes i mod K, so balanced) every sampler is sco
 and reported as mean ± std over the seed sets, FD also as a ratio to the reference's own FD. The
 classifier trained on one part of the held-out images; the reference is the other part
 (offline/data.py), so neither the classifier nor the generative model saw it. The floor is the FD of
-as many real *train* images (which the classifier never saw either) against the reference: the
-same sample sizes, so the same estimator bias, and a real lower bound a perfect sampler would reach.
+as many real *train* images (which the classifier never saw either) against the reference, at the
+same sample sizes: what real data scores in this metric. It is not a strict lower bound at finite n:
+FD's small-sample bias depends on the distribution measured (a less diverse set gets less of it),
+so a sampler can score below real images (README, "the floor").
 
 FD and accuracy need the artifact's classifier (classifier.json) and the data split model.json
 records, so they exist only for models stride trained. An imported network has neither: its rows

@@ -131,13 +131,14 @@ def markdown(gt: dict) -> str:
         at = {(fam(r), r["nfe"]): r for r in rows}
         te = t["teacher"]
         out += [(f"**w = {t['guidance']:g}**: teacher FD {te['fd']:.3f} (NFE {te['nfe']}, converged RMSE "
-                 f"{te['converged_rmse']:.1e}); cells: FD / teacher FD (steps)"), "",
+                 f"{te['converged_rmse']:.1e}); cells: FD / teacher FD{' ± std over the seed sets' if len(t['seed_sets']) > 1 else ''} (steps)"), "",
                 "| NFE | " + " | ".join(cols) + " |", "|---:|" + "---:|" * len(cols)]
         for k in nfes:
             cells = []
             for c in cols:
                 r = at.get((c, k))
-                cells.append("" if r is None else f"{r['fd_ratio']:.2f} ({r['steps']})")
+                std = f" ± {r['fd_ratio_std']:.2f}" if len(t["seed_sets"]) > 1 else ""
+                cells.append("" if r is None else f"{r['fd_ratio']:.2f}{std} ({r['steps']})")
             out.append(f"| {k} | " + " | ".join(cells) + " |")
         cl = t["claims"]
         worse = ", ".join("{solver}@{nfe}".format(**x) for x in cl["learned_worse_than_euler"]) or "none"

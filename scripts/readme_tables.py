@@ -100,14 +100,29 @@ def grid_table(ev) -> list:
     return out
 
 
+def secant_table(ev) -> list:
+    """FD / teacher FD of every secant file at its step counts (evaluation seeds), bold = the lowest."""
+    rows = [r for r in ev["rows"] if r.get("secant")]
+    names = list(dict.fromkeys(r["solver"] for r in rows))
+    steps = sorted({r["steps"] for r in rows})
+    at = {(r["solver"], r["steps"]): r for r in rows}
+    low = {k: min((at[(n, k)] for n in names if (n, k) in at), key=lambda r: r["fd_ratio"]) for k in steps}
+    out = ["| file | " + " | ".join(f"{k} step{'s' if k > 1 else ''}" for k in steps) + " |",
+           "|---|" + "---:|" * len(steps)]
+    for n in names:
+        out.append(f"| {n} | " + " | ".join(cell(at.get((n, k)), at.get((n, k)) is low[k]) for k in steps) + " |")
+    return out
+
+
 def main(path) -> None:
     ev = json.loads((Path(path) / "eval.json").read_text())
     te, fl = ev["teacher"], ev["floor"]
-    print(f"teacher FD {te['fd']:.3f} ± {te['fd_std']:.3f}, acc {te['acc']:.3f}; floor {fl['fd']:.3f}; "
+    print(f"teacher FD {te['fd']:.3f} ± {te['fd_std']:.3f}, acc {te['acc']:.3f}; floor {fl['fd']:.3f} ± "
+          f"{fl['fd_std']:.3f} (ratio {fl['fd_ratio']:.2f}, real acc {fl['acc']:.3f}); "
           f"selection teacher FD {ev['selection_set']['teacher_fd']:.3f}; guidance {ev['guidance']:g}; "
           f"sweep {[(r['guidance'], round(r['fd'], 3)) for r in ev['guidance_sweep']]}\n")
     for title, t in (("classic", classic_table(ev)), ("learned", learned_table(ev)),
-                     ("baselines", baseline_table(ev)), ("grids", grid_table(ev))):
+                     ("baselines", baseline_table(ev)), ("grids", grid_table(ev)), ("secant", secant_table(ev))):
         print(f"## {title}\n\n" + "\n".join(t) + "\n")
     print("best:", {k: (v["solver"], round(v["fd_ratio"], 2)) for k, v in ev["best"].items()})
     if "guidance_tables" in ev:
