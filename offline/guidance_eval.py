@@ -114,6 +114,7 @@ def evaluate_guidance(artifact, ws=(1, 1.5, 2, 3, 4), n=300, sets=1, solvers=Non
     ev["guidance_tables"] = {"protocol": f"{n} samples x {sets} evaluation seed set(s) per w; best classic and "
                                          "every choice on the selection set",
                              "nfe": "network calls per sample, both CFG branches counted",
+                             "classifier_sha256": ev.get("classifier_sha256"),
                              "wall_time_s": round(time.time() - t0, 1), "threads": torch.get_num_threads(),
                              "command": command, "tables": tables}
     write_json(f, ev)
