@@ -207,7 +207,8 @@ def fit(model, bases, nfes, *, grid=None, C=8, teacher="dpmpp-2m", batch=64, gui
                     "cpu_minutes": round((cpu_s() - t0) / 60, 3), "wall_seconds": round(time.time() - w0, 1),
                     "torch_threads": torch.get_num_threads()}
             out[name] = solver_to_json(spec, sha, name, fitd, met)
-            log(f"{name}: rmse {met['heldout_rmse']:.4f} (base {met['base_heldout_rmse']:.4f}) "
+            at = "" if guidance == 1 else f"_cfg{cfg:g}"  # the error at the guidance it was fitted for
+            log(f"{name}: rmse{at} {met['heldout_rmse' + at]:.4f} (base {met['base_heldout_rmse' + at]:.4f}) "
                 f"lam {[round(v, 3) for v in lam.tolist()]}", final=True)
     return out
 
@@ -245,7 +246,7 @@ def run(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     model, sha, art = load_model(args.artifact, args.device)
-    args.cfg = cfg_scale(art, args.cfg)
+    args.cfg = args.guidance if args.guidance != 1 else cfg_scale(art, args.cfg)  # a per-w fit is measured at w
     t_wall, t_cpu = time.time(), cpu_s()
     _, _, ref, ref_cfg, conv = references(model, args)
     ref_cpu = (cpu_s() - t_cpu) / (len(args.base) * len(args.nfe))

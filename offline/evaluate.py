@@ -82,6 +82,18 @@ def fd_features(f1, f2) -> float:
     return frechet_distance(*feature_stats(f1), *feature_stats(f2))
 
 
+def kid(f1, f2) -> float:
+    """Kernel distance (KID, Binkowski et al. 2018): the unbiased estimate of MMD^2 with the kernel
+    (x.y / d + 1)^3. Unlike FD it has no small-sample bias in either set, so real images score 0 in
+    expectation against real images, and a less diverse sampler cannot score below them on average."""
+    f1, f2 = f1.to(F64), f2.to(F64)
+    k = lambda a, b: (a @ b.T / f1.shape[1] + 1) ** 3
+    m, n = len(f1), len(f2)
+    kxx, kyy = k(f1, f1), k(f2, f2)
+    return float((kxx.sum() - kxx.trace()) / (m * (m - 1)) + (kyy.sum() - kyy.trace()) / (n * (n - 1))
+                 - 2 * k(f1, f2).mean())
+
+
 # -- sampling ------------------------------------------------------------------------------------
 
 def make_seed_sets(n: int, sets: int, firsts=None) -> list:
@@ -167,16 +179,17 @@ class Protocol:
                 "labels": f"i mod {self.K}", "shape": list(self.model.shape), "code": self.code}
 
     def score(self, x, ref=None) -> list:
-        """Per-set (rmse, fd, acc) of samples x [S * n, ...]; rmse None without a reference."""
+        """Per-set (rmse, fd, acc, kid) of samples x [S * n, ...]; rmse None without a reference."""
         n, out = self.n, []
         for j in range(len(self.sets)):
             xs = x[j * n:(j + 1) * n]
             rmse = None if ref is None else float((xs - ref[j * n:(j + 1) * n]).to(F64).pow(2).mean().sqrt())
             if self.clf is None:
-                out.append((rmse, None, None))
+                out.append((rmse, None, None, None))
                 continue
             acc = float((predict(self.clf, xs) == self.labels).to(F64).mean())
-            out.append((rmse, fd_features(features(self.clf, xs), self.f_real), acc))
+            f = features(self.clf, xs)
+            out.append((rmse, fd_features(f, self.f_real), acc, kid(f, self.f_real)))
         return out
 
     def samples(self, tab, g, sampler=None) -> torch.Tensor:
@@ -199,9 +212,27 @@ class Protocol:
             self.ref_fd = [s[1] for s in self.score(x)]
         return x
 
+    def floor(self) -> dict | None:
+        """Real train images (unseen by the classifier, as samples are) against the reference: per seed
+        set j, n of them drawn with seed j. KID reads 0 for them in expectation; FD does not (module
+        docstring). Needs `reference` to have run (the fd_ratio denominators)."""
+        if self.clf is None:
+            return None
+        fd, kd = [], []
+        for j in range(len(self.sets)):
+            idx = torch.randperm(len(self.data.train_x), generator=torch.Generator().manual_seed(j))[:self.n]
+            f = features(self.clf, self.data.train_x[idx])
+            fd.append(fd_features(f, self.f_real)), kd.append(kid(f, self.f_real))
+        out = {"what": f"{self.n} real train images per seed set vs the {len(self.judge.ref_x)} reference images (held "
+                       "out from the model and the classifier); acc: the classifier on the reference",
+               "acc": float((predict(self.clf, self.judge.ref_x) == self.judge.ref_y).to(F64).mean())}
+        (out["fd"], out["fd_std"]), (out["kid"], out["kid_std"]) = _ms(fd), _ms(kd)
+        out["fd_ratio"], out["fd_ratio_std"] = _ms([a / b for a, b in zip(fd, self.ref_fd)])
+        return out
+
     def row(self, name, nfe, sc, extra=None) -> dict:
         r = {"solver": name, "nfe": nfe}
-        for i, k in enumerate(("rmse", "fd", "acc")):
+        for i, k in enumerate(("rmse", "fd", "acc", "kid")):
             vals = [s[i] for s in sc]
             r[k], r[k + "_std"] = (None, None) if vals[0] is None else _ms(vals)
         r["fd_ratio"], r["fd_ratio_std"] = (None, None) if r["fd"] is None or not self.ref_fd else \
@@ -240,7 +271,7 @@ def scores(r: dict) -> str:
     """A row's numbers for the log; FD and accuracy only where measured."""
     out = f"rmse {r['rmse']:.4f}"
     if r.get("fd") is not None:
-        out += f"  fd {r['fd']:.3f}±{r['fd_std']:.3f}  ratio {r['fd_ratio']:.2f}  acc {r['acc']:.3f}"
+        out += f"  fd {r['fd']:.3f}±{r['fd_std']:.3f}  ratio {r['fd_ratio']:.2f}  kid {r['kid']:.4f}  acc {r['acc']:.3f}"
     return out
 
 
@@ -260,19 +291,10 @@ def evaluate(artifact, solvers=("euler", "heun", "ddim", "dpmpp-2m", "dpmpp-3m",
     art = load_artifact(artifact, device)
     p = Protocol(art, n, make_seed_sets(n, seed_sets, seeds), cache, batch)
     sel = p.selection()  # choices (guidance default, `best`) are made here, never on p's sets
-    model, clf, K, data, S = p.model, p.clf, p.K, p.data, len(p.sets)
+    model, clf, K = p.model, p.clf, p.K
     say = lambda *a: print(*a, file=log, flush=True)
 
-    # the floor: real train images (unseen by the classifier) vs the reference, the same n as the
-    # generated sets
-    floor_fd, real_acc = [], None
-    for j in range(S) if clf is not None else ():
-        gj = torch.Generator().manual_seed(j)
-        idx = torch.randperm(len(data.train_x), generator=gj)[:n]
-        floor_fd.append(fd_features(features(clf, data.train_x[idx]), p.f_real))
-    if clf is not None:
-        real_acc = float((predict(clf, p.judge.ref_x) == p.judge.ref_y).to(F64).mean())
-    else:
+    if clf is None:
         say(f"{art.path}: no classifier.json, so RMSE only (FD and accuracy need stride's classifier and data "
             "split); the best per NFE is the lowest RMSE")
     if sweep and clf is None:
@@ -343,16 +365,10 @@ def evaluate(artifact, solvers=("euler", "heun", "ddim", "dpmpp-2m", "dpmpp-3m",
         b = best.get(str(r["nfe"]))
         if b is None or r[sel_key] < b[sel_key]:
             best[str(r["nfe"])] = {"solver": r["solver"], sel_key: r[sel_key], "fd": r["fd"],
-                                   "fd_ratio": r.get("fd_ratio"), "rmse": r["rmse"], "acc": r["acc"]}
+                                   "fd_ratio": r.get("fd_ratio"), "kid": r.get("kid"), "rmse": r["rmse"],
+                                   "acc": r["acc"]}
     ref_row = p.row(ref_solver, ref_nfe, ref_scores)
-    if clf is not None:
-        ref_row["fd_ratio"], ref_row["fd_ratio_std"] = 1.0, 0.0
-        floor_mean, floor_std = _ms(floor_fd)
-        floor = {"fd": floor_mean, "fd_std": floor_std, "fd_ratio": floor_mean / _ms(p.ref_fd)[0],
-                 "acc": real_acc, "what": f"{n} real train images vs the {len(p.judge.ref_x)} reference images (held out "
-                                           "from the model and the classifier); acc: classifier on the reference"}
-    else:
-        floor = None
+    floor = p.floor()
     ev = {
         "format": EVAL_FORMAT,
         "model": art.name,
@@ -370,6 +386,8 @@ def evaluate(artifact, solvers=("euler", "heun", "ddim", "dpmpp-2m", "dpmpp-3m",
         "metrics": {"rmse": "RMSE vs the reference solve, pixels in [-1, 1]",
                     "fd": "Fréchet distance, classifier penultimate features, vs held-out real images",
                     "fd_ratio": "fd / the reference's fd on the same seed set",
+                    "kid": "kernel distance (unbiased MMD^2, cubic kernel), same features and reference; real "
+                           "images score 0 in expectation",
                     "acc": "fraction classified as the requested class", "std": "over seed sets"}
         if clf is not None else {"rmse": "RMSE vs the reference solve, in the model's data units (latents for a "
                                          "latent model)", "fd": "not measured: no classifier.json / data split",
@@ -388,12 +406,28 @@ def evaluate(artifact, solvers=("euler", "heun", "ddim", "dpmpp-2m", "dpmpp-3m",
         "threads": torch.get_num_threads(),
         "command": command,
     }
+    kept = _kept_guidance_tables(art.path / "eval.json", ev)
+    if kept:
+        ev["guidance_tables"] = kept
+        say("kept eval.json's guidance_tables (same model, classifier and sampling code)")
     write_json(art.path / "eval.json", ev)
     (art.path / "eval.md").write_text(markdown(ev))
     if images:
         figures(art.path / "eval", ev, grids, shown(art, x_ref), art.class_names)
     say(f"wrote {art.path / 'eval.json'} ({ev['wall_time_s']:.0f}s)")
     return ev
+
+
+def _kept_guidance_tables(f: Path, ev: dict) -> dict | None:
+    """`stride offline eval-guidance` writes its tables into eval.json; a re-run of the main evaluation
+    keeps them while they measure the same model with the same classifier and sampling code."""
+    if not f.exists():
+        return None
+    old = json.loads(f.read_text())
+    gt = old.get("guidance_tables")
+    same = gt and old.get("model_sha256") == ev["model_sha256"] and \
+        gt.get("classifier_sha256") == ev["classifier_sha256"] and gt.get("sampling_code") == ev["sampling_code"]
+    return gt if same else None
 
 
 # -- reports -----------------------------------------------------------------------------------------
@@ -427,19 +461,21 @@ def markdown(ev: dict) -> str:
            "mean ± std over the seed sets.", "",
            f"- reference (teacher): {ref['solver']} at {ref['nfe']} NFE ({ref['grid']} grid); "
            f"RMSE to {ref['solver']} at {ref['nfe'] // 2} NFE: {ref['converged_rmse']:.2e}",
-           f"- teacher FD {_pm(te['fd'], te['fd_std'])}, accuracy {_pm(te['acc'], te['acc_std'])}",
-           f"- floor (real train vs held-out) FD {_pm(fl['fd'], fl['fd_std'])} "
-           f"(ratio {fl['fd_ratio']:.2f}); classifier accuracy on held-out real {fl['acc']:.3f}" if fl else
+           f"- teacher FD {_pm(te['fd'], te['fd_std'])}, KID {_pm(te.get('kid'), te.get('kid_std'), 4)}, "
+           f"accuracy {_pm(te['acc'], te['acc_std'])}",
+           f"- floor (real train vs held-out) FD {_pm(fl['fd'], fl['fd_std'])} (ratio {fl['fd_ratio']:.2f}), "
+           f"KID {_pm(fl.get('kid'), fl.get('kid_std'), 4)}; classifier accuracy on held-out real {fl['acc']:.3f}"
+           if fl else
            "- no classifier / data split (an imported model): RMSE only; best = lowest RMSE", ""]
-    keys = (("fd_ratio", "FD / teacher FD", 2), ("fd", "FD", 2), ("rmse", "RMSE vs reference", 3),
-            ("acc", "class accuracy", 3))
-    for key, title, p in keys if fl else keys[2:3]:
+    keys = (("fd_ratio", "FD / teacher FD", 2), ("kid", "KID (unbiased; real images: 0)", 4), ("fd", "FD", 2),
+            ("rmse", "RMSE vs reference", 3), ("acc", "class accuracy", 3))
+    for key, title, p in keys if fl else keys[3:4]:
         out += [f"## {title}", "", "| NFE | " + " | ".join(solvers) + " |", "|---:|" + "---:|" * len(solvers)]
         for nfe in nfes:
             cells = []
             for s in solvers:
                 r = at.get((s, nfe))
-                cells.append("" if r is None else _pm(r[key], r[key + "_std"], p))
+                cells.append("" if r is None else _pm(r.get(key), r.get(key + "_std"), p))
             out.append(f"| {nfe} | " + " | ".join(cells) + " |")
         out.append("")
     out += [f"## Best sampler per NFE ({ev['best_criterion']})", "",

@@ -23,7 +23,7 @@ import torch
 from solvers.artifact import load_artifact, load_solvers, read_json, write_json
 from solvers.builders import make_table
 
-from .evaluate import Protocol, make_seed_sets, secant_rows
+from .evaluate import Protocol, make_seed_sets, sampling_code_version, secant_rows
 
 
 def _steps_of(tab) -> int:
@@ -42,7 +42,7 @@ def table_at(art, w: float, *, n: int, sets: int, solvers, steps, guided_dir, re
     conv = float((x_half - x_ref[:n]).double().pow(2).mean().sqrt())
     sel_ref = sel.reference(ref_solver, int(ref_nfe), w)
     teacher = p.row(f"{ref_solver}:{ref_nfe}", int(ref_nfe) * cfg, p.score(x_ref))
-    teacher.update(fd_ratio=1.0, fd_ratio_std=0.0, converged_rmse=conv, steps=int(ref_nfe))
+    teacher.update(converged_rmse=conv, steps=int(ref_nfe))
     print(f"w={w:g}: teacher fd {teacher['fd']:.3f} (converged rmse {conv:.1e}, {time.time() - t0:.0f}s)",
           file=log, flush=True)
     rows = []
@@ -75,7 +75,7 @@ def table_at(art, w: float, *, n: int, sets: int, solvers, steps, guided_dir, re
             if b is None or r["selection_fd"] < b["selection_fd"]:
                 best[r["nfe"]] = r
     return {"guidance": w, "n": n, "seed_sets": [{"first_seed": s[0], "count": len(s)} for s in p.sets],
-            "selection_first_seed": sel.sets[0][0], "teacher": teacher,
+            "selection_first_seed": sel.sets[0][0], "teacher": teacher, "floor": p.floor(),
             "best_classic": {str(k): v["solver"] for k, v in sorted(best.items())},
             "rows": rows, "claims": claims(rows)}
 
@@ -114,7 +114,7 @@ def evaluate_guidance(artifact, ws=(1, 1.5, 2, 3, 4), n=300, sets=1, solvers=Non
     ev["guidance_tables"] = {"protocol": f"{n} samples x {sets} evaluation seed set(s) per w; best classic and "
                                          "every choice on the selection set",
                              "nfe": "network calls per sample, both CFG branches counted",
-                             "classifier_sha256": ev.get("classifier_sha256"),
+                             "classifier_sha256": ev.get("classifier_sha256"), "sampling_code": sampling_code_version(),
                              "wall_time_s": round(time.time() - t0, 1), "threads": torch.get_num_threads(),
                              "command": command, "tables": tables}
     write_json(f, ev)
@@ -130,9 +130,11 @@ def markdown(gt: dict) -> str:
         cols = list(dict.fromkeys(fam(r) for r in rows))
         nfes = sorted({r["nfe"] for r in rows})
         at = {(fam(r), r["nfe"]): r for r in rows}
-        te = t["teacher"]
-        out += [(f"**w = {t['guidance']:g}**: teacher FD {te['fd']:.3f} (NFE {te['nfe']}, converged RMSE "
-                 f"{te['converged_rmse']:.1e}); cells: FD / teacher FD{' ± std over the seed sets' if len(t['seed_sets']) > 1 else ''} (steps)"), "",
+        te, fl = t["teacher"], t.get("floor")
+        real = f"; real images FD {fl['fd']:.3f}, KID {fl['kid']:.4f}" if fl else ""
+        out += [(f"**w = {t['guidance']:g}**: teacher FD {te['fd']:.3f}, KID {te['kid']:.4f} (NFE {te['nfe']}, converged "
+                 f"RMSE {te['converged_rmse']:.1e}){real}; cells: FD / teacher FD"
+                 f"{' ± std over the seed sets' if len(t['seed_sets']) > 1 else ''} (steps)"), "",
                 "| NFE | " + " | ".join(cols) + " |", "|---:|" + "---:|" * len(cols)]
         for k in nfes:
             cells = []

@@ -74,6 +74,11 @@ def test_search_and_dode_on_an_imported_dit_write_solvers_the_service_loads(pipe
     m = d["metrics"]
     assert all(a <= b + 1e-9 for a, b in zip(m["fit_step_rmse_dode"], m["fit_step_rmse_base"]))
     assert m["fit_step_rmse_dode"][-1] < m["fit_step_rmse_base"][-1]
+    # a per-guidance fit (written apart) is measured at the guidance it was fitted for
+    assert cli.main(["dode", str(art_dir), "--base", "ddim", "--nfe", "4", "--batch", "8", "--scale", "2",
+                     "--guidance", "3", "--out", str(tmp_path / "w3"), *SMALL_REF]) == 0
+    g3 = json.loads((tmp_path / "w3" / "dode-ddim-nfe4.json").read_text())
+    assert g3["fit"]["guidance"] == 3 and "heldout_rmse_cfg3" in g3["metrics"]
     entry = ModelEntry.from_artifact(str(art_dir))
     assert {"dode-ddim-nfe4", "searched-nfe4"} <= set(entry.solver_names())
     noise, y = seeded_noise(range(3), entry.shape), torch.tensor([0, 4, 9])
