@@ -1,4 +1,4 @@
-"""Quality of every sampler x NFE on held-out noise (DESIGN.md section 7).
+"""Quality of every sampler x NFE on held-out noise.
 
 Two kinds of seeds (offline/seeds.py; disjoint from each other and from every fitting stream):
 the *selection* set, on which everything that chooses does so (the guidance default, the per-NFE
@@ -6,14 +6,15 @@ the *selection* set, on which everything that chooses does so (the guidance defa
 For each evaluation seed set (classes i mod K, so balanced) every sampler is scored by
   rmse   against a converged reference solve of the same ODE from the same noise and class,
   fd     Fréchet distance in the artifact classifier's penultimate features vs the reference images,
+  kid    kernel distance (unbiased MMD^2) in the same features vs the same images (offline/metrics.py),
   acc    the fraction classified as the requested class,
 and reported as mean ± std over the seed sets, FD also as a ratio to the reference's own FD. The
 classifier trained on one part of the held-out images; the reference is the other part
-(offline/data.py), so neither the classifier nor the generative model saw it. The floor is the FD of
-as many real *train* images (which the classifier never saw either) against the reference, at the
-same sample sizes: what real data scores in this metric. It is not a strict lower bound at finite n:
-FD's small-sample bias depends on the distribution measured (a less diverse set gets less of it),
-so a sampler can score below real images (README, "the floor").
+(offline/data.py), so neither the classifier nor the generative model saw it. The floor scores as
+many real *train* images (which the classifier never saw either) against the reference, at the
+same sample sizes. In KID it reads 0 in expectation, a true floor. In FD it is not a lower bound at
+finite n: FD's small-sample bias depends on the distribution measured (a less diverse set gets less
+of it), so a sampler can score below real images (README, "the judge and the floor").
 
 FD and accuracy need the artifact's classifier (classifier.json) and the data split model.json
 records, so they exist only for models stride trained. An imported network has neither: its rows
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -32,6 +32,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from offline.data import classifier_judge_split, data_from_source
+from offline.eval_report import family, figures, markdown, shown
+from offline.metrics import fd_features, features, kid, predict
 from offline.seeds import evaluation_sets, selection_set
 from solvers.artifact import EVAL_FORMAT, default_guidance, load_artifact, write_json
 from solvers.builders import make_table
@@ -52,46 +54,6 @@ def sampling_code_version() -> str:
         for f in sorted(p.rglob("*.py")) if p.is_dir() else [p]:
             h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:12]
-
-
-# -- Fréchet distance ----------------------------------------------------------------------------
-
-def sqrtm_psd(c: torch.Tensor) -> torch.Tensor:
-    """Square root of a symmetric PSD matrix by float64 eigendecomposition."""
-    c = c.to(F64)
-    w, v = torch.linalg.eigh((c + c.T) / 2)
-    return (v * w.clamp(min=0).sqrt()) @ v.T
-
-
-def frechet_distance(mu1, cov1, mu2, cov2) -> float:
-    """||mu1 - mu2||^2 + tr(C1 + C2 - 2 (C1^1/2 C2 C1^1/2)^1/2); the symmetric form keeps the
-    inner matrix PSD, so its root's trace is the sum of root eigenvalues."""
-    mu1, mu2, cov1, cov2 = (torch.as_tensor(a, dtype=F64) for a in (mu1, mu2, cov1, cov2))
-    s1 = sqrtm_psd(cov1)
-    m = s1 @ cov2 @ s1
-    tr_sqrt = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
-    return float((mu1 - mu2).pow(2).sum() + torch.trace(cov1) + torch.trace(cov2) - 2 * tr_sqrt)
-
-
-def feature_stats(f: torch.Tensor):
-    f = f.to(F64)
-    return f.mean(0), torch.cov(f.T)
-
-
-def fd_features(f1, f2) -> float:
-    return frechet_distance(*feature_stats(f1), *feature_stats(f2))
-
-
-def kid(f1, f2) -> float:
-    """Kernel distance (KID, Binkowski et al. 2018): the unbiased estimate of MMD^2 with the kernel
-    (x.y / d + 1)^3. Unlike FD it has no small-sample bias in either set, so real images score 0 in
-    expectation against real images, and a less diverse sampler cannot score below them on average."""
-    f1, f2 = f1.to(F64), f2.to(F64)
-    k = lambda a, b: (a @ b.T / f1.shape[1] + 1) ** 3
-    m, n = len(f1), len(f2)
-    kxx, kyy = k(f1, f1), k(f2, f2)
-    return float((kxx.sum() - kxx.trace()) / (m * (m - 1)) + (kyy.sum() - kyy.trace()) / (n * (n - 1))
-                 - 2 * k(f1, f2).mean())
 
 
 # -- sampling ------------------------------------------------------------------------------------
@@ -122,16 +84,6 @@ def cached_run(cache: Path | None, key: dict, fn) -> torch.Tensor:
     f.parent.mkdir(parents=True, exist_ok=True)
     save_file({"x": x.contiguous()}, str(f), metadata={"key": json.dumps(key, sort_keys=True)})
     return x
-
-
-@torch.no_grad()
-def features(clf, x, batch=1000):
-    return torch.cat([clf.features(x[i:i + batch].clamp(-1, 1)) for i in range(0, len(x), batch)])
-
-
-@torch.no_grad()
-def predict(clf, x, batch=1000):
-    return torch.cat([clf(x[i:i + batch].clamp(-1, 1)).argmax(1) for i in range(0, len(x), batch)])
 
 
 def _ms(v):
@@ -428,92 +380,3 @@ def _kept_guidance_tables(f: Path, ev: dict) -> dict | None:
     same = gt and old.get("model_sha256") == ev["model_sha256"] and \
         gt.get("classifier_sha256") == ev["classifier_sha256"] and gt.get("sampling_code") == ev["sampling_code"]
     return gt if same else None
-
-
-# -- reports -----------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def shown(art, x, most: int = 16) -> torch.Tensor:
-    """The first min(K, most) samples (one per class) as images: decoded (a latent model's VAE) on the CPU."""
-    return art.decoder.decode(x[:min(art.model.num_classes, most)]).cpu()
-
-
-def family(name: str) -> str:
-    """Learned solvers are fitted per NFE (searched-nfe4, dode-heun-nfe4): one column, line and grid each."""
-    return re.sub(r"-nfe\d+$", "", name)
-
-
-def _pm(m, s, p=3):
-    return "–" if m is None else f"{m:.{p}f} ± {s:.{p}f}"
-
-
-def markdown(ev: dict) -> str:
-    rows = ev["rows"]
-    col = lambda r: family(r["solver"])
-    solvers = list(dict.fromkeys(col(r) for r in rows))
-    nfes = sorted({r["nfe"] for r in rows})
-    at = {(col(r), r["nfe"]): r for r in rows}
-    ref, fl, te = ev["reference"], ev["floor"], ev["teacher"]
-    sets = len(ev["seed_sets"])
-    out = [f"# Sampler quality: {ev['model']}", "",
-           f"Guidance {ev['guidance']:g} (the default); {ev['n']} samples x {sets} seed sets "
-           f"(first seeds {', '.join(str(s['first_seed']) for s in ev['seed_sets'])}), classes balanced; "
-           "mean ± std over the seed sets.", "",
-           f"- reference (teacher): {ref['solver']} at {ref['nfe']} NFE ({ref['grid']} grid); "
-           f"RMSE to {ref['solver']} at {ref['nfe'] // 2} NFE: {ref['converged_rmse']:.2e}",
-           f"- teacher FD {_pm(te['fd'], te['fd_std'])}, KID {_pm(te.get('kid'), te.get('kid_std'), 4)}, "
-           f"accuracy {_pm(te['acc'], te['acc_std'])}",
-           f"- floor (real train vs held-out) FD {_pm(fl['fd'], fl['fd_std'])} (ratio {fl['fd_ratio']:.2f}), "
-           f"KID {_pm(fl.get('kid'), fl.get('kid_std'), 4)}; classifier accuracy on held-out real {fl['acc']:.3f}"
-           if fl else
-           "- no classifier / data split (an imported model): RMSE only; best = lowest RMSE", ""]
-    keys = (("fd_ratio", "FD / teacher FD", 2), ("kid", "KID (unbiased; real images: 0)", 4), ("fd", "FD", 2),
-            ("rmse", "RMSE vs reference", 3), ("acc", "class accuracy", 3))
-    for key, title, p in keys if fl else keys[3:4]:
-        out += [f"## {title}", "", "| NFE | " + " | ".join(solvers) + " |", "|---:|" + "---:|" * len(solvers)]
-        for nfe in nfes:
-            cells = []
-            for s in solvers:
-                r = at.get((s, nfe))
-                cells.append("" if r is None else _pm(r.get(key), r.get(key + "_std"), p))
-            out.append(f"| {nfe} | " + " | ".join(cells) + " |")
-        out.append("")
-    out += [f"## Best sampler per NFE ({ev['best_criterion']})", "",
-            "| NFE | sampler | FD | RMSE | acc |", "|---:|---|---:|---:|---:|"]
-    for nfe, b in sorted(ev["best"].items(), key=lambda kv: int(kv[0])):
-        out.append(f"| {nfe} | {b['solver']} | {_pm(b['fd'], 0, 2).split(' ')[0]} | {b['rmse']:.3f} | "
-                   f"{_pm(b['acc'], 0).split(' ')[0]} |")
-    if ev.get("guidance_sweep"):
-        sw = ev["guidance_sweep"][0]
-        out += ["", f"## Guidance sweep ({sw['solver']} at {sw['nfe']} NFE)", "",
-                "| guidance | FD | acc |", "|---:|---:|---:|"]
-        for r in ev["guidance_sweep"]:
-            out.append(f"| {r['guidance']:g} | {_pm(r['fd'], r['fd_std'], 2)} | {_pm(r['acc'], r['acc_std'])} |")
-    out += ["", "Plots: eval/rmse.png, eval/fd.png, eval/fd_ratio.png, eval/acc.png; "
-            "samples: eval/samples-<solver>.png", ""]
-    return "\n".join(out)
-
-
-def figures(d: Path, ev: dict, grids: dict, x_ref, class_names):
-    from offline.plot import image_grid, line_plot
-
-    d.mkdir(parents=True, exist_ok=True)
-    by = {}
-    for r in ev["rows"]:
-        by.setdefault(family(r["solver"]), []).append(r)
-    te, fl = ev["teacher"], ev["floor"]
-    specs = [("rmse", "RMSE vs reference", True, {}),
-             ("fd", "Frechet distance (classifier features)", True,
-              {"teacher": te["fd"], "real floor": fl["fd"]} if fl else {}),
-             ("fd_ratio", "FD / teacher FD", True, {"teacher": 1.0}),
-             ("acc", "class accuracy", False, {"teacher": te["acc"], "real": fl["acc"]} if fl else {})]
-    for key, title, logy, h in specs if fl else specs[:1]:
-        series = {s: [(r["nfe"], r[key], r[key + "_std"]) for r in rs] for s, rs in by.items()}
-        line_plot(d / f"{key}.png", series, f"{ev['model']}: {title} (guidance {ev['guidance']:g})",
-                  "NFE", key, logy=logy, hlines=h)
-    ref = ev["reference"]
-    for solver, rs in grids.items():
-        rows = [x for _, x in rs] + [x_ref]
-        labels = [f"NFE {nfe}" for nfe, _ in rs] + [f"ref {ref['nfe']}"]
-        image_grid(d / f"samples-{solver.replace('/', '-')}.png", rows, labels,
-                   title=f"{ev['model']} · {solver} · classes {' '.join(class_names[: len(x_ref)])}")

@@ -4,7 +4,8 @@
 
 Tables: classic samplers (FD / teacher FD, evaluation seeds); learned solvers against the grid
 baselines with the choice of "best" made on the selection set; the grid each classic solver does
-best on (for builders.default_grid); the per-w guidance tables when eval.json has them.
+best on (for builders.default_grid); secant files; KID of the teacher, real images and the best
+samplers; the per-w guidance tables when eval.json has them.
 """
 from __future__ import annotations
 
@@ -114,15 +115,34 @@ def secant_table(ev) -> list:
     return out
 
 
+def kid(r) -> str:
+    return "" if r is None else f"{1e3 * r['kid']:.1f} ± {1e3 * r['kid_std']:.1f}"
+
+
+def kid_table(ev) -> list:
+    """KID x 1000 (evaluation seeds) of the teacher, real images and, per NFE, the best classic sampler and
+    the searched solver (both chosen on the selection set)."""
+    te, fl = ev["teacher"], ev["floor"]
+    out = ["| NFE | best classic | KID x 1000 | searched | KID x 1000 |", "|---:|---|---:|---|---:|",
+           f"| {te['nfe']} | teacher | {kid(te)} | real images (the floor) | {kid(fl)} |"]
+    for n in NFES:
+        at_n = [r for r in ev["rows"] if r["nfe"] == n and not r.get("secant")]
+        cl = chosen(at_n, lambda r: not r.get("learned"))
+        se = chosen(at_n, lambda r: fam(r["solver"]) == "searched")
+        out.append(f"| {n} | {cl['solver']} | {kid(cl)} | {'searched' if se else ''} | {kid(se)} |")
+    return out
+
+
 def main(path) -> None:
     ev = json.loads((Path(path) / "eval.json").read_text())
     te, fl = ev["teacher"], ev["floor"]
-    print(f"teacher FD {te['fd']:.3f} ± {te['fd_std']:.3f}, acc {te['acc']:.3f}; floor {fl['fd']:.3f} ± "
-          f"{fl['fd_std']:.3f} (ratio {fl['fd_ratio']:.2f}, real acc {fl['acc']:.3f}); "
+    print(f"teacher FD {te['fd']:.3f} ± {te['fd_std']:.3f}, KID {kid(te)} e-3, acc {te['acc']:.3f}; floor "
+          f"{fl['fd']:.3f} ± {fl['fd_std']:.3f} (ratio {fl['fd_ratio']:.2f}), KID {kid(fl)} e-3, real acc {fl['acc']:.3f}; "
           f"selection teacher FD {ev['selection_set']['teacher_fd']:.3f}; guidance {ev['guidance']:g}; "
           f"sweep {[(r['guidance'], round(r['fd'], 3)) for r in ev['guidance_sweep']]}\n")
     for title, t in (("classic", classic_table(ev)), ("learned", learned_table(ev)),
-                     ("baselines", baseline_table(ev)), ("grids", grid_table(ev)), ("secant", secant_table(ev))):
+                     ("baselines", baseline_table(ev)), ("grids", grid_table(ev)), ("secant", secant_table(ev)),
+                     ("kid", kid_table(ev))):
         print(f"## {title}\n\n" + "\n".join(t) + "\n")
     print("best:", {k: (v["solver"], round(v["fd_ratio"], 2)) for k, v in ev["best"].items()})
     if "guidance_tables" in ev:

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from offline import cli
 from offline.data import classifier_judge_split, judge_split, load_digits, load_folder, stratified_split
-from offline.evaluate import fd_features, frechet_distance, kid
+from offline.metrics import fd_features, frechet_distance, kid
 from offline.train import Settings, train
 from solvers.artifact import load_artifact
 
@@ -67,7 +67,7 @@ def test_committed_floor_is_measured_on_images_the_classifier_never_saw(name):
     """eval.json's floor is recomputed from the committed classifier and data split: 500 real train
     images per seed set against the reference half of the held-out images, none of them seen by the
     classifier (its own half is disjoint). Any drift (another classifier, split or estimator) fails."""
-    from offline.evaluate import fd_features, features
+    from offline.metrics import fd_features, features
 
     art = load_artifact(Path("artifacts") / name)
     ev = art.eval
