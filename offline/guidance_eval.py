@@ -140,7 +140,7 @@ def markdown(gt: dict) -> str:
             cells = []
             for c in cols:
                 r = at.get((c, k))
-                std = f" ± {r['fd_ratio_std']:.2f}" if len(t["seed_sets"]) > 1 else ""
+                std = f" ± {r['fd_ratio_std']:.2f}" if r and len(t["seed_sets"]) > 1 else ""
                 cells.append("" if r is None else f"{r['fd_ratio']:.2f}{std} ({r['steps']})")
             out.append(f"| {k} | " + " | ".join(cells) + " |")
         cl = t["claims"]

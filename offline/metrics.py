@@ -53,3 +53,13 @@ def features(clf, x, batch=1000):
 @torch.no_grad()
 def predict(clf, x, batch=1000):
     return torch.cat([clf(x[i:i + batch].clamp(-1, 1)).argmax(1) for i in range(0, len(x), batch)])
+
+
+def kid_reference_se(f1, f2, f_ref) -> float:
+    """Standard error, from the reference set's own sampling, of kid(f1, ref) - kid(f2, ref). The
+    reference's self-term cancels in the difference, which leaves -2 x the mean over reference images
+    r of (mean k(f1, r) - mean k(f2, r)); its spread over r sets how finely one reference of M images
+    can rank two sample sets."""
+    f1, f2, f_ref = f1.to(F64), f2.to(F64), f_ref.to(F64)
+    k = lambda a: ((a @ f_ref.T / f_ref.shape[1] + 1) ** 3).mean(0)
+    return float(2 * (k(f1) - k(f2)).std() / len(f_ref) ** 0.5)

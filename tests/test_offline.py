@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from offline import cli
 from offline.data import classifier_judge_split, judge_split, load_digits, load_folder, stratified_split
-from offline.metrics import fd_features, frechet_distance, kid
+from offline.guidance_eval import markdown
+from offline.metrics import fd_features, frechet_distance, kid, kid_reference_se
 from offline.train import Settings, train
 from solvers.artifact import load_artifact
 
@@ -66,8 +67,9 @@ def test_a_classifier_without_a_recorded_split_is_refused(digits):
 def test_committed_floor_is_measured_on_images_the_classifier_never_saw(name):
     """eval.json's floor is recomputed from the committed classifier and data split: 500 real train
     images per seed set against the reference half of the held-out images, none of them seen by the
-    classifier (its own half is disjoint). Any drift (another classifier, split or estimator) fails."""
-    from offline.metrics import fd_features, features
+    classifier (its own half is disjoint), in FD and KID. Any drift (another classifier, split or
+    estimator) fails."""
+    from offline.metrics import fd_features, features, kid
 
     art = load_artifact(Path("artifacts") / name)
     ev = art.eval
@@ -77,10 +79,10 @@ def test_committed_floor_is_measured_on_images_the_classifier_never_saw(name):
     js = classifier_judge_split(data, art.classifier_meta)
     assert not set(_rows(js.clf_x)) & (set(_rows(js.ref_x)) | set(_rows(data.train_x)))
     f_ref = features(art.classifier, js.ref_x)
-    fds = [fd_features(features(art.classifier, data.train_x[torch.randperm(len(data.train_x),
-                                generator=torch.Generator().manual_seed(j))[:ev["n"]]]), f_ref)
-           for j in range(len(ev["seed_sets"]))]
-    assert ev["floor"]["fd"] == pytest.approx(float(np.mean(fds)), rel=1e-6)
+    f_real = [features(art.classifier, data.train_x[torch.randperm(len(data.train_x),
+                       generator=torch.Generator().manual_seed(j))[:ev["n"]]]) for j in range(len(ev["seed_sets"]))]
+    assert ev["floor"]["fd"] == pytest.approx(float(np.mean([fd_features(f, f_ref) for f in f_real])), rel=1e-6)
+    assert ev["floor"]["kid"] == pytest.approx(float(np.mean([kid(f, f_ref) for f in f_real])), rel=1e-6)
     assert f"{split['reference_images']} reference images" in ev["floor"]["what"]
 
 
@@ -159,6 +161,21 @@ def test_kid_is_unbiased_where_fd_rewards_a_less_diverse_set():
     assert abs(r) < 3 * rse  # KID: real samples read 0
 
 
+def test_kid_reference_se_is_the_spread_over_reference_draws():
+    """Two fixed sample sets, 300 references of 180 drawn from the population: the spread of
+    kid(x, ref) - kid(y, ref) over the references is what kid_reference_se reads off one of them."""
+    d, n, m = 16, 300, 180
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = 0.9 * torch.randn(n, d, generator=g, dtype=torch.float64) + 0.1
+    diffs, ses = [], []
+    for _ in range(300):
+        ref = torch.randn(m, d, generator=g, dtype=torch.float64)
+        diffs.append(kid(x, ref) - kid(y, ref))
+        ses.append(kid_reference_se(x, y, ref))
+    assert float(np.mean(ses)) == pytest.approx(float(np.std(diffs, ddof=1)), rel=0.15)
+
+
 def test_resume_is_exact(digits, tmp_path):
     """Two steps, a checkpoint, two more: bit for bit the same as four in one go (dropout included)."""
     cfg = {**TINY, "dropout": 0.1}
@@ -225,6 +242,9 @@ def test_train_classify_evaluate_end_to_end(tmp_path):
         assert t["teacher"]["fd_ratio"] == 1 and t["teacher"]["nfe"] == 4 * cfg
         assert all(math.isfinite(x[k]) for x in (t["teacher"], t["floor"]) for k in ("fd", "kid"))
     assert "**w = 2**" in (art / "eval-guidance.md").read_text()
+    t = gt["tables"][0]  # a sampler family without a row at some NFE leaves its cell empty
+    two = [t["rows"][0], {**t["rows"][1], "solver": "other"}]
+    assert "| 2 |  | " in markdown({**gt, "tables": [{**t, "rows": two}]})
     # and survive a re-run of the main evaluation while they measure the same thing
     assert cli.main(args + ["--no-images"]) == 0
     assert json.loads((art / "eval.json").read_text())["guidance_tables"] == gt
