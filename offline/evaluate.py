@@ -35,7 +35,7 @@ from offline.data import classifier_judge_split, data_from_source
 from offline.eval_report import family, figures, markdown, shown
 from offline.metrics import fd_features, features, kid, predict
 from offline.seeds import evaluation_sets, selection_set
-from solvers.artifact import EVAL_FORMAT, default_guidance, load_artifact, write_json
+from solvers.artifact import EVAL_FORMAT, default_guidance, load_artifact, read_json, write_json
 from solvers.builders import make_table
 from solvers.executor import sample, seeded_noise
 
@@ -164,6 +164,10 @@ class Protocol:
             self.ref_fd = [s[1] for s in self.score(x)]
         return x
 
+    def real_images(self, j: int) -> torch.Tensor:
+        """The floor's n real train images for seed set j (drawn with seed j)."""
+        return self.data.train_x[torch.randperm(len(self.data.train_x), generator=torch.Generator().manual_seed(j))[:self.n]]
+
     def floor(self) -> dict | None:
         """Real train images (unseen by the classifier, as samples are) against the reference: per seed
         set j, n of them drawn with seed j. KID reads 0 for them in expectation; FD does not (module
@@ -172,8 +176,7 @@ class Protocol:
             return None
         fd, kd = [], []
         for j in range(len(self.sets)):
-            idx = torch.randperm(len(self.data.train_x), generator=torch.Generator().manual_seed(j))[:self.n]
-            f = features(self.clf, self.data.train_x[idx])
+            f = features(self.clf, self.real_images(j))
             fd.append(fd_features(f, self.f_real)), kd.append(kid(f, self.f_real))
         out = {"what": f"{self.n} real train images per seed set vs the {len(self.judge.ref_x)} reference images (held "
                        "out from the model and the classifier); acc: the classifier on the reference",
@@ -375,7 +378,7 @@ def _kept_guidance_tables(f: Path, ev: dict) -> dict | None:
     keeps them while they measure the same model with the same classifier and sampling code."""
     if not f.exists():
         return None
-    old = json.loads(f.read_text())
+    old = read_json(f)
     gt = old.get("guidance_tables")
     same = gt and old.get("model_sha256") == ev["model_sha256"] and \
         gt.get("classifier_sha256") == ev["classifier_sha256"] and gt.get("sampling_code") == ev["sampling_code"]

@@ -44,8 +44,7 @@ def main(argv=None) -> None:
         rows[f"{name} @ {k}"] = p.samples(tab, g)
     print(f"{a.artifact}: KID - floor KID (x 1000) ± the reference's standard error, per evaluation seed set")
     for j in range(len(p.sets)):
-        idx = torch.randperm(len(p.data.train_x), generator=torch.Generator().manual_seed(j))[:n]  # the floor's draw
-        f_real = features(p.clf, p.data.train_x[idx])
+        f_real = features(p.clf, p.real_images(j))
         cells = []
         for name, x in rows.items():
             f = features(p.clf, x[j * n:(j + 1) * n])
