@@ -13,6 +13,14 @@ requests. The servers run as subprocesses; CPU seconds per image of every proces
 
 Step count `mixed`: request i asks for steps drawn uniformly from 1, 2, 4, 8 (seeded by i), so requests of
 different lengths share the worker's batches; its ceiling is the engine kept at the same occupancy.
+Guidance (`--guidance`, one run per spec): `1` (off) or scales joined by `/`, e.g. `1.5/4`: request i
+asks for one of them, drawn by i (as DiT users run it: guided, PNG). Every row also gives the latency
+percentiles of each step count separately (`by_steps`), the mixed rows' table in the report.
+
+Timing on CUDA: the ceiling's split (network, update, decode) is CUDA events around those launches
+(`Clock`), summed once the run has finished, not wall time around asynchronous launches. The
+service's split comes from its Prometheus metrics, which the worker takes with perf_counter: on CUDA
+that is the host's launch time, not the GPU's (the report says so).
 """
 from __future__ import annotations
 
@@ -43,11 +51,72 @@ from service.models import ModelEntry, Registry, analytic_entry
 
 TICK = os.sysconf("SC_CLK_TCK")
 MIXED = (1, 2, 4, 8)
+SPLIT_TIMING = {
+    False: "CPU: wall time (perf_counter) of each part, synchronous on the CPU",
+    True: ("CUDA: the ceiling's network, update and decode are CUDA events around their launches (device "
+           "time); the service's step and decode are the worker's perf_counter around asynchronous launches "
+           "(host launch time, not GPU time: service/engine.py times them so)")}
 
 
 def steps_of(s, i: int) -> int:
     """The step count of request i: `s`, or for 'mixed' uniform over MIXED (seeded by i)."""
     return random.Random(i).choice(MIXED) if s == "mixed" else int(s)
+
+
+def guidance_scales(spec: str) -> list[float]:
+    """'1' -> [1.0]; '1.5/4' -> [1.5, 4.0]."""
+    return [float(v) for v in str(spec).split("/") if v.strip()]
+
+
+def guidance_of(spec: str, i: int) -> float:
+    """The guidance scale of request i: one of the spec's scales, drawn by i (independently of its steps)."""
+    ws = guidance_scales(spec)
+    return ws[0] if len(ws) == 1 else random.Random(f"w{i}").choice(ws)
+
+
+class Clock:
+    """Time spent in regions of the executor's loop. CPU: perf_counter around each region. CUDA: a
+    pair of CUDA events around each region's launches, read once at `seconds()` (after a sync), so
+    the number is the device's time from the region's first launch to its last kernel's end, not
+    the host's time to launch it."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.s, self.pairs = 0.0, []
+
+    def start(self):
+        if not self.cuda:
+            return time.perf_counter()
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    def stop(self, t0):
+        if not self.cuda:
+            self.s += time.perf_counter() - t0
+            return
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        self.pairs.append((t0, ev))
+
+    def wrap(self, fn):
+        def timed(*args, **kw):
+            t0 = self.start()
+            out = fn(*args, **kw)
+            self.stop(t0)
+            return out
+        return timed
+
+    def seconds(self) -> float:
+        if self.pairs:
+            torch.cuda.synchronize()
+            self.s += sum(a.elapsed_time(b) for a, b in self.pairs) / 1e3
+            self.pairs = []
+        return self.s
+
+    def reset(self):
+        self.seconds()
+        self.s = 0.0
 
 
 def free_port() -> int:
@@ -99,27 +168,29 @@ def wait_ready(url: str, procs, timeout=180):
 # -- the ceiling -------------------------------------------------------------------------------------
 
 class _Timed:
-    """A model whose calls add their wall time to `acc[0]`."""
+    """A model whose calls are timed by `clock` (a Clock)."""
 
-    def __init__(self, inner, acc: list):
-        self.inner, self.acc = inner, acc
+    def __init__(self, inner, clock: Clock):
+        self.inner, self.clock = inner, clock
         for k in ("schedule", "param", "num_classes", "shape"):
             setattr(self, k, getattr(inner, k))
         self.guidance_input = getattr(inner, "guidance_input", False)
 
     def __call__(self, *args):
-        t0 = time.perf_counter()
+        t0 = self.clock.start()
         out = self.inner(*args)
-        self.acc[0] += time.perf_counter() - t0
+        self.clock.stop(t0)
         return out
 
 
 def ceiling(entry: ModelEntry, steps, occupancy: int, seconds: float, split: bool = False, device: str = "cpu",
-            dtype: str | None = None, graphs: bool = True):
+            dtype: str | None = None, graphs: bool = True, guidance: str = "1"):
     """The executor's ceiling: the service's engine (Stepper, fused update, quantisation to uint8) fed
     directly, kept at `occupancy` images (the most a closed loop of that many clients keeps in flight),
-    each a request of n = 1 with the step count of `steps_of(steps, i)`, the sampler the service picks,
-    no guidance. Returns (images/s, CPU ms per image, {network, update+rest} seconds per image when split)."""
+    each a request of n = 1 with the step count of `steps_of(steps, i)` and the guidance scale of
+    `guidance_of(guidance, i)`, the sampler the service picks. Returns (images/s, CPU ms per image,
+    {network, update, decode, rest} seconds per image when split: perf_counter on the CPU, CUDA
+    events on CUDA (see Clock); rest = wall time less the three)."""
     from service.worker import buckets
 
     eng = Engine(Registry([entry]), sorted(set(MIXED) | ({int(steps)} if steps != "mixed" else set())), device,
@@ -127,20 +198,27 @@ def ceiling(entry: ModelEntry, steps, occupancy: int, seconds: float, split: boo
     with torch.inference_mode():
         for net in eng.networks():
             net.capture()
-    split = split and torch.device(device).type == "cpu"  # wall time of a call is the network's only on the CPU
-    K, net_s = entry.num_classes, [0.0]
-    if split:  # time the network calls (CPU: synchronous, so wall time is the network's)
+    K = entry.num_classes
+    clocks = {k: Clock(device) for k in ("network", "update", "decode")}
+    if split:
         for st in eng.steppers.values():
-            st.model = _Timed(st.model, net_s)
+            st.model = _Timed(st.model, clocks["network"])
+            st.update = clocks["update"].wrap(st.update)
+        eng.pixels = clocks["decode"].wrap(eng.pixels)
     tables = {}
+    for n in (MIXED if steps == "mixed" else [int(steps)]):  # outside inference mode: tables may use autograd
+        for w in guidance_scales(guidance):
+            solver = entry.resolve(n, "auto", w)
+            if (solver, n) not in tables:
+                tables[solver, n] = entry.table(solver, n)
 
     def admit(i):
-        n = steps_of(steps, i)
-        solver = entry.resolve(n)
+        n, w = steps_of(steps, i), guidance_of(guidance, i)
+        solver = entry.resolve(n, "auto", w)
         if (solver, n) not in tables:
             tables[solver, n] = entry.table(solver, n)
-        job = Job(f"c{i}", entry.name, n, solver, i % K, 1, i, 1.0, "png", 1e18, 0.0)
-        eng.add(job, tables[solver, n], 0, 1, 1)
+        job = Job(f"c{i}", entry.name, n, solver, i % K, 1, i, w, "png", 1e18, 0.0)
+        eng.add(job, tables[solver, n], 0, 1, entry.rows_per_guided_image(solver) if w != 1 else 1)
 
     i = 0
     for i in range(occupancy):
@@ -156,7 +234,9 @@ def ceiling(entry: ModelEntry, steps, occupancy: int, seconds: float, split: boo
                 admit(i)
             if time.perf_counter() >= warm_end:
                 break
-        t0, c0, net_s[0] = time.perf_counter(), self_cpu(), 0.0
+        for c in clocks.values():
+            c.reset()
+        t0, c0 = time.perf_counter(), self_cpu()
         while time.perf_counter() - t0 < seconds or done < 3 * occupancy:
             out = eng.step()
             eng.release(out)
@@ -165,13 +245,17 @@ def ceiling(entry: ModelEntry, steps, occupancy: int, seconds: float, split: boo
                 admit(i)
             done += len(out)
     wall = time.perf_counter() - t0
-    parts = {"network": net_s[0] / done, "rest": (wall - net_s[0]) / done} if split else None
+    parts = None
+    if split:
+        parts = {k: c.seconds() / done for k, c in clocks.items()}
+        parts["rest"] = wall / done - sum(parts.values())
     return done / wall, 1e3 * (self_cpu() - c0) / done, parts
 
 
 # -- one load run ------------------------------------------------------------------------------------
 
-async def load(url: str, steps, c: int, warmup: float, duration: float, max_requests: int, K: int):
+async def load(url: str, steps, c: int, warmup: float, duration: float, max_requests: int, K: int,
+               guidance: str = "1"):
     """`c` users, each its own client with one keep-alive connection (httpx's shared pool costs
     O(connections) CPU per request: 4 ms a request at 32 connections here, more than the server)."""
     recs = []
@@ -183,12 +267,13 @@ async def load(url: str, steps, c: int, warmup: float, duration: float, max_requ
     async def user(u, client):
         i = u
         while time.perf_counter() < stop_at and len(recs) < max_requests:
+            n, w = steps_of(steps, i), guidance_of(guidance, i)
             t0 = time.perf_counter()
-            r = await client.post(f"{url}/generate?class_label={i % K}&seed={i}&steps={steps_of(steps, i)}")
+            r = await client.post(f"{url}/generate?class_label={i % K}&seed={i}&steps={n}&guidance={w:g}&format=png")
             t1 = time.perf_counter()
             h = r.headers
             recs.append((t0, t1, r.status_code, float(h.get("x-stride-queue-ms", "nan")),
-                         float(h.get("x-stride-compute-ms", "nan")), h.get("x-stride-solver", "")))
+                         float(h.get("x-stride-compute-ms", "nan")), h.get("x-stride-solver", ""), n, w))
             i += c
 
     try:
@@ -283,6 +368,8 @@ def main(argv=None):
     ap.add_argument("--test-model", help="benchmark the analytic model instead (e.g. gmm)")
     ap.add_argument("--modes", default="embedded,redis")
     ap.add_argument("--steps", default="1,4,8")
+    ap.add_argument("--guidance", default="1", help="comma-separated runs: 1 (off) or scales joined by '/' drawn "
+                                                    "per request, e.g. 1,1.5/4")
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--duration", type=float, default=6.0, help="measured seconds per run")
     ap.add_argument("--warmup", type=float, default=1.5, help="unmeasured seconds at the start of each run")
@@ -304,6 +391,10 @@ def main(argv=None):
     steps = [s if s == "mixed" else int(s) for s in a.steps.split(",")]
     offered = sorted({int(s) for s in steps if s != "mixed"} | (set(MIXED) if "mixed" in steps else set()))
     concs = [int(c) for c in a.concurrency.split(",")]
+    guidances = [g.strip() for g in a.guidance.split(",") if g.strip()]
+    for g in guidances:
+        if not guidance_scales(g) or min(guidance_scales(g)) < 1:
+            sys.exit(f"--guidance {g!r}: scales >= 1 joined by '/'")
     modes = a.modes.split(",")
     if "redis" in modes and not shutil.which("redis-server"):
         sys.exit("redis-server not found")
@@ -330,18 +421,18 @@ def main(argv=None):
     load_avg = os.getloadavg()
     ceil_by = {}
 
-    def measure_ceiling(entry, s, b):
+    def measure_ceiling(entry, s, g, b):
         """Right before the service run it is compared with: a shared machine's load drifts.
-        Returns (best images/s, CPU ms per image of the 1-thread run, network / rest seconds per image
-        of the best run)."""
+        Returns (best images/s, CPU ms per image of the 1-thread run, network / update / decode / rest
+        seconds per image of the best run)."""
         cpu, parts = {}, {}
         for t in ceiling_threads:
             torch.set_num_threads(t)
-            ceil_by[(s, b, t)], cpu[t], parts[t] = ceiling(entry, s, min(b, a.max_batch), a.ceiling_seconds, True,
-                                                           a.device, None, not a.no_graphs)
+            ceil_by[(s, g, b, t)], cpu[t], parts[t] = ceiling(entry, s, min(b, a.max_batch), a.ceiling_seconds, True,
+                                                              a.device, None, not a.no_graphs, g)
         torch.set_num_threads(all_threads)
-        best = max(ceiling_threads, key=lambda t: ceil_by[(s, b, t)])
-        return ceil_by[(s, b, best)], cpu[min(ceiling_threads)], parts[best]
+        best = max(ceiling_threads, key=lambda t: ceil_by[(s, g, b, t)])
+        return ceil_by[(s, g, b, best)], cpu[min(ceiling_threads)], parts[best]
 
     rows = []
     for mode in modes:
@@ -349,11 +440,13 @@ def main(argv=None):
         srv = Servers(mode, model_args + hot, a.max_batch, a.threads, offered)
         try:
             entry = load_entry()  # as the servers just loaded it (an artifact may gain files meanwhile)
-            for s in steps:
-                solver = "auto" if s == "mixed" else \
-                    httpx.post(f"{srv.url}/generate?class_label=0&steps={s}", timeout=60).headers["x-stride-solver"]
+            for s, g in [(s, g) for g in guidances for s in steps]:
+                one = s != "mixed" and len(guidance_scales(g)) == 1  # one sampler for every request
+                solver = "auto" if not one else httpx.post(
+                    f"{srv.url}/generate?class_label=0&steps={s}&guidance={guidance_of(g, 0):g}",
+                    timeout=60).headers["x-stride-solver"]
                 for c in concs:
-                    ceil_c, ceil_cpu, ceil_parts = measure_ceiling(entry, s, c)
+                    ceil_c, ceil_cpu, ceil_parts = measure_ceiling(entry, s, g, c)
                     pids = srv.pids()
                     cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
                     main0 = main_thread_seconds(pids["server"]) if mode == "embedded" else None
@@ -365,8 +458,8 @@ def main(argv=None):
                               "encode": (srv.url + "/metrics", "stride_encode_seconds_sum")}
                     t0s = {k: scrape(*v) for k, v in timers.items()}
                     win, span, total = asyncio.run(load(srv.url, s, c, a.warmup, a.duration, a.max_requests,
-                                                        entry.num_classes))
-                    assert s == "mixed" or all(r[5] == solver for r in win if r[2] == 200), \
+                                                        entry.num_classes, g))
+                    assert not one or all(r[5] == solver for r in win if r[2] == 200), \
                         "the sampler changed during the run"
                     me1 = self_cpu()
                     cpu1 = {k: cpu_seconds(p) for k, p in pids.items()}
@@ -378,16 +471,20 @@ def main(argv=None):
                     ok = [r for r in win if r[2] == 200]
                     lat = [1e3 * (r[1] - r[0]) for r in ok]
                     n_all = max(1, total)  # CPU is over the whole run (warm-up included): per request sent
+                    by_steps = {}
+                    for n in sorted({r[6] for r in ok}):
+                        ln = [1e3 * (r[1] - r[0]) for r in ok if r[6] == n]
+                        by_steps[str(n)] = {"measured": len(ln), "p50_ms": pct(ln, 50), "p99_ms": pct(ln, 99)}
                     row = {
-                        "mode": mode, "steps": s, "concurrency": c,
-                        "solver": ("auto: " + ", ".join(sorted({r[5] for r in ok}))) if s == "mixed" else
+                        "mode": mode, "steps": s, "guidance": g, "format": "png", "concurrency": c,
+                        "solver": ("auto: " + ", ".join(sorted({r[5] for r in ok}))) if not one else
                                   (ok[0][5] if ok else ""),
                         "images_per_s": len(ok) / span, "errors": len(win) - len(ok), "measured": len(ok),
-                        "p50_ms": pct(lat, 50), "p95_ms": pct(lat, 95), "p99_ms": pct(lat, 99),
+                        "p50_ms": pct(lat, 50), "p95_ms": pct(lat, 95), "p99_ms": pct(lat, 99), "by_steps": by_steps,
                         "queue_ms": statistics.fmean(r[3] for r in ok) if ok else float("nan"),
                         "compute_ms": statistics.fmean(r[4] for r in ok) if ok else float("nan"),
                         "batch_rows": brows / calls if calls else float("nan"),
-                        "ceiling": ceil_c, "ceiling_by_threads": {t: ceil_by[(s, c, t)] for t in ceiling_threads},
+                        "ceiling": ceil_c, "ceiling_by_threads": {t: ceil_by[(s, g, c, t)] for t in ceiling_threads},
                         "ceiling_cpu_ms_per_image": ceil_cpu,
                         "other_cores": max(0.0, others),
                         "cpu_ms_per_image": {k: 1e3 * (cpu1[k] - cpu0[k]) / n_all for k in pids} |
@@ -397,15 +494,20 @@ def main(argv=None):
                         row["cpu_ms_per_image"]["server_event_loop"] = 1e3 * (main_thread_seconds(pids["server"]) - main0) / n_all
                     row["ratio"] = row["images_per_s"] / row["ceiling"]
                     api_cpu = row["cpu_ms_per_image"].get("api", row["cpu_ms_per_image"].get("server_event_loop"))
-                    row["split_ms_per_image"] = {  # wall time per image (whole run, per request sent)
-                        "network (ceiling)": 1e3 * ceil_parts["network"] if ceil_parts else None,
-                        "rest of the ceiling": 1e3 * ceil_parts["rest"] if ceil_parts else None,
+                    cp = ceil_parts or {}
+                    row["split_ms_per_image"] = {  # time per image (whole run, per request sent)
+                        "network (ceiling)": 1e3 * cp["network"] if cp else None,
+                        "update (ceiling)": 1e3 * cp["update"] if cp else None,
+                        "decode + quantise (ceiling)": 1e3 * cp["decode"] if cp else None,
+                        "rest of the ceiling": 1e3 * cp["rest"] if cp else None,
                         "step: network + update": 1e3 * spent["step"] / n_all,
                         "decode + copy": 1e3 * spent["decode"] / n_all,
                         "encode (pool, incl. wait)": 1e3 * spent["encode"] / n_all,
                         "HTTP + API CPU": api_cpu, "client CPU": row["cpu_ms_per_image"]["client"]}
+                    row["split_timing"] = SPLIT_TIMING[torch.device(a.device).type == "cuda"]
                     rows.append(row)
-                    print(f"{mode:>8} steps {s:>2} c {c:>2}: {row['images_per_s']:7.1f} img/s  p50 {row['p50_ms']:7.1f}  "
+                    print(f"{mode:>8} steps {s:>2} w {g} c {c:>2}: {row['images_per_s']:7.1f} img/s  "
+                          f"p50 {row['p50_ms']:7.1f}  "
                           f"p95 {row['p95_ms']:7.1f}  p99 {row['p99_ms']:7.1f} ms  rows/call {row['batch_rows']:5.1f}  "
                           f"ratio {row['ratio']:.2f} (ceiling {ceil_c:.1f})  errors {row['errors']}  others {others:.2f} "
                           f"cores  cpu/img "
@@ -416,11 +518,13 @@ def main(argv=None):
     report = render(rows, what, threads, load_avg, a)
     print(report)
     if a.out:
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         with open(a.out, "w") as f:
             f.write(report)
         with open(os.path.splitext(a.out)[0] + ".json", "w") as f:
             json.dump({"model": what, "machine": machine(), "threads": threads, "rows": rows,
-                       "ceiling": {f"steps {s} batch {b} threads {t}": v for (s, b, t), v in ceil_by.items()},
+                       "ceiling": {f"steps {s} guidance {g} batch {b} threads {t}": v
+                                   for (s, g, b, t), v in ceil_by.items()},
                        "args": vars(a)}, f, indent=1)
     return rows
 
@@ -431,46 +535,64 @@ def render(rows, what, threads, load_avg, a) -> str:
            f"- machine: {machine()}; load average before the run {load_avg[0]:.2f}",
            f"- model: {what}",
            f"- torch threads: worker {threads[0]}, ceiling the best of {threads[1]}; max batch {a.max_batch} rows; {a.duration:g} s measured "
-           f"per run after {a.warmup:g} s warm-up; closed loop, n = 1 per request, no guidance, solver auto; "
-           "steps `mixed`: uniform over 1, 2, 4, 8 per request",
+           f"per run after {a.warmup:g} s warm-up; closed loop, n = 1 per request, PNG, solver auto; "
+           "steps `mixed`: uniform over 1, 2, 4, 8 per request; guidance `1`: off, `1.5/4`: one of the scales per "
+           "request (both CFG branches in the same model call)",
            f"- command: `python benchmarks/load.py {' '.join(sys.argv[1:])}`", "",
            "Ceiling = the executor alone: the worker's engine (Stepper, fused update, uint8 quantisation) fed "
-           "directly with the same requests, kept at `concurrency` images in flight (the most a closed loop of that "
-           "many clients can keep), with the faster of the torch thread counts listed, measured right before each "
-           "service run. ratio = service "
+           "directly with the same requests (steps and guidance), kept at `concurrency` images in flight (the most a "
+           "closed loop of that many clients can keep), with the faster of the torch thread counts listed, measured "
+           "right before each service run. ratio = service "
            "images/s / ceiling. others' cores: CPU used by processes outside the benchmark during the run "
            "(this machine is shared).", "",
-           "| mode | steps | solver | conc. | img/s | p50 ms | p95 ms | p99 ms | queue ms | compute ms | rows/call "
-           "| " + " | ".join(f"ceiling {t} thr." for t in threads[1]) + " | ratio | errors | others' cores |",
-           "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(threads[1]) + "---:|---:|---:|"]
+           "| mode | steps | guidance | solver | conc. | img/s | p50 ms | p95 ms | p99 ms | queue ms | compute ms | "
+           "rows/call | " + " | ".join(f"ceiling {t} thr." for t in threads[1]) + " | ratio | errors | others' cores |",
+           "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(threads[1]) + "---:|---:|---:|"]
     for r in rows:
         cb = r["ceiling_by_threads"]
-        out.append(f"| {r['mode']} | {r['steps']} | {r['solver']} | {r['concurrency']} | {r['images_per_s']:.1f} | "
-                   f"{r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['queue_ms']:.1f} | "
-                   f"{r['compute_ms']:.1f} | {r['batch_rows']:.1f} | " + " | ".join(f"{cb[t]:.1f}" for t in threads[1])
+        out.append(f"| {r['mode']} | {r['steps']} | {r['guidance']} | {r['solver']} | {r['concurrency']} | "
+                   f"{r['images_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | "
+                   f"{r['queue_ms']:.1f} | {r['compute_ms']:.1f} | {r['batch_rows']:.1f} | "
+                   + " | ".join(f"{cb[t]:.1f}" for t in threads[1])
                    + f" | {r['ratio']:.2f} | {r['errors']} | {r['other_cores']:.2f} |")
+    mixed = [r for r in rows if r["steps"] == "mixed"]
+    if mixed:
+        ns = sorted({int(n) for r in mixed for n in r["by_steps"]})
+        out += ["", "Latency by step count within the mixed runs (each request's own steps; requests of every "
+                "length share the batches), p50 / p99 ms and requests measured:", "",
+                "| mode | guidance | conc. | " + " | ".join(f"{n} step{'s' * (n > 1)}" for n in ns) + " |",
+                "|---|---|---:|" + "---:|" * len(ns)]
+        for r in mixed:
+            cells = []
+            for n in ns:
+                b = r["by_steps"].get(str(n))
+                cells.append(f"{b['p50_ms']:.1f} / {b['p99_ms']:.1f} ({b['measured']})" if b else "")
+            out.append(f"| {r['mode']} | {r['guidance']} | {r['concurrency']} | " + " | ".join(cells) + " |")
     keys = sorted({k for r in rows for k in r["cpu_ms_per_image"]})
     out += ["", "CPU milliseconds per image, by process (whole run, warm-up included), beside the ceiling's "
             "(1 thread). `service / ceiling` = CPU the service processes (not the client) spend per image over "
             "what the executor alone spends: the machine-independent part of the overhead.", "",
-            "| mode | steps | conc. | " + " | ".join(keys) + " | ceiling | service / ceiling |",
-            "|---|---:|---:|" + "---:|" * (len(keys) + 2)]
+            "| mode | steps | guidance | conc. | " + " | ".join(keys) + " | ceiling | service / ceiling |",
+            "|---|---:|---|---:|" + "---:|" * (len(keys) + 2)]
     for r in rows:
         c = r["cpu_ms_per_image"]
         service = sum(v for k, v in c.items() if k not in ("client", "server_event_loop"))
-        out.append(f"| {r['mode']} | {r['steps']} | {r['concurrency']} | " +
+        out.append(f"| {r['mode']} | {r['steps']} | {r['guidance']} | {r['concurrency']} | " +
                    " | ".join(f"{c[k]:.2f}" if k in c else "" for k in keys) +
                    f" | {r['ceiling_cpu_ms_per_image']:.2f} | {service / r['ceiling_cpu_ms_per_image']:.2f} |")
     keys = list(rows[0]["split_ms_per_image"]) if rows else []
-    out += ["", ("Where the time goes, milliseconds per image: the ceiling's network calls and the rest of the "
-                  "ceiling (update, bookkeeping, quantisation), then the service's step time (network + update, "
-                  "summed over the steps an image takes part in, divided by images), decoding and the copy to the "
-                  "host, encoding in the API's pool (queueing included), and the CPU of the API process (embedded: "
-                  "its event loop thread) and of the load generator."), "",
-            "| mode | steps | conc. | " + " | ".join(keys) + " |", "|---|---:|---:|" + "---:|" * len(keys)]
+    out += ["", ("Where the time goes, milliseconds per image: the ceiling's network calls, fused updates, decoding "
+                  "with quantisation, and the rest of the ceiling (bookkeeping, uploads, the copy to the host, "
+                  "waiting), then the service's step time (network + update, summed over the steps an image takes "
+                  "part in, divided by images), decoding and the copy to the host, encoding in the API's pool "
+                  "(queueing included), and the CPU of the API process (embedded: its event loop thread) and of the "
+                  "load generator."), "",
+            f"Timing: {rows[0]['split_timing'] if rows else ''}.", "",
+            "| mode | steps | guidance | conc. | " + " | ".join(keys) + " |",
+            "|---|---:|---|---:|" + "---:|" * len(keys)]
     for r in rows:
         sp = r["split_ms_per_image"]
-        out.append(f"| {r['mode']} | {r['steps']} | {r['concurrency']} | " +
+        out.append(f"| {r['mode']} | {r['steps']} | {r['guidance']} | {r['concurrency']} | " +
                    " | ".join("" if sp[k] is None else f"{sp[k]:.2f}" for k in keys) + " |")
     return "\n".join(out) + "\n"
 

@@ -12,10 +12,14 @@ latents, 256 tokens, 1000 classes) and the Stable Diffusion VAE decoder (Autoenc
   by dtype and, on CUDA, eager against CUDA graphs (`solvers.network.Network`);
 - decode: the SD VAE decoder from 32x32x4 latents to 256x256x3 images;
 - encode: ms per image for png, jpeg, webp and json of a 256x256 RGB image (`service.encode`);
-- ceiling: the executor (the worker's engine) at 1, 2, 4, 8 steps, with the share of its time in
-  the network;
+- ceiling: the executor (the worker's engine) at 1, 2, 4, 8 steps, with its time split into
+  network, update, decode and the rest;
 - service: `benchmarks/load.py` on the service configuration (embedded and Redis, concurrency
-  1/8/32/64, step counts uniform over 1, 2, 4, 8), as service / ceiling with the time split.
+  1/8/32/64, step counts uniform over 1, 2, 4, 8; unguided, and guided as DiT users run it: w 1.5
+  or 4 per request, PNG), as service / ceiling with the time split and p50/p99 per step count.
+
+Timing: wall time (perf_counter) on the CPU; on CUDA, CUDA events around back-to-back calls (network,
+decode) and around the ceiling's launches (`load.Clock`), never wall time around asynchronous launches.
 
 The service configuration must be one where the network dominates (>= 80 % of the ceiling's time
 per image). On a GPU: DiT-XL/2 + SD VAE in bfloat16. On the CPU (2 shared cores here) a DiT-XL/2
@@ -32,6 +36,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import shutil
 import sys
@@ -84,14 +89,28 @@ def sync(device):
 
 
 def timed(fn, device, min_s: float, min_reps: int = 2) -> float:
-    """Seconds per call: one warm call, then repeats until `min_s` passed (at least `min_reps`)."""
+    """Seconds per call: one warm call, then repeats until `min_s` passed (at least `min_reps`).
+    CPU: wall time (perf_counter). CUDA: the calls run back to back (no host sync between them, as in
+    the serving loop) between two CUDA events, whose elapsed time is the device's: a launch-bound call
+    counts its idle gaps, and nothing counts the host's wait for a sync."""
     fn()
     sync(device)
+    if device.type == "cuda":
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        reps = max(min_reps, min(10_000, math.ceil(min_s / max(time.perf_counter() - t0, 1e-6))))
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / reps
     n, t0 = 0, time.perf_counter()
     while n < min_reps or time.perf_counter() - t0 < min_s:
         fn()
         n += 1
-        sync(device)
     return (time.perf_counter() - t0) / n
 
 
@@ -140,7 +159,8 @@ def part_network(a, device, report):
             dt = dtype_name(dt)
             peak, peak_src = peak_flops(device, dt, a.min_seconds)
             torch.manual_seed(0)
-            model = dit_model(dit(L, H, hd).to(device), 4, 32, 1000)
+            with torch.device(device):  # initialised where it runs: DiT-XL/2's random init takes seconds on a CPU
+                model = dit_model(dit(L, H, hd), 4, 32, 1000)
             x1 = torch.randn(1, 4, 32, 32, device=device)
             t1, l1 = torch.full((1,), 0.5, device=device), torch.zeros(1, dtype=torch.long, device=device)
             modes = ["eager", "graphs"] if device.type == "cuda" and not a.no_graphs else ["eager"]
@@ -171,7 +191,8 @@ def part_decode(a, device, report):
     d = diffusers()
     cfg = TINY_VAE if a.tiny else SD_VAE
     torch.manual_seed(0)
-    vae = d.AutoencoderKL(**cfg).eval().requires_grad_(False).to(device)
+    with torch.device(device):
+        vae = d.AutoencoderKL(**cfg).eval().requires_grad_(False)
     rows = []
     for dt in a.dtypes.split(","):
         dt = dtype_name(dt)
@@ -216,9 +237,12 @@ def service_artifact(a, device, out_dir) -> tuple[str, str]:
     src = os.path.join(out_dir, "src")
     torch.manual_seed(0)
     if device.type == "cuda" and not a.tiny:
-        net, shape = dit(*DIT[a.cuda_service]), (4, 32, 32)
-        net.save_pretrained(os.path.join(src, "transformer"))
-        d.AutoencoderKL(**SD_VAE).save_pretrained(os.path.join(src, "vae"))
+        with torch.device(device):  # random init on the GPU; saved in the service's dtype (half the bytes)
+            net, shape = dit(*DIT[a.cuda_service]).to(dtype_of(a.dtype)), (4, 32, 32)
+            vae = d.AutoencoderKL(**SD_VAE).to(dtype_of(a.dtype))
+        net.cpu().save_pretrained(os.path.join(src, "transformer"))
+        vae.cpu().save_pretrained(os.path.join(src, "vae"))
+        del net, vae
         with open(os.path.join(src, "model_index.json"), "w") as f:
             json.dump({"_class_name": "DiTPipeline", "transformer": ["diffusers", "DiTTransformer2DModel"],
                        "vae": ["diffusers", "AutoencoderKL"]}, f)
@@ -230,7 +254,8 @@ def service_artifact(a, device, out_dir) -> tuple[str, str]:
         what = (f"DiT of the S/2 family, {L} layers, width {H * hd} ({H} heads x {hd}), patch 2, on {size}x{size}x3 "
                 f"pixels ({(size // 2) ** 2} tokens), 10 classes, random weights, identity decoder, images shown "
                 f"{a.display_scale}x")
-    art = import_diffusers(src, os.path.join(out_dir, "artifact"), dtype="float32")
+    # stored in the service's dtype: half the bytes to write and read for DiT-XL/2 in bf16
+    art = import_diffusers(src, os.path.join(out_dir, "artifact"), dtype=a.dtype)
     meta_path = os.path.join(art, "model.json")
     with open(meta_path) as f:
         meta = json.load(f)
@@ -247,20 +272,21 @@ def part_ceiling(a, device, report, art, what):
     rows = []
     for s in (1, 2, 4, 8):
         for occ in [int(c) for c in a.ceiling_occupancy.split(",")]:
-            ips, cpu_ms, parts = load.ceiling(entry, s, occ, a.ceiling_seconds, split=device.type == "cpu",
-                                              device=str(device), graphs=not a.no_graphs)
+            ips, cpu_ms, parts = load.ceiling(entry, s, occ, a.ceiling_seconds, split=True, device=str(device),
+                                              graphs=not a.no_graphs)
             r = {"steps": s, "occupancy": occ, "images_per_s": ips, "cpu_ms_per_image": cpu_ms}
-            if parts:
-                r["network_ms_per_image"], r["rest_ms_per_image"] = 1e3 * parts["network"], 1e3 * parts["rest"]
-                r["network_share"] = parts["network"] / (parts["network"] + parts["rest"])
+            for k in ("network", "update", "decode", "rest"):
+                r[f"{k}_ms_per_image"] = 1e3 * parts[k]
+            r["network_share"] = parts["network"] / (1 / ips)
             rows.append(r)
-            print(f"ceiling steps {s} occupancy {occ}: {ips:.1f} img/s"
-                  + (f"  network {100 * r['network_share']:.0f}% of the time" if parts else ""), flush=True)
-    report["ceiling"] = {"model": what, "rows": rows}
+            print(f"ceiling steps {s} occupancy {occ}: {ips:.1f} img/s  network {100 * r['network_share']:.0f}% of "
+                  f"the time", flush=True)
+    report["ceiling"] = {"model": what, "rows": rows, "timing": load.SPLIT_TIMING[device.type == "cuda"].split(";")[0]}
 
 
 def part_service(a, device, report, art, what, out):
-    argv = ["--artifact", art, "--model-note", what, "--steps", a.service_steps, "--concurrency",
+    argv = ["--artifact", art, "--model-note", what, "--steps", a.service_steps, "--guidance", a.guidance,
+            "--concurrency",
             a.concurrency, "--modes", a.modes, "--duration", str(a.duration), "--warmup", str(a.warmup),
             "--ceiling-seconds", str(a.ceiling_seconds), "--max-batch", str(a.max_batch),
             "--threads", str(a.threads), "--ceiling-threads", a.ceiling_threads, "--device", str(device),
@@ -304,23 +330,34 @@ def render(report, a) -> str:
         out.append("")
     if report.get("ceiling"):
         c = report["ceiling"]
-        out += ["## Executor ceiling", "", f"Model: {c['model']}.", "",
-                "| steps | images in flight | img/s | CPU ms/img | network ms/img | rest ms/img | network share |",
-                "|---:|---:|---:|---:|---:|---:|---:|"]
+        out += ["## Executor ceiling", "", f"Model: {c['model']}. Split timing: {c.get('timing', '')}.", "",
+                "| steps | images in flight | img/s | CPU ms/img | network ms/img | update ms/img | decode ms/img | "
+                "rest ms/img | network share |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in c["rows"]:
-            net = (f"{r['network_ms_per_image']:.1f} | {r['rest_ms_per_image']:.1f} | {100 * r['network_share']:.0f}%"
-                   if "network_share" in r else " | | ")
             out.append(f"| {r['steps']} | {r['occupancy']} | {r['images_per_s']:.1f} | {r['cpu_ms_per_image']:.1f} | "
-                       f"{net} |")
+                       f"{r['network_ms_per_image']:.2f} | {r['update_ms_per_image']:.3f} | "
+                       f"{r['decode_ms_per_image']:.2f} | {r['rest_ms_per_image']:.2f} | "
+                       f"{100 * r['network_share']:.0f}% |")
         out.append("")
     if report.get("service"):
-        out += ["## Service / ceiling", "", f"Model: {report['service_model']}.", "",
-                "| mode | steps | conc. | img/s | ceiling img/s | ratio | p50 ms | p99 ms | rows/call |",
-                "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        out += ["## Service / ceiling", "", f"Model: {report['service_model']}. PNG responses; guidance `1` is off, "
+                "`1.5/4` one of the two scales per request.", "",
+                "| mode | steps | guidance | conc. | img/s | ceiling img/s | ratio | p50 ms | p99 ms | rows/call |",
+                "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in report["service"]:
-            out.append(f"| {r['mode']} | {r['steps']} | {r['concurrency']} | {r['images_per_s']:.1f} | "
-                       f"{r['ceiling']:.1f} | {r['ratio']:.2f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | "
-                       f"{r['batch_rows']:.1f} |")
+            out.append(f"| {r['mode']} | {r['steps']} | {r['guidance']} | {r['concurrency']} | "
+                       f"{r['images_per_s']:.1f} | {r['ceiling']:.1f} | {r['ratio']:.2f} | {r['p50_ms']:.0f} | "
+                       f"{r['p99_ms']:.0f} | {r['batch_rows']:.1f} |")
+        mixed = [r for r in report["service"] if r["steps"] == "mixed"]
+        if mixed:
+            ns = sorted({int(n) for r in mixed for n in r["by_steps"]})
+            out += ["", "Latency of the mixed runs by each request's step count, p50 / p99 ms:", "",
+                    "| mode | guidance | conc. | " + " | ".join(f"{n} step{'s' * (n > 1)}" for n in ns) + " |",
+                    "|---|---|---:|" + "---:|" * len(ns)]
+            for r in mixed:
+                cells = [f"{r['by_steps'][str(n)]['p50_ms']:.0f} / {r['by_steps'][str(n)]['p99_ms']:.0f}"
+                         if str(n) in r["by_steps"] else "" for n in ns]
+                out.append(f"| {r['mode']} | {r['guidance']} | {r['concurrency']} | " + " | ".join(cells) + " |")
         out += ["", "Time split and CPU per process: the `_service.md` report beside this one.", ""]
     return "\n".join(out) + "\n"
 
@@ -346,13 +383,16 @@ def main(argv=None):
     ap.add_argument("--ceiling-occupancy", default="8,32")
     ap.add_argument("--ceiling-seconds", type=float, default=6.0)
     ap.add_argument("--service-steps", default="mixed")
+    ap.add_argument("--guidance", default="1,1.5/4", help="service runs: 1 (off) and/or scales drawn per request, "
+                                                          "joined by '/' (benchmarks/load.py --guidance)")
     ap.add_argument("--concurrency", default="1,8,32,64")
     ap.add_argument("--modes", default="embedded,redis")
     ap.add_argument("--duration", type=float, default=20.0)
     ap.add_argument("--warmup", type=float, default=4.0)
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1, help="the service worker's torch threads (0: its default)")
-    ap.add_argument("--ceiling-threads", default="1,all", help="the service's ceiling: the best of these")
+    ap.add_argument("--ceiling-threads", default=None, help="the service's ceiling: the best of these (default "
+                                                            "1,all on the CPU, all on CUDA)")
     ap.add_argument("--cpu-threads", type=int, default=1,
                     help="CPU: torch threads of the network, decode and ceiling parts (on a shared machine one "
                          "thread is steadier: a parallel region waits for its slowest, preempted thread)")
@@ -362,6 +402,7 @@ def main(argv=None):
     cuda = device.type == "cuda"
     a.dtypes = a.dtypes or ("fp32,bf16" if cuda else "fp32")
     a.dtype = a.dtype or ("bf16" if cuda else "fp32")
+    a.ceiling_threads = a.ceiling_threads or ("all" if cuda else "1,all")
     if cuda:
         enable_tf32()
     else:
@@ -388,6 +429,7 @@ def main(argv=None):
     text = render(report, a)
     print(text)
     if a.out:
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         with open(a.out, "w") as f:
             f.write(text)
         with open(os.path.splitext(a.out)[0] + ".json", "w") as f:

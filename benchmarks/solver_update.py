@@ -7,6 +7,7 @@ writing its outputs once, no cache reuse; gathers and scatters move their rows o
 implementation's own bytes over its time; "vs clone" compares it to a clone moving as many bytes.
 
     python benchmarks/solver_update.py --device cuda --out benchmarks/results/solver_update_cuda.md
+    python benchmarks/solver_update.py --device cpu --tiny --triton     # smoke: every row, the kernel interpreted
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.benchmark import Timer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from solvers.update import fused_update_torch
+from solvers.update import fused_update_torch, update_fn
 
 aten = torch.ops.aten
 SHAPES = {"4x32x32": 4 * 32 * 32, "3x256x256": 3 * 256 * 256}
@@ -122,15 +123,21 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32", help="state (y, hist) dtype")
     ap.add_argument("--ddtype", default="float32", help="model output (d) dtype")
     ap.add_argument("--quick", action="store_true", help="batches 1 and 64 only, shorter timing")
+    ap.add_argument("--tiny", action="store_true", help="one small latent, batches 1 and 8, the shortest timing "
+                                                        "(the smoke test)")
+    ap.add_argument("--triton", action="store_true", help="off CUDA too: the kernel in Triton's interpreter (its "
+                                                          "timing says nothing; the row exercises the code)")
     ap.add_argument("--note", action="append", default=[], help="a line added to the markdown header")
     args = ap.parse_args(argv)
     device, dtype, ddtype = torch.device(args.device), getattr(torch, args.dtype), getattr(torch, args.ddtype)
     batches, min_run_time = ((1, 64), 0.1) if args.quick else ((1, 4, 16, 64), 0.3)
+    shapes = SHAPES
+    if args.tiny:
+        batches, min_run_time, shapes = (1, 8), 0.01, {"4x8x8": 4 * 8 * 8}
 
     impls = {"torch reference (fused_update_torch)": fused_update_torch, "naive torch ops": naive_update}
-    if device.type == "cuda":
-        from solvers.triton_update import fused_update_triton
-        impls = {"triton kernel": fused_update_triton, **impls}
+    if device.type == "cuda" or args.triton:
+        impls = {"triton kernel": update_fn("triton"), **impls}
 
     a = inputs(3, 1000, dtype, ddtype, device)  # all compute the same thing
     ref = {k: v.clone() for k, v in a.items()}
@@ -142,7 +149,7 @@ def main(argv=None):
         torch.testing.assert_close(t["y"], ref["y"], **tol, msg=lambda m, name=name: f"{name}: {m}")
 
     rows = []
-    for shape, D in SHAPES.items():
+    for shape, D in shapes.items():
         for B in batches:
             a = inputs(B, D, dtype, ddtype, device)
             mb = min_bytes(a)
@@ -183,8 +190,8 @@ def main(argv=None):
     ]
     lines += [f"- {n}" for n in args.note]
     if device.type != "cuda":
-        lines.append("- no Triton row: on CPU the kernel runs only under TRITON_INTERPRET=1 (numpy, one "
-                     "program at a time), whose timing says nothing about the kernel")
+        lines.append("- off CUDA the kernel runs in Triton's interpreter (numpy, one program at a time): "
+                     + ("its row's timing says nothing about the kernel" if args.triton else "no Triton row"))
     lines += ["", "| latent | batch | implementation | time (us) | MB moved | x minimum | GB/s | vs copy |",
               "|---|---:|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['shape']} | {r['batch']} | {r['impl']} | {r['s'] * 1e6:.1f} | {r['bytes'] / 1e6:.2f} | "

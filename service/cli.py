@@ -37,6 +37,8 @@ FLAGS = [
     ("--max-images", "max_images", int, "largest n per request"),
     ("--guidance-max", "guidance_max", float, "largest guidance scale accepted"),
     ("--encode-threads", "encode_threads", int, "API process: threads encoding images"),
+    ("--update", "update", None, ("the fused update: auto (Triton on CUDA, torch elsewhere), torch, or triton "
+                                  "(also on the CPU, in Triton's interpreter: slow; for tests)")),
     ("--variants", "variants", "LIST", ("secant networks to load, e.g. secant-pu,secant-tan (default: those the "
                                         "auto-pick serves for the offered steps)")),
     ("--api-key", "api_key", "KEY", ("require 'Authorization: Bearer KEY' (prefer the env var: flags show in "
@@ -78,6 +80,8 @@ def parser() -> argparse.ArgumentParser:
             kw["choices"] = ["all", "api", "worker"]
         elif field == "dtype":
             kw["choices"] = ["fp32", "bf16", "fp16"]
+        elif field == "update":
+            kw["choices"] = ["auto", "torch", "triton"]
         elif field == "artifacts":
             kw.update(nargs="+", metavar="DIR")
         elif kind in (int, float):

@@ -42,20 +42,24 @@ class Admitted:
 
 class Engine:
     def __init__(self, registry: Registry, steps_offered, device="cpu", metrics: Metrics | None = None,
-                 dtype: str | None = None, graphs: bool = False, buckets=()):
-        """dtype: the networks' precision (None: as loaded); graphs: CUDA graphs per batch bucket (CUDA only)."""
+                 dtype: str | None = None, graphs: bool = False, buckets=(), update: str | None = None,
+                 static: bool = False):
+        """dtype: the networks' precision (None: as loaded); graphs: CUDA graphs per batch bucket (CUDA
+        only); static: the graph path's static bucket buffers without graphs (what the CPU can run of
+        it); update: 'auto' | 'torch' | 'triton' (None: STRIDE_UPDATE)."""
         self.registry, self.device, self.metrics = registry, torch.device(device), metrics
         dt = dtype_of(dtype) if dtype else None
         self.steppers, self.model_of = {}, {}
         for e in registry:
             for k, (m, w) in e.steppers(steps_offered).items():
-                if dt is not None or _low_precision(m) or (graphs and self.device.type == "cuda"):
-                    m = Network(m, dt, buckets, graphs)
-                self.steppers[k] = Stepper(m, w, self.device)
+                if dt is not None or _low_precision(m) or static or (graphs and self.device.type == "cuda"):
+                    m = Network(m, dt, buckets, graphs, static=static)
+                self.steppers[k] = Stepper(m, w, self.device, update=update)
                 self.model_of[k] = e.name  # metrics label
         self.jobs: dict[str, Admitted] = {}
         self.incoming: dict[str, list] = {}  # stepper key -> admitted images not yet in the Stepper
         self.pending: list = []  # CUDA: (event, pinned host pixels, ids) copied during the next step
+        self.timings: list = []  # CUDA: (histogram, start event, end event) not yet read back
 
     def networks(self) -> list:
         return [st.model for st in self.steppers.values() if isinstance(st.model, Network)]
@@ -117,20 +121,21 @@ class Engine:
                 if not len(st):
                     continue
                 name = self.model_of[key]
-                t0, ev0 = time.perf_counter(), st.evaluations
+                t0, ev0 = self._clock(), st.evaluations
                 st.step()
                 ids, y = st.pop_done_batch()
                 if self.metrics and st.evaluations > ev0:
                     rows = st.evaluations - ev0
-                    self.metrics.step_seconds.labels(name).observe(time.perf_counter() - t0)
+                    self._observe(self.metrics.step_seconds.labels(name), t0)
                     self.metrics.batch_rows.labels(name).observe(rows)
                     self.metrics.evaluations.labels(name).inc(rows)
                     self.metrics.model_calls.labels(name).inc()
                 if ids:
-                    t1 = time.perf_counter()
+                    t1 = self._clock()
                     finished.append((ids, self.pixels(key, y)))
-                    if self.metrics:  # on CUDA the launch only; the copy's wait is in the next step's
-                        self.metrics.decode_seconds.labels(name).observe(time.perf_counter() - t1)
+                    if self.metrics:
+                        self._observe(self.metrics.decode_seconds.labels(name), t1)
+            self._read_timings()
             if not finished and not self.pending:
                 return []
             if self.device.type != "cuda":  # the quantised pixels are already host memory
@@ -151,6 +156,27 @@ class Engine:
                 out += [(jid, i, a) for (jid, i), a in zip(ids, host.numpy())]
             return out
 
+    # Time splits: on CUDA the host returns from a launch long before the GPU is done, so a step is
+    # timed by a pair of CUDA events, read back once the GPU has passed the second (query() does not
+    # wait); elsewhere by the host clock.
+    def _clock(self):
+        if self.device.type != "cuda":
+            return time.perf_counter()
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    def _observe(self, histogram, start):
+        if self.device.type != "cuda":
+            histogram.observe(time.perf_counter() - start)
+            return
+        self.timings.append((histogram, start, self._clock()))
+
+    def _read_timings(self):
+        while self.timings and self.timings[0][2].query():
+            histogram, start, end = self.timings.pop(0)
+            histogram.observe(start.elapsed_time(end) / 1e3)
+
     def release(self, done):
         """Account for finished images (separate from `step`, so that the worker can hold its lock
         while `rows` changes, and only then)."""
@@ -169,3 +195,4 @@ class Engine:
         self.jobs.clear()
         self.incoming.clear()
         self.pending.clear()
+        self.timings.clear()

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
 
     # the worker's hot path
     graphs: bool = True  # CUDA graphs per (network, batch bucket); eager off CUDA
+    # the fused update: auto = Triton on CUDA, torch elsewhere; triton = the kernel everywhere (on the
+    # CPU in Triton's interpreter: slow, but it runs every CUDA-only path of the hot loop); torch
+    update: Literal["auto", "torch", "triton"] = "auto"
     variants: Annotated[list[str], NoDecode] | None = None  # secant networks to load; None: the auto-pick's
 
     api_key: SecretStr | None = None

@@ -86,7 +86,8 @@ class Worker:
         if cuda:
             enable_tf32()
         # the networks come in the dtype the artifact records or --dtype asks for (cast when loaded)
-        self.engine = Engine(self.registry, s.steps, s.device, self.metrics, None, s.graphs, buckets(s.max_batch))
+        self.engine = Engine(self.registry, s.steps, s.device, self.metrics, None, s.graphs, buckets(s.max_batch),
+                             update=s.update)
         t0 = time.perf_counter()
         with torch.inference_mode():
             for net in self.engine.networks():  # CUDA graphs per (network, batch bucket), CFG rows included
@@ -98,13 +99,13 @@ class Worker:
                     key = e.stepper_key(variant)
                     model = self.engine.steppers[key].model
                     for b in buckets(s.max_batch):  # one model call per batch size the engine may form
-                        st = Stepper(model, self.engine.steppers[key].window, s.device)
+                        st = Stepper(model, self.engine.steppers[key].window, s.device, update=s.update)
                         st.add([self._warm_table(e, variant, s.steps[-1])] * b,
                                seeded_noise(range(b), e.shape, device=s.device), [0] * b, 1.0)
                         st.step()
                     for n in s.steps:  # and every step count's table, end to end, and the decoder
                         y = sample(model, self._warm_table(e, variant, n), seeded_noise([0], e.shape, device=s.device),
-                                   torch.zeros(1, dtype=torch.long))
+                                   torch.zeros(1, dtype=torch.long), update=s.update)
                         self.engine.pixels(key, y)
         log.info("warm-up done in %.1f s (buckets %s, steps %s)", time.perf_counter() - t0, buckets(s.max_batch), s.steps)
 

@@ -20,7 +20,7 @@ import math
 import torch
 
 from .table import Table
-from .update import fused_update
+from .update import update_fn
 
 # per-step coefficient row layout: tau, s, hx, hd, c, b[0..W)
 _TAU, _S, _HX, _HD, _C, _B = range(6)
@@ -48,9 +48,12 @@ def table_rows(t: Table, window: int) -> list[list[float]]:
 
 
 class Stepper:
-    def __init__(self, model, window: int, device="cpu", dtype=torch.float32, update=fused_update,
+    def __init__(self, model, window: int, device="cpu", dtype=torch.float32, update=None,
                  guidance_interval: tuple[float, float] | None = None):
-        self.model, self.window, self.update = model, int(window), update
+        """update: the fused update, a callable or a name for `solvers.update.update_fn` ('auto',
+        'torch', 'triton'; None reads STRIDE_UPDATE)."""
+        self.model, self.window = model, int(window)
+        self.update = update if callable(update) else update_fn(update)
         self.device, self.dtype = torch.device(device), dtype
         self.cdtype = torch.float64 if dtype == torch.float64 else torch.float32
         self.guidance_interval = guidance_interval
@@ -203,7 +206,7 @@ def _host_list(v, B: int, kind) -> list:
 
 
 @torch.no_grad()
-def sample(model, tables, noise, labels, guidance=1.0, update=fused_update, guidance_interval=None) -> torch.Tensor:
+def sample(model, tables, noise, labels, guidance=1.0, update=None, guidance_interval=None) -> torch.Tensor:
     """Run `tables` (one Table for all, or one per sample) from `noise` [B, *shape]."""
     B = noise.shape[0]
     if isinstance(tables, Table):

@@ -4,9 +4,16 @@ The update is memory-bound: done as separate torch ops it reads and writes the s
 times. Here each program owns one sample and one block of its row; it reads y, the D (and U) row
 and the W-1 older history entries once, and writes the new history entry and y once.
 Coefficients are per sample, so requests on different solvers or steps share one launch.
-On CPU it runs only under TRITON_INTERPRET=1 (set before this module is imported), for tests.
+
+The model output `d` may be a row-strided view (a learned-sigma network's first C of 2C channels,
+or a batch bucket's static output): the kernel takes its row stride instead of a copy.
+
+CUDA tensors run the compiled kernel; CPU tensors run the same kernel in Triton's interpreter
+(numpy, one program at a time: for tests and `update=triton` on the CPU, never for speed).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -15,17 +22,16 @@ import triton.language as tl
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-@triton.jit
 def _update_kernel(y_ptr, d_ptr, uncond_ptr, w_ptr, hx_ptr, hd_ptr, c_ptr, b_ptr, hist_ptr, slot_ptr,
-                   D, W: tl.constexpr, BLOCK: tl.constexpr, F: tl.constexpr):
+                   D, d_row, W: tl.constexpr, BLOCK: tl.constexpr, F: tl.constexpr):
     i = tl.program_id(0).to(tl.int64)
     off = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = off < D
     y = tl.load(y_ptr + i * D + off, mask=m).to(F)
-    g = tl.load(d_ptr + i * D + off, mask=m).to(F)
+    g = tl.load(d_ptr + i * d_row + off, mask=m).to(F)
     u = tl.load(uncond_ptr + i)
     if u >= 0:  # per-sample guidance; U is not read otherwise
-        du = tl.load(d_ptr + u * D + off, mask=m).to(F)
+        du = tl.load(d_ptr + u * d_row + off, mask=m).to(F)
         g = du + tl.load(w_ptr + i) * (g - du)
     h = tl.load(hx_ptr + i) * y + tl.load(hd_ptr + i) * g
     s = (tl.load(slot_ptr + i) % W + W) % W
@@ -37,7 +43,33 @@ def _update_kernel(y_ptr, d_ptr, uncond_ptr, w_ptr, hx_ptr, hd_ptr, c_ptr, b_ptr
     tl.store(y_ptr + i * D + off, acc.to(y_ptr.dtype.element_ty), mask=m)
 
 
-_INTERPRET = not isinstance(_update_kernel, triton.runtime.JITFunction)  # triton.jit chose at import
+def _jit(interpret: bool):
+    """triton.jit decides compiled vs interpreted from TRITON_INTERPRET when it decorates: decorate
+    once each way, so that one process can run CUDA tensors compiled and CPU tensors interpreted."""
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+    try:
+        return triton.jit(_update_kernel)
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+_KERNELS = {"cuda": _jit(False), "cpu": _jit(True)}
+
+
+def check_layout(y, d, hist):
+    """y and hist are written in place, so they must be contiguous; d may be any row-strided 2-D view
+    (unit inner stride, row stride >= D, as `d[:, :C]` of a 2C-channel output gives)."""
+    D = y.shape[1]
+    if not (y.is_contiguous() and hist.is_contiguous()):
+        raise ValueError(f"y and hist must be contiguous (updated in place); got y strides {tuple(y.stride())}, "
+                         f"hist strides {tuple(hist.stride())}")
+    if D > 1 and d.shape[0] > 0 and (d.stride(1) != 1 or (d.shape[0] > 1 and d.stride(0) < D)):
+        raise ValueError(f"d must be rows of {D} contiguous values (inner stride 1, row stride >= {D}); "
+                         f"got shape {tuple(d.shape)} with strides {tuple(d.stride())}")
 
 
 def fused_update_triton(y, d, uncond, w, hx, hd, c, b, hist, slot, *, block=1024, num_warps=4):
@@ -65,16 +97,17 @@ def fused_update_triton(y, d, uncond, w, hx, hd, c, b, hist, slot, *, block=1024
             raise ValueError(f"{name} must be [{B}] {dt}, got {tuple(t.shape)} {t.dtype}")
     if b.dtype != torch.float32:
         raise ValueError(f"b must be float32, got {b.dtype}")
-    if not (y.is_contiguous() and d.is_contiguous() and hist.is_contiguous()):
-        raise ValueError("y, d and hist must be contiguous")
+    check_layout(y, d, hist)
     tensors = (y, d, uncond, w, hx, hd, c, b, hist, slot)
     if any(t.device != y.device for t in tensors):
         raise ValueError(f"all tensors must be on {y.device}, got {sorted({str(t.device) for t in tensors})}")
-    if not y.is_cuda and not _INTERPRET:
-        raise ValueError("CPU tensors need TRITON_INTERPRET=1 set before importing solvers.triton_update")
+    kernel = _KERNELS.get(y.device.type)
+    if kernel is None:
+        raise ValueError(f"the Triton update runs on cuda (compiled) or cpu (interpreted), not {y.device.type}")
     if B == 0 or D == 0:
         return
     uncond, w, hx, hd, c, b, slot = (t.contiguous() for t in (uncond, w, hx, hd, c, b, slot))
     F = tl.float64 if y.dtype == torch.float64 else tl.float32
-    _update_kernel[(B, triton.cdiv(D, block))](y, d, uncond, w, hx, hd, c, b, hist, slot, D,
-                                               W=W, BLOCK=block, F=F, num_warps=num_warps)
+    d_row = d.stride(0) if d.shape[0] > 1 else D
+    kernel[(B, triton.cdiv(D, block))](y, d, uncond, w, hx, hd, c, b, hist, slot, D, d_row,
+                                       W=W, BLOCK=block, F=F, num_warps=num_warps)

@@ -14,6 +14,8 @@ b [B, W] float32; hist [B, W, D].
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -34,17 +36,39 @@ def fused_update_torch(y, d, uncond, w, hx, hd, c, b, hist, slot):
     y.copy_(acc)
 
 
-def _triton_available() -> bool:
+UPDATES = ("auto", "torch", "triton")
+
+
+def _triton():
     try:
-        from . import triton_update  # noqa: F401
+        from .triton_update import fused_update_triton
     except Exception:  # triton missing or unusable on this platform
-        return False
-    return True
+        return None
+    return fused_update_triton
 
 
 def fused_update(y, d, uncond, w, hx, hd, c, b, hist, slot):
-    """Triton on CUDA, torch elsewhere (same semantics; tests compare them under TRITON_INTERPRET=1)."""
-    if y.is_cuda and _triton_available():
-        from .triton_update import fused_update_triton
-        return fused_update_triton(y, d, uncond, w, hx, hd, c, b, hist, slot)
+    """Triton on CUDA, torch elsewhere (same semantics; `update_fn("triton")` runs the kernel on the
+    CPU too, in Triton's interpreter)."""
+    if y.is_cuda:
+        kernel = _triton()
+        if kernel is not None:
+            return kernel(y, d, uncond, w, hx, hd, c, b, hist, slot)
     return fused_update_torch(y, d, uncond, w, hx, hd, c, b, hist, slot)
+
+
+def update_fn(kind: str | None = None):
+    """The update for a setting: 'auto' (Triton on CUDA, torch elsewhere), 'torch', or 'triton'
+    (the kernel on every device: compiled on CUDA, interpreted on the CPU, where it exercises every
+    CUDA-only path of the kernel's callers). None reads STRIDE_UPDATE (default 'auto')."""
+    kind = (kind or os.environ.get("STRIDE_UPDATE") or "auto").lower()
+    if kind == "auto":
+        return fused_update
+    if kind == "torch":
+        return fused_update_torch
+    if kind == "triton":
+        kernel = _triton()
+        if kernel is None:
+            raise ValueError("update 'triton' needs the triton package (pip install triton)")
+        return kernel
+    raise ValueError(f"update must be one of {', '.join(UPDATES)}; got {kind!r}")

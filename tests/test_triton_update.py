@@ -1,21 +1,16 @@
-"""The Triton update under TRITON_INTERPRET=1 (CPU) against the torch reference."""
+"""The Triton update on the CPU against the torch reference. CPU tensors run the kernel in Triton's
+interpreter whatever TRITON_INTERPRET says (solvers.triton_update decorates it once compiled, once
+interpreted), so nothing is set before the import."""
 import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: triton.jit picks the interpreter then
-
-import importlib
-import sys
 
 import pytest
 import torch
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
-from solvers.update import fused_update_torch
-
-if "solvers.triton_update" in sys.modules:  # imported earlier without the interpreter: decorate again
-    importlib.reload(sys.modules["solvers.triton_update"])
+from solvers import triton_update
 from solvers.triton_update import fused_update_triton
+from solvers.update import fused_update_torch
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 
@@ -87,6 +82,63 @@ def test_float64_state():
 def test_empty_batch():
     a = make(0, 64, 2, F32, F32)
     fused_update_triton(**a)
+
+
+def test_no_environment_needed(monkeypatch):
+    """CPU: interpreted, CUDA: compiled, from one import; and deciding it leaves TRITON_INTERPRET as it was."""
+    assert isinstance(triton_update._KERNELS["cuda"], triton.runtime.JITFunction)
+    assert not isinstance(triton_update._KERNELS["cpu"], triton.runtime.JITFunction)  # the interpreter's
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not isinstance(triton_update._jit(True), triton.runtime.JITFunction)
+    assert "TRITON_INTERPRET" not in os.environ
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert isinstance(triton_update._jit(False), triton.runtime.JITFunction)
+    assert os.environ["TRITON_INTERPRET"] == "1"
+
+
+# -- d as a row-strided view: a learned-sigma network's first C of 2C channels, a bucket's prefix --------
+
+@pytest.mark.parametrize("view", ["first-half", "second-half", "bucket-prefix", "bucket-of-halves", "one-row"])
+@pytest.mark.parametrize("ddtype", [F32, BF16], ids=["d-fp32", "d-bf16"])
+def test_row_strided_d_matches_torch(view, ddtype):
+    B, D, W = 4, 300, 3
+    a = make(B, D, W, F32, ddtype, seed=7)
+    R = a["d"].shape[0]
+    g = torch.Generator().manual_seed(3)
+    full = torch.randn(16, 2 * D, generator=g).to(ddtype)  # [bucket rows, 2D]: 2C channels, 16-row bucket
+    if view == "one-row":  # one sample, no guidance: a single row of a wider output
+        a = {k: v[:1] for k, v in a.items()}
+        a["uncond"] = torch.tensor([-1])
+        d = full[:1, :D]
+    else:
+        d = {"first-half": full[:R, :D], "second-half": full[:R, D:],  # a storage offset too
+             "bucket-prefix": full.view(32, D)[:R], "bucket-of-halves": full[:, :D][:R]}[view]
+    assert d.shape[1] == D and d.stride(1) == 1
+    if view in ("first-half", "second-half", "bucket-of-halves"):
+        assert not d.is_contiguous() and d.stride(0) == 2 * D  # what the old wrapper refused
+    before = full.clone()
+    t = {k: v.clone() for k, v in a.items() if k != "d"}
+    fused_update_triton(d=d, **t, block=128)
+    r = {k: v.clone() for k, v in a.items() if k != "d"}
+    fused_update_torch(d=d.contiguous(), **r)
+    assert torch.equal(t["y"], r["y"]) and torch.equal(t["hist"], r["hist"])
+    assert torch.equal(full, before)  # d is read only; the other half untouched
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda a: a.update(d=torch.randn(a["d"].shape[0], 2 * 64)[:, ::2]), r"d must be rows of 64 contiguous values "
+                                                                           r"\(inner stride 1.*strides \(128, 2\)"),
+    (lambda a: a.update(d=a["d"].t().contiguous().t()), r"d must be rows .*inner stride 1.*strides \(1, 8\)"),
+    (lambda a: a.update(d=torch.randn(8 * 64).as_strided((8, 64), (32, 1))), r"row stride >= 64.*strides \(32, 1\)"),
+    (lambda a: a.update(y=torch.randn(4, 128)[:, :64]), r"y and hist must be contiguous \(updated in place\); "
+                                                         r"got y strides \(128, 1\)"),
+    (lambda a: a.update(hist=a["hist"].transpose(1, 2).contiguous().transpose(1, 2)), r"hist strides \(128, 1, 2\)"),
+])
+def test_layouts_refused_name_the_layout(change, match):
+    a = make(4, 64, 2, F32, F32)
+    change(a)
+    with pytest.raises(ValueError, match=match):
+        fused_update_triton(**a)
 
 
 @pytest.mark.parametrize("change,match", [

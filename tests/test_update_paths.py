@@ -1,0 +1,347 @@
+"""Every CUDA-only path of the hot loop, run on the CPU: the Triton update (update='triton', the
+kernel in Triton's interpreter) against the torch update (update='torch') for every adapter kind
+(stride flow and VP demo nets; imported diffusers DiT with learned sigma, UNet with v-prediction,
+SiT), fp32 and bf16 networks, with and without the static batch buckets, mixed step counts and
+solvers, CFG rows beside unguided samples, samples joining and leaving mid-run; then through the
+worker's Engine (decode, uint8 quantisation, the batch copy) and through one embedded `stride
+serve` request per adapter kind.
+
+The learned-sigma DiT's output is a row-strided view (the first C of 2C channels; in a static bucket
+also a row prefix of the bucket's output): the kernel reads it in place, where the old wrapper
+refused it ("y, d and hist must be contiguous").
+
+Tolerances. Both updates do the same float32 operations in the same order (solvers.update), and
+the interpreter runs them as numpy float32 ops (no FMA contraction), so in fp32 they agree bit for
+bit on every path measured here (max scaled difference 0). A bf16 network's output is fed to the
+update as is (bf16) and widened exactly to float32 by both; the state stays float32, so the two
+runs see the same inputs at every step and agree bit for bit too. The checks allow 1e-5 of the
+sample's scale (float32 rounding of a few reassociated ops, should the interpreter or torch ever
+contract an FMA) and assert no more; images (uint8) must then be equal but for at most one grey level
+in a tiny fraction of pixels (a value on a rounding edge; measured: equal everywhere)."""
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from service_fixtures import ROOT, ApiServer
+from tiny_models import ddim, dit_pipeline, tiny_dit, tiny_vae, unet_pipeline
+
+pytest.importorskip("triton")
+
+from offline import cli
+from service import images
+from service.cli import parser, settings_from
+from service.engine import Engine
+from service.jobs import Job
+from service.models import ModelEntry, Registry
+from service.settings import Settings
+from solvers import Stepper, make_table, seeded_noise
+from solvers.artifact import load_artifact
+from solvers.network import Network
+from solvers.triton_update import fused_update_triton
+from solvers.update import fused_update_torch, update_fn
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+KINDS = ["flow", "vp", "dit", "unet-v", "sit"]  # adapters: stride, stride, dit (learned sigma), unet2d, sit
+BUCKETS = (1, 2, 4, 8, 16)
+SCALED_TOL = 1e-5
+
+
+# -- the five models, imported as a user imports them -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def arts(tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp("update_paths")
+    # DiT with learned sigma (8 output channels for 4 latent ones) and a VAE: `stride offline import diffusers`
+    dit_pipeline(d / "dit-pipe")
+    assert cli.main(["import", "diffusers", str(d / "dit-pipe"), "--name", "dit", "--out", str(d / "dit")]) == 0
+    # a class-conditional pixel UNet with v-prediction (the scheduler config says so)
+    unet_pipeline(d / "unet-pipe", scheduler=ddim(prediction_type="v_prediction"))
+    assert cli.main(["import", "diffusers", str(d / "unet-pipe"), "--name", "unet-v", "--out", str(d / "unet-v")]) == 0
+    # SiT: a DiT-layout checkpoint on the flow schedule (as tests/test_offline_imported.py builds it)
+    from test_import import diffusers_to_dit
+
+    net = tiny_dit(seed=3)
+    with torch.no_grad():  # a non-trivial function of its inputs
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    net.transformer_blocks[1].norm1.emb.load_state_dict(net.transformer_blocks[0].norm1.emb.state_dict())
+    sd = diffusers_to_dit(net.state_dict(), 2)
+    sd["pos_embed"] = net.pos_embed.pos_embed.clone()
+    torch.save(sd, d / "SiT-tiny.pt")
+    tiny_vae().save_pretrained(d / "vae")
+    assert cli.main(["import", "dit-checkpoint", str(d / "SiT-tiny.pt"), "--vae", str(d / "vae"), "--schedule", "flow",
+                     "--heads", "2", "--name", "sit", "--out", str(d / "sit")]) == 0
+    out = {"flow": f"{ROOT}/artifacts/digits", "vp": f"{ROOT}/artifacts/digits-vp", "dit": str(d / "dit"),
+           "unet-v": str(d / "unet-v"), "sit": str(d / "sit")}
+    kinds = {k: json.loads(Path(v, "model.json").read_text()).get("adapter", {}).get("kind", "stride")
+             for k, v in out.items()}
+    assert kinds == {"flow": "stride", "vp": "stride", "dit": "dit", "unet-v": "unet2d", "sit": "sit"}
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(arts):
+    """(kind, dtype) -> the model, loaded once per dtype: a bf16 Network casts the weights in place."""
+    cache = {}
+
+    def get(kind, dtype):
+        if (kind, dtype) not in cache:
+            cache[kind, dtype] = load_artifact(arts[kind], dtype=dtype).model
+        return cache[kind, dtype]
+
+    return get
+
+
+# -- 1. the Stepper: every adapter x precision x static buckets ------------------------------------
+
+class Spy:
+    """The update, recording the layout of every `d` it is handed."""
+
+    def __init__(self, fn, net, st):
+        self.fn, self.net, self.st, self.calls = fn, net, st, []
+
+    def __call__(self, y, d, uncond, w, *rest):
+        outs = [k.out for k in self.net.buckets.values() if k.out is not None]
+        self.calls.append(dict(dtype=d.dtype, contiguous=d.is_contiguous(), row=d.stride(0), D=y.shape[1],
+                               subset=y.data_ptr() != self.st.y.data_ptr(),  # the active rows' copy
+                               rows=d.shape[0], guided=bool((uncond >= 0).any()), plain=bool((uncond < 0).any()),
+                               in_bucket=any(d.untyped_storage().data_ptr() == o.untyped_storage().data_ptr()
+                                             for o in outs)))
+        return self.fn(y, d, uncond, w, *rest)
+
+
+def tables(model):
+    s, p = model.schedule, model.param
+    return {name: make_table(name.split(":")[0], s, p, int(name.split(":")[1]))
+            for name in ("dpmpp-3m:4", "euler:1", "unipc:3", "ipndm:2", "dpmpp-2m:3")}
+
+
+def run_stepper(model, update: str, dtype, static: bool):
+    """Mixed step counts and solvers, guided (w != 1) and unguided samples in one call, two samples
+    joining after the first step, one leaving mid-run, finished samples collected only every other
+    step (so that steps also run on a subset of the rows: the index_select / index_copy_ path)."""
+    net = Network(model, dtype, BUCKETS if static else (), static=static)
+    tabs = tables(model)
+    st = Stepper(net, window=max(t.window for t in tabs.values()), update=update)
+    assert st.update is {"triton": fused_update_triton, "torch": fused_update_torch}[update]
+    spy = st.update = Spy(st.update, net, st)
+    shape = model.shape
+    st.add([tabs["dpmpp-3m:4"], tabs["euler:1"], tabs["unipc:3"], tabs["ipndm:2"]], seeded_noise(range(4), shape),
+           [0, 1, 2, 3], [1.0, 2.5, 1.0, 4.0], ids=list("abcd"))
+    done = {}
+    with torch.inference_mode():
+        for k in range(6):
+            if k == 1:  # join between steps, one guided
+                st.add([tabs["dpmpp-2m:3"], tabs["dpmpp-3m:4"]], seeded_noise([4, 5], shape), [4, 5], [3.0, 1.0],
+                       ids=list("ef"))
+            if k == 2:  # leave before finishing (an expired request)
+                assert "a" in st.ids
+                st.remove(["a"])
+            st.step()
+            if k % 2:
+                done.update(st.pop_done())
+    done.update(st.pop_done())
+    assert len(st) == 0 and set(done) == set("bcdef")
+    return done, spy
+
+
+def scaled_err(a, b) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1.0))
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_stepper_triton_matches_torch(models, kind, dtype, static):
+    model = models(kind, "bf16" if dtype == torch.bfloat16 else "fp32")
+    got, spy = run_stepper(model, "triton", dtype, static)
+    want, _ = run_stepper(model, "torch", dtype, static)
+    errs = {i: scaled_err(got[i], want[i]) for i in want}
+    assert max(errs.values()) <= SCALED_TOL, errs
+    assert all(torch.isfinite(v).all() for v in got.values()) and all(v.dtype == torch.float32 for v in got.values())
+    calls = spy.calls
+    assert calls and all(c["dtype"] == dtype for c in calls)  # the network's dtype, read as is
+    assert any(c["guided"] and c["plain"] for c in calls)  # CFG rows beside unguided samples in one launch
+    assert any(c["subset"] for c in calls) and not all(c["subset"] for c in calls)  # both paths of Stepper.step
+    assert all(c["in_bucket"] for c in calls) if static else not any(c["in_bucket"] for c in calls)
+    if kind == "dit":  # learned sigma: the first C of 2C channels, never copied on the way to the kernel
+        assert all(not c["contiguous"] and c["row"] == 2 * c["D"] for c in calls if c["rows"] > 1), calls
+    else:
+        assert all(c["contiguous"] for c in calls)
+
+
+def test_learned_sigma_output_reaches_the_kernel_strided(models):
+    """What crashed on the GPU: the DiT adapter keeps a view of the first C channels, and the old
+    wrapper refused any non-contiguous `d`. Directly, and as a static bucket's prefix view."""
+    model = models("dit", "fp32")
+    C, D = model.shape[0], int(np.prod(model.shape))
+    x = seeded_noise(range(6), model.shape)
+    t, lab = torch.linspace(0.2, 0.9, 6), torch.tensor([0, 1, 2, 10, 10, 10])  # 3 cond rows, 3 null rows
+    net = Network(model, buckets=[8], static=True)
+    with torch.inference_mode():
+        outs = {"eager": model(x, t, torch.zeros(6), lab), "bucket": net(x, t, torch.zeros(6), lab)}
+    for where, out in outs.items():
+        d = out.reshape(6, -1)
+        assert not d.is_contiguous() and d.stride() == (2 * D, 1), (where, d.stride())  # the old check raised here
+        assert out.shape[1] == C
+        g = torch.Generator().manual_seed(1)
+        a = dict(y=torch.randn(3, D, generator=g), d=d, uncond=torch.tensor([3, -1, 5]), w=torch.tensor([2.0, 1.0, 4.0]),
+                 hx=torch.rand(3, generator=g), hd=torch.rand(3, generator=g), c=torch.rand(3, generator=g),
+                 b=torch.rand(3, 2, generator=g), hist=torch.randn(3, 2, D, generator=g), slot=torch.tensor([0, 1, 1]))
+        t_, r_ = ({k: v.clone() if k != "d" else v for k, v in a.items()} for _ in range(2))
+        fused_update_triton(**t_)
+        fused_update_torch(**{**r_, "d": d.contiguous()})
+        assert torch.equal(t_["y"], r_["y"]) and torch.equal(t_["hist"], r_["hist"]), where
+
+
+# -- 2. the worker's Engine: decode, uint8, the batch copy ---------------------------------------------
+
+STEPS = [1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def registries(arts):
+    """dtype -> a Registry of the five models (own copies per dtype: Engine(dtype='bf16') casts in place);
+    the flow demo model with a secant network (guidance as an input: no CFG rows)."""
+    cache = {}
+
+    def get(dtype):
+        if dtype not in cache:
+            cache[dtype] = Registry([ModelEntry.from_artifact(arts[k], steps=STEPS,
+                                                              variants=["secant-tan-pu"] if k == "flow" else None)
+                                     for k in KINDS])
+        return cache[dtype]
+
+    return get
+
+
+def job(id, entry, steps, solver, label, n, seed, guidance):
+    return Job(id, entry.name, steps, solver, label, n, seed, guidance, "png", 1e18, 0.0)
+
+
+def run_engine(reg: Registry, update: str, static: bool, dtype):
+    eng = Engine(reg, STEPS, dtype=dtype, buckets=BUCKETS if static else (), update=update, static=static)
+    want = {"triton": fused_update_triton, "torch": fused_update_torch}[update]
+    assert eng.steppers and all(st.update is want for st in eng.steppers.values())
+    assert all(isinstance(st.model, Network) and st.model.static for st in eng.steppers.values()) if static else True
+
+    def admit(j, e, first, count):
+        rows = e.rows_per_guided_image(j.solver) if j.guidance != 1 else 1
+        eng.add(j, e.table(j.solver, j.steps), first, count, rows)
+
+    late = []
+    for m, e in enumerate(reg):
+        a = job(f"{e.name}/a", e, 3, "dpmpp-2m", 1, 3, 10 * m, 2.0)  # guided, admitted in two parts
+        b = job(f"{e.name}/b", e, 2, "euler", 2, 1, 10 * m + 5, 1.0)  # dropped mid-run
+        c = job(f"{e.name}/c", e, 1, "ddim", 3, 1, 10 * m + 7, 1.0)  # plain, joins later
+        admit(a, e, 0, 2)
+        admit(b, e, 0, 1)
+        late += [(a, e, 2, 1), (c, e, 0, 1)]
+        if "secant-tan-pu" in e.variants:  # a guidance-input network: its own stepper, no CFG rows
+            admit(job(f"{e.name}/s", e, 2, "secant-tan-pu", 4, 2, 99, 2.0), e, 0, 2)
+    out = {}
+
+    def collect(done):
+        eng.release(done)
+        out.update({(jid, i): px for jid, i, px in done})
+
+    collect(eng.step())
+    for e in reg:
+        eng.drop(f"{e.name}/b")
+    for args in late:
+        admit(*args)
+    while eng.busy:
+        collect(eng.step())
+    return out
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
+@pytest.mark.parametrize("dtype", [None, "bf16"], ids=["fp32", "bf16"])
+def test_engine_images_triton_match_torch(registries, static, dtype):
+    reg = registries(dtype)
+    got = run_engine(reg, "triton", static, dtype)
+    want = run_engine(reg, "torch", static, dtype)
+    names = [e.name for e in reg]
+    assert set(want) == {(f"{n}/{j}", i) for n in names for j, k in (("a", 3), ("c", 1)) for i in range(k)} | {
+        ("digits/s", 0), ("digits/s", 1)}
+    assert set(got) == set(want)
+    for key, w in want.items():
+        g = got[key]
+        assert g.dtype == np.uint8 and g.shape == w.shape, key
+        diff = np.abs(g.astype(int) - w.astype(int))
+        assert diff.max() <= 1 and (diff > 0).mean() <= 0.01, (key, diff.max(), (diff > 0).mean())
+    shapes = {jid.split("/")[0]: px.shape for (jid, _), px in want.items()}
+    assert shapes["dit"] == shapes["sit"] == (16, 16, 3)  # the VAE decoded them
+    assert shapes["unet-v"] == (8, 8, 3) and shapes["digits"] == (16, 16, 1)
+
+
+# -- 3. one embedded `stride serve` request per adapter kind -------------------------------------------
+
+def test_serve_with_update_triton_gives_the_torch_images(arts, monkeypatch):
+    common = ["--artifacts", *arts.values(), "--steps", "3", "--max-batch", "8", "--threads", "1"]
+    with_flag = settings_from(parser().parse_args([*common, "--update", "triton"]))  # `stride serve --update triton`
+    assert with_flag.update == "triton"
+    monkeypatch.setenv("STRIDE_UPDATE", "torch")  # and the env var, for the reference server
+    from_env = settings_from(parser().parse_args(common))
+    assert from_env.update == "torch"
+    got, want = {}, {}
+    for s, out in ((with_flag, got), (from_env, want)):
+        srv = ApiServer(s)
+        try:
+            kernel = {"triton": fused_update_triton, "torch": fused_update_torch}[s.update]
+            assert all(st.update is kernel for st in srv.service.worker.engine.steppers.values())
+            for name in srv.service.registry.names():
+                r = httpx.post(srv.url + "/generate", json={"model": name, "class_label": 1, "n": 2, "seed": 5,
+                                                            "steps": 3, "guidance": 2.0, "format": "json"}, timeout=120)
+                assert r.status_code == 200, (name, r.text)
+                out[name] = [images.decode(base64.b64decode(b)) for b in r.json()["images"]]
+        finally:
+            srv.stop()
+    assert set(got) == set(want) == {"digits", "digits-vp", "dit", "unet-v", "sit"}
+    for name, imgs in want.items():
+        assert len(imgs) == len(got[name]) == 2
+        for g, w in zip(got[name], imgs):
+            assert np.array_equal(g, w), name
+
+
+@pytest.mark.parametrize("update", ["triton", "torch"])
+def test_worker_warm_up_runs_the_configured_update(monkeypatch, update):
+    """The setting reaches the warm-up's own Steppers too (they read only STRIDE_UPDATE before): the
+    update warmed up is the one the requests run."""
+    import solvers.triton_update
+    import solvers.update
+    from service.metrics import Metrics
+    from service.models import analytic_entry
+    from service.worker import Worker
+
+    calls = {"triton": 0, "torch": 0}
+
+    def counting(name, fn):
+        def f(*a, **kw):
+            calls[name] += 1
+            return fn(*a, **kw)
+        return f
+
+    monkeypatch.setattr(solvers.triton_update, "fused_update_triton", counting("triton", fused_update_triton))
+    monkeypatch.setattr(solvers.update, "fused_update_torch", counting("torch", fused_update_torch))
+    monkeypatch.delenv("STRIDE_UPDATE", raising=False)
+    s = Settings(test_model="gmm", steps=[2], max_batch=4, threads=1, update=update)
+    Worker(Registry([analytic_entry()]), s, None, Metrics(process=False)).warm_up()
+    other = {"triton": "torch", "torch": "triton"}[update]
+    assert calls == {update: 3 + 2, other: 0}  # buckets 1, 2, 4 one step each, then 2 steps of a sample
+
+
+def test_update_setting_names():
+    assert Settings(update="triton").update == "triton"
+    with pytest.raises(ValueError):
+        Settings(update="cuda")
+    assert update_fn("TRITON") is fused_update_triton and update_fn("torch") is fused_update_torch
+    with pytest.raises(ValueError, match="auto, torch, triton"):
+        update_fn("numba")
