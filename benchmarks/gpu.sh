@@ -186,7 +186,7 @@ EOF
                 || exit 1
         fi
     fi
-    "$PY" -c "import solvers.executor, service.app, offline.importer, stride_cli" || exit 1
+    "$PY" -c "import stride_diffusion.solvers.executor, stride_diffusion.service.app, stride_diffusion.offline.importer, stride_diffusion.cli" || exit 1
     echo "the project imports from $ROOT"
     command -v redis-server >/dev/null && echo "redis-server: $(command -v redis-server)" \
         || echo "redis-server not found: the service part runs in embedded mode only"

@@ -62,8 +62,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from load import machine
 
-from solvers.network import Network, dtype_of, enable_tf32
-from solvers.update import fused_update_torch, update_fn
+from stride_diffusion.solvers.network import Network, dtype_of, enable_tf32
+from stride_diffusion.solvers.update import fused_update_torch, update_fn
 
 CHECKS = ("kernel", "graphs", "served", "service")
 STEPS = (1, 2, 4, 8)
@@ -166,8 +166,8 @@ def dit_config(a):
 
 
 def check_graphs(a, dev, rep):
-    from solvers.adapters import DiscreteIndex
-    from solvers.schedules import VPSchedule
+    from stride_diffusion.solvers.adapters import DiscreteIndex
+    from stride_diffusion.solvers.schedules import VPSchedule
 
     L, H, hd, S = dit_config(a)
     cuda = dev.type == "cuda"
@@ -226,7 +226,7 @@ def ddim(**kw):
 
 def served_artifact(a, tmp):
     """The served DiT with a tiny VAE (the decoder is not what this check is about) as an artifact."""
-    from offline.importer import import_diffusers
+    from stride_diffusion.offline.importer import import_diffusers
 
     L, H, hd, S = dit_config(a)
     src = os.path.join(tmp, "served-src")
@@ -243,7 +243,7 @@ def requests(n):
 
 def cpu_reference(entry, reqs):
     """Final states [N, *shape] from the float32 CPU model with the torch update, one batch."""
-    from solvers.executor import sample, seeded_noise
+    from stride_diffusion.solvers.executor import sample, seeded_noise
 
     tables = [entry.table(entry.resolve(s, "auto", w), s) for _, s, w, _, _ in reqs]
     noise = seeded_noise([sd for *_, sd in reqs], entry.shape)
@@ -253,7 +253,7 @@ def cpu_reference(entry, reqs):
 
 
 def engine_kw(**kw):
-    from service.engine import Engine
+    from stride_diffusion.service.engine import Engine
 
     params = inspect.signature(Engine.__init__).parameters
     return {k: v for k, v in kw.items() if k in params}
@@ -262,10 +262,10 @@ def engine_kw(**kw):
 def run_engine(entry, reqs, dev, update, max_batch):
     """The worker's engine on `dev`: requests join in two waves between steps; returns
     ({id: final state on the CPU}, {id: uint8 image})."""
-    from service.engine import Engine
-    from service.jobs import Job
-    from service.models import Registry
-    from service.worker import buckets
+    from stride_diffusion.service.engine import Engine
+    from stride_diffusion.service.jobs import Job
+    from stride_diffusion.service.models import Registry
+    from stride_diffusion.service.worker import buckets
 
     cuda = dev.type == "cuda"
     eng = Engine(Registry([entry]), list(STEPS), str(dev), None, None, cuda, buckets(max_batch),
@@ -303,7 +303,7 @@ def run_engine(entry, reqs, dev, update, max_batch):
 
 def pixels(entry, y):
     """Final states -> uint8 images [N, H, W, C], as the engine makes them (decoder, then quantise)."""
-    from service.images import quantize
+    from stride_diffusion.service.images import quantize
 
     if getattr(entry.decoder, "kind", "identity") == "identity":
         return quantize(y.reshape(-1, *entry.decoder.image_shape), entry.data_range)
@@ -311,7 +311,7 @@ def pixels(entry, y):
 
 
 def check_served(a, dev, rep, tmp):
-    from service.models import ModelEntry
+    from stride_diffusion.service.models import ModelEntry
 
     art = served_artifact(a, tmp)
     reqs = requests(12)
@@ -379,7 +379,7 @@ def kind_artifacts(tmp) -> dict:
     """{kind: artifact dir}: the two trained stride artifacts and three tiny imported networks."""
     import diffusers
 
-    from offline.importer import import_diffusers, import_dit_checkpoint
+    from stride_diffusion.offline.importer import import_diffusers, import_dit_checkpoint
 
     out = {"stride flow": os.path.join(ROOT, "artifacts", "digits"),
            "stride VP": os.path.join(ROOT, "artifacts", "digits-vp")}
@@ -416,7 +416,7 @@ class InProcessServer:
 
         import uvicorn
 
-        from service.app import create_app
+        from stride_diffusion.service.app import create_app
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -450,8 +450,8 @@ class InProcessServer:
 
 def reference_image(entry, label, seed, steps, w):
     """The image the executor makes alone on the CPU in float32 (what the engine does, unbatched)."""
-    from service.images import upscale
-    from solvers.executor import sample, seeded_noise
+    from stride_diffusion.service.images import upscale
+    from stride_diffusion.solvers.executor import sample, seeded_noise
 
     solver = entry.resolve(steps, "auto", w)
     table = entry.table(solver, steps)  # outside inference mode: a schedule's derivatives use autograd
@@ -465,9 +465,9 @@ def reference_image(entry, label, seed, steps, w):
 def check_service(a, dev, rep, tmp):
     import httpx
 
-    from service import images
-    from service.models import ModelEntry
-    from service.settings import Settings
+    from stride_diffusion.service import images
+    from stride_diffusion.service.models import ModelEntry
+    from stride_diffusion.service.settings import Settings
 
     kinds = kind_artifacts(tmp)
     offered = [1, 2, 4]

@@ -45,9 +45,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from service.engine import Engine
-from service.jobs import Job
-from service.models import ModelEntry, Registry, analytic_entry
+from stride_diffusion.service.engine import Engine
+from stride_diffusion.service.jobs import Job
+from stride_diffusion.service.models import ModelEntry, Registry, analytic_entry
 
 TICK = os.sysconf("SC_CLK_TCK")
 MIXED = (1, 2, 4, 8)
@@ -55,7 +55,7 @@ SPLIT_TIMING = {
     False: "CPU: wall time (perf_counter) of each part, synchronous on the CPU",
     True: ("CUDA: the ceiling's network, update and decode are CUDA events around their launches (device "
            "time); the service's step and decode are the worker's perf_counter around asynchronous launches "
-           "(host launch time, not GPU time: service/engine.py times them so)")}
+           "(host launch time, not GPU time: stride_diffusion/service/engine.py times them so)")}
 
 
 def steps_of(s, i: int) -> int:
@@ -191,7 +191,7 @@ def ceiling(entry: ModelEntry, steps, occupancy: int, seconds: float, split: boo
     `guidance_of(guidance, i)`, the sampler the service picks. Returns (images/s, CPU ms per image,
     {network, update, decode, rest} seconds per image when split: perf_counter on the CPU, CUDA
     events on CUDA (see Clock); rest = wall time less the three)."""
-    from service.worker import buckets
+    from stride_diffusion.service.worker import buckets
 
     eng = Engine(Registry([entry]), sorted(set(MIXED) | ({int(steps)} if steps != "mixed" else set())), device,
                  dtype=dtype, graphs=graphs, buckets=buckets(max(2, occupancy * 2)))
@@ -313,7 +313,7 @@ class Servers:
                   "--log-level", "warning", "--queue-limit", "1024"]
         if threads:
             common += ["--threads", str(threads)]
-        cli = [sys.executable, "-m", "service.cli", "serve"]
+        cli = [sys.executable, "-m", "stride_diffusion.service.cli", "serve"]
         if mode == "embedded":
             self.procs.append(subprocess.Popen([*cli, *common, "--port", str(self.port)], cwd=ROOT, env=env))
             self.metrics_url, self.compute_pid = self.url + "/metrics", None

@@ -53,10 +53,10 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import load  # benchmarks/load.py: the load generator and the ceiling
 
-from service.encode import encode
-from solvers.adapters import DiscreteIndex, dtype_name
-from solvers.network import Network, dtype_of, enable_tf32
-from solvers.schedules import VPSchedule
+from stride_diffusion.service.encode import encode
+from stride_diffusion.solvers.adapters import DiscreteIndex, dtype_name
+from stride_diffusion.solvers.network import Network, dtype_of, enable_tf32
+from stride_diffusion.solvers.schedules import VPSchedule
 
 # name -> (layers, heads, head dim); patch 2, 256 px (32x32x4 latents), 1000 classes
 DIT = {"S/2": (12, 6, 64), "B/2": (12, 12, 64), "L/2": (24, 16, 64), "XL/2": (28, 16, 72)}
@@ -231,7 +231,7 @@ def part_encode(a, device, report):
 def service_artifact(a, device, out_dir) -> tuple[str, str]:
     """Write the service configuration as an artifact (random weights, through `stride offline import`'s
     code) and say what it is."""
-    from offline.importer import import_diffusers
+    from stride_diffusion.offline.importer import import_diffusers
 
     d = diffusers()
     src = os.path.join(out_dir, "src")
@@ -266,7 +266,7 @@ def service_artifact(a, device, out_dir) -> tuple[str, str]:
 
 
 def part_ceiling(a, device, report, art, what):
-    from service.models import ModelEntry
+    from stride_diffusion.service.models import ModelEntry
 
     entry = ModelEntry.from_artifact(art, str(device), a.dtype, steps=list(load.MIXED))
     rows = []

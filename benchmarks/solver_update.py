@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.benchmark import Timer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from solvers.update import fused_update_torch, update_fn
+from stride_diffusion.solvers.update import fused_update_torch, update_fn
 
 aten = torch.ops.aten
 SHAPES = {"4x32x32": 4 * 32 * 32, "3x256x256": 3 * 256 * 256}

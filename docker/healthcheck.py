@@ -26,7 +26,7 @@ def serve_process(pid=None):
         except OSError:
             continue
         for i, a in enumerate(argv[:-1]):
-            if os.path.basename(a) in ("stride", "stride_cli.py") and argv[i + 1] == "serve":
+            if os.path.basename(a) in ("stride", "cli.py", "stride_diffusion.cli") and argv[i + 1] == "serve":
                 return argv[i + 2:], env
     return None, None
 
@@ -39,7 +39,7 @@ def main(args) -> int:
     for k in [k for k in os.environ if k.startswith("STRIDE_") or k == "REDIS_URL"]:
         del os.environ[k]
     os.environ.update({k: v for k, v in env.items() if k.startswith("STRIDE_") or k == "REDIS_URL"})
-    from service.cli import parser, settings_from
+    from stride_diffusion.service.cli import parser, settings_from
 
     s = settings_from(parser().parse_args(argv))
     if s.role == "worker" and s.metrics_port is None:

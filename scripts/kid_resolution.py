@@ -1,5 +1,5 @@
 """How finely the demo's judge can rank samplers: KID - the floor's KID per evaluation seed set, with the
-standard error that the 180-image reference itself contributes (offline/metrics.py: kid_reference_se).
+standard error that the 180-image reference itself contributes (stride_diffusion/offline/metrics.py: kid_reference_se).
 
     python scripts/kid_resolution.py artifacts/digits [--nfe 4,8,10]
 
@@ -17,10 +17,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from offline.evaluate import Protocol
-from offline.metrics import features, kid, kid_reference_se
-from solvers.artifact import load_artifact
-from solvers.builders import make_table
+from stride_diffusion.offline.evaluate import Protocol
+from stride_diffusion.offline.metrics import features, kid, kid_reference_se
+from stride_diffusion.solvers.artifact import load_artifact
+from stride_diffusion.solvers.builders import make_table
 
 
 def main(argv=None) -> None:

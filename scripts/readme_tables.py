@@ -146,7 +146,7 @@ def main(path) -> None:
         print(f"## {title}\n\n" + "\n".join(t) + "\n")
     print("best:", {k: (v["solver"], round(v["fd_ratio"], 2)) for k, v in ev["best"].items()})
     if "guidance_tables" in ev:
-        from offline.guidance_eval import markdown
+        from stride_diffusion.offline.guidance_eval import markdown
 
         print("\n## guidance\n\n" + markdown(ev["guidance_tables"]))
 

@@ -19,11 +19,11 @@ import redis
 import torch
 import uvicorn
 
-from service import images
-from service.app import create_app
-from service.models import analytic_entry
-from service.settings import Settings
-from solvers.executor import sample, seeded_noise
+from stride_diffusion.service import images
+from stride_diffusion.service.app import create_app
+from stride_diffusion.service.models import analytic_entry
+from stride_diffusion.service.settings import Settings
+from stride_diffusion.solvers.executor import sample, seeded_noise
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GMM = analytic_entry()
@@ -117,14 +117,14 @@ class ApiServer:
 
 
 class WorkerProc:
-    """`python -m service.cli serve --role worker` with the analytic test model."""
+    """`python -m stride_diffusion.service.cli serve --role worker` with the analytic test model."""
 
     def __init__(self, redis_url: str, worker_id: str, prefix: str = "stride", delay_ms: float = 0, metrics=False,
                  extra=()):
         self.redis_url, self.worker_id, self.prefix = redis_url, worker_id, prefix
         self.metrics_port = free_port() if metrics else None
         spec = "gmm" + (f":delay_ms={delay_ms}" if delay_ms else "")
-        cmd = [sys.executable, "-m", "service.cli", "serve", "--role", "worker", "--test-model", spec,
+        cmd = [sys.executable, "-m", "stride_diffusion.service.cli", "serve", "--role", "worker", "--test-model", spec,
                "--redis-url", redis_url, "--worker-id", worker_id, "--key-prefix", prefix, "--log-level", "warning",
                "--threads", "1", "--heartbeat-s", "0.2", *extra]
         if self.metrics_port:
@@ -181,14 +181,14 @@ class GuidedGMM:
         return uncond + w * (cond - uncond)
 
     def table(self, n: int):
-        from solvers.builders import make_table
+        from stride_diffusion.solvers.builders import make_table
 
         return make_table("euler", self.schedule, self.param, n)
 
 
 def guided_entry(lo=1.0, hi=3.0, delay_ms=0):
     """The gmm model with a 'secant-test' variant (guidance range [lo, hi]) measured best at 4 steps."""
-    from service.models import ModelEntry
+    from stride_diffusion.service.models import ModelEntry
 
     base = analytic_entry(f"gmm:delay_ms={delay_ms}" if delay_ms else "gmm")
     rows = [{"solver": "secant-test", "nfe": 4, "fd": 0.1}, {"solver": "dpmpp-2m", "nfe": 4, "fd": 0.5}]
@@ -225,9 +225,9 @@ def metric_value(text: str, name: str, **labels) -> float:
 def tiny_artifact(directory, eval_rows=None, default_guidance=None, learned=None):
     """A real artifact directory with an untrained tiny U-Net (3 classes, 1x8x8), written with the
     same functions offline uses; `learned` = {name: Table} solver files, `eval_rows` an eval.json."""
-    from solvers.artifact import EVAL_FORMAT, save_artifact, write_json
-    from solvers.nets import UNet
-    from solvers.schedules import FlowSchedule
+    from stride_diffusion.solvers.artifact import EVAL_FORMAT, save_artifact, write_json
+    from stride_diffusion.solvers.nets import UNet
+    from stride_diffusion.solvers.schedules import FlowSchedule
 
     cfg = {"in_channels": 1, "image_size": 8, "num_classes": 3, "channels": 8, "channel_mult": [1, 2],
            "num_res_blocks": 1, "emb_dim": 16}

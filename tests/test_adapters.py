@@ -6,11 +6,11 @@ import pytest
 import torch
 from tiny_models import ddim, dit_pipeline, dpm, grid_from_scheduler, unet_pipeline
 
-from offline.importer import import_diffusers
-from solvers import sample
-from solvers.adapters import discrete_index
-from solvers.artifact import load_artifact
-from solvers.builders import build
+from stride_diffusion.offline.importer import import_diffusers
+from stride_diffusion.solvers import sample
+from stride_diffusion.solvers.adapters import discrete_index
+from stride_diffusion.solvers.artifact import load_artifact
+from stride_diffusion.solvers.builders import build
 
 STEPS = 10
 LABELS = [1, 7, 3]

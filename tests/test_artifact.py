@@ -5,11 +5,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from solvers import make_table, sample, seeded_noise
-from solvers.adapters import StrideNet
-from solvers.artifact import load_artifact, save_artifact, save_classifier, sha256_file, write_json
-from solvers.nets import Classifier, UNet, classifier_config, unet_config
-from solvers.schedules import FlowSchedule, VPSchedule
+from stride_diffusion.solvers import make_table, sample, seeded_noise
+from stride_diffusion.solvers.adapters import StrideNet
+from stride_diffusion.solvers.artifact import load_artifact, save_artifact, save_classifier, sha256_file, write_json
+from stride_diffusion.solvers.nets import Classifier, UNet, classifier_config, unet_config
+from stride_diffusion.solvers.schedules import FlowSchedule, VPSchedule
 
 TINY = unet_config({"channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "emb_dim": 32, "num_heads": 2})
 

@@ -5,11 +5,11 @@ import itertools
 import pytest
 import torch
 
-from offline import cli
-from offline.dode import FIT_SEED
-from offline.grid_search import GRID_SOLVERS, coef_of_grid, dp_path, form_of
-from offline.search import heldout, optimise, search
-from offline.seeds import (
+from stride_diffusion.offline import cli
+from stride_diffusion.offline.dode import FIT_SEED
+from stride_diffusion.offline.grid_search import GRID_SOLVERS, coef_of_grid, dp_path, form_of
+from stride_diffusion.offline.search import heldout, optimise, search
+from stride_diffusion.offline.seeds import (
     STREAMS,
     evaluation_sets,
     overlaps,
@@ -18,10 +18,10 @@ from offline.seeds import (
     stream_range,
     stream_seed,
 )
-from solvers import GaussianMixture, seeded_noise
-from solvers.builders import build
-from solvers.learned import searched_table
-from solvers.schedules import FlowSchedule, VPSchedule
+from stride_diffusion.solvers import GaussianMixture, seeded_noise
+from stride_diffusion.solvers.builders import build
+from stride_diffusion.solvers.learned import searched_table
+from stride_diffusion.solvers.schedules import FlowSchedule, VPSchedule
 
 F64 = torch.float64
 
@@ -93,7 +93,7 @@ def same(a, b):
 
 
 def _abs(t):
-    from solvers.learned import absolute
+    from stride_diffusion.solvers.learned import absolute
     return absolute(t)
 
 

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from service.encode import encode
-from service.images import quantize
-from service.models import ModelEntry
-from solvers import Stepper, seeded_noise
+from stride_diffusion.service.encode import encode
+from stride_diffusion.service.images import quantize
+from stride_diffusion.service.models import ModelEntry
+from stride_diffusion.solvers import Stepper, seeded_noise
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from solvers import SOLVERS, GaussianMixture, make_table, sample, seeded_noise, theoretical_order
-from solvers.schedules import EDMSchedule, FlowSchedule, VPLinearSchedule, VPSchedule
+from stride_diffusion.solvers import SOLVERS, GaussianMixture, make_table, sample, seeded_noise, theoretical_order
+from stride_diffusion.solvers.schedules import EDMSchedule, FlowSchedule, VPLinearSchedule, VPSchedule
 
 SCHEDULES = {
     "flow": FlowSchedule(),

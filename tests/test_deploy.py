@@ -108,8 +108,8 @@ def test_compose_services_have_the_intended_shape(compose):
 
 
 def test_compose_commands_and_environment_are_what_stride_serve_accepts(compose, monkeypatch):
-    from service.cli import parser, settings_from
-    from service.settings import Settings
+    from stride_diffusion.service.cli import parser, settings_from
+    from stride_diffusion.service.settings import Settings
 
     fields = set(Settings.model_fields)
     services = serve_services(compose)
@@ -153,7 +153,7 @@ def test_prometheus_config_passes_promtool():
 
 
 def test_prometheus_scrapes_the_ports_compose_serves_on(compose):
-    from service.cli import parser
+    from stride_diffusion.service.cli import parser
 
     prom = load_yaml(PROMETHEUS_YML)
     services = serve_services(compose)
@@ -342,7 +342,7 @@ def topology(compose, tmp_path):
                 fl = "--" + fl.replace("_", "-")
                 assert fl in argv, f"{name}'s command has no {fl}"
                 argv[argv.index(fl) + 1] = str(value)
-            return [sys.executable, str(ROOT / "stride_cli.py"), "serve", *argv]
+            return [sys.executable, "-m", "stride_diffusion.cli", "serve", *argv]
 
         def redis_up():
             socket.create_connection(("127.0.0.1", ports["redis"]), 0.5).close()

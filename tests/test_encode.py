@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from service import images
-from service.encode import encode, image_bytes
-from service.jobs import Result
+from stride_diffusion.service import images
+from stride_diffusion.service.encode import encode, image_bytes
+from stride_diffusion.service.jobs import Result
 
 
 def ramp(n=1, c=1):

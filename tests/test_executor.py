@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from solvers import SOLVERS, GaussianMixture, Stepper, Table, make_table, sample, seeded_noise
-from solvers.schedules import FlowSchedule, VPLinearSchedule
+from stride_diffusion.solvers import SOLVERS, GaussianMixture, Stepper, Table, make_table, sample, seeded_noise
+from stride_diffusion.solvers.schedules import FlowSchedule, VPLinearSchedule
 
 
 @pytest.fixture(scope="module")

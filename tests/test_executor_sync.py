@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from solvers import Stepper, make_table, seeded_noise
-from solvers.schedules import FlowSchedule
-from solvers.update import fused_update_torch
+from stride_diffusion.solvers import Stepper, make_table, seeded_noise
+from stride_diffusion.solvers.schedules import FlowSchedule
+from stride_diffusion.solvers.update import fused_update_torch
 
 # Tensor methods that make the host wait for the device (or copy device memory to the host)
 SYNCS = {"item", "tolist", "cpu", "nonzero", "__bool__", "__float__", "__int__", "__index__", "numpy"}

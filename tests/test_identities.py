@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from solvers import GaussianMixture, make_table, sample, seeded_noise
-from solvers.builders import _Ctx, ddim, dpmpp
-from solvers.grids import make_grid
-from solvers.param import PARAMS, convert
-from solvers.schedules import EDMSchedule, FlowSchedule, VPLinearSchedule, VPSchedule
+from stride_diffusion.solvers import GaussianMixture, make_table, sample, seeded_noise
+from stride_diffusion.solvers.builders import _Ctx, ddim, dpmpp
+from stride_diffusion.solvers.grids import make_grid
+from stride_diffusion.solvers.param import PARAMS, convert
+from stride_diffusion.solvers.schedules import EDMSchedule, FlowSchedule, VPLinearSchedule, VPSchedule
 
 SCHEDULES = [FlowSchedule(), VPSchedule("linear"), VPSchedule("cosine"), VPLinearSchedule(), EDMSchedule()]
 
@@ -94,8 +94,8 @@ def test_one_step_ddim_lands_on_the_denoised_mean():
 def test_heun_never_evaluates_the_model_at_t_min(nfe):
     """EDM's Heun ends with an Euler step at every NFE: a corrector at t_min would evaluate a
     velocity/eps prediction where it is poorly determined."""
-    from solvers.builders import make_table
-    from solvers.schedules import FlowSchedule
+    from stride_diffusion.solvers.builders import make_table
+    from stride_diffusion.solvers.schedules import FlowSchedule
 
     s = FlowSchedule()
     tab = make_table("heun", s, "flow", nfe)

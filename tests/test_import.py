@@ -12,12 +12,12 @@ import torch.nn.functional as F
 from service_fixtures import ApiServer
 from tiny_models import ddim, dit_pipeline, tiny_dit, tiny_unet, tiny_vae
 
-from offline import cli
-from service import images
-from service.models import ModelEntry, Registry
-from service.settings import Settings
-from solvers import make_table, sample, seeded_noise
-from solvers.artifact import load_artifact, sha256_file
+from stride_diffusion.offline import cli
+from stride_diffusion.service import images
+from stride_diffusion.service.models import ModelEntry, Registry
+from stride_diffusion.service.settings import Settings
+from stride_diffusion.solvers import make_table, sample, seeded_noise
+from stride_diffusion.solvers.artifact import load_artifact, sha256_file
 
 NAMES = ["cat", "dog", "owl", "fox", "elk", "bee", "ant", "cow", "emu", "yak"]
 

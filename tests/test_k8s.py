@@ -81,8 +81,8 @@ def container_env(objs, c) -> dict:
 def serve_settings(objs, deploy, monkeypatch):
     """The Settings the container's `stride serve` resolves: its flags over its environment over the
     image's ENV (stride:cpu / stride:cuda: the Dockerfile stage of that name)."""
-    from service.cli import parser, settings_from
-    from service.settings import Settings
+    from stride_diffusion.service.cli import parser, settings_from
+    from stride_diffusion.service.settings import Settings
 
     c = container(deploy)
     argv = c.get("command", []) + c.get("args", [])
@@ -169,15 +169,15 @@ def test_validation_rejects_unknown_fields():
 # -- stride serve --------------------------------------------------------------------------------------
 @functools.cache
 def api_paths() -> set:
-    from service.app import create_app
-    from service.settings import Settings
+    from stride_diffusion.service.app import create_app
+    from stride_diffusion.service.settings import Settings
 
     return {r.path for r in create_app(Settings(test_model="gmm")).routes}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_commands_environment_ports_and_probes_are_what_stride_serve_serves(overlay, monkeypatch):
-    from service.queue import WAIT_GRACE_S
+    from stride_diffusion.service.queue import WAIT_GRACE_S
 
     objs = render(overlay)
     api_d, worker_d = one(objs, "Deployment", "stride-api"), one(objs, "Deployment", "stride-worker")
@@ -256,9 +256,9 @@ def test_redis_keeps_the_queue_on_a_volume():
 # -- KEDA ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("overlay", ["gpu", "gpu-scale-to-zero"])
 def test_scaledobject_reads_the_streams_and_group_stride_uses(overlay, monkeypatch):
-    from service.metrics import REASONS
-    from service.models import load_registry
-    from service.redis_queue import GROUP, Keys
+    from stride_diffusion.service.metrics import REASONS
+    from stride_diffusion.service.models import load_registry
+    from stride_diffusion.service.redis_queue import GROUP, Keys
 
     objs = render(overlay)
     worker_d = one(objs, "Deployment", "stride-worker")
@@ -386,10 +386,10 @@ def test_keda_reads_running_and_waiting_requests_from_strides_stream():
 
     from service_fixtures import RedisServer
 
-    from service.jobs import Job, Result
-    from service.metrics import Metrics
-    from service.redis_queue import GROUP, RedisWorkerTransport
-    from service.settings import Settings
+    from stride_diffusion.service.jobs import Job, Result
+    from stride_diffusion.service.metrics import Metrics
+    from stride_diffusion.service.redis_queue import GROUP, RedisWorkerTransport
+    from stride_diffusion.service.settings import Settings
 
     rs = RedisServer()
     try:

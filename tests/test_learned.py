@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-from offline.dode import fit_lambdas, targets_at, teacher_trajectory
-from offline.search import coeffs_of, heldout, rmse, search, unroll
-from solvers import GaussianMixture, make_table, sample, seeded_noise
-from solvers.artifact import load_solvers
-from solvers.builders import _Ctx, ddim, euler
-from solvers.grids import make_grid
-from solvers.learned import (
+from stride_diffusion.offline.dode import fit_lambdas, targets_at, teacher_trajectory
+from stride_diffusion.offline.search import coeffs_of, heldout, rmse, search, unroll
+from stride_diffusion.solvers import GaussianMixture, make_table, sample, seeded_noise
+from stride_diffusion.solvers.artifact import load_solvers
+from stride_diffusion.solvers.builders import _Ctx, ddim, euler
+from stride_diffusion.solvers.grids import make_grid
+from stride_diffusion.solvers.learned import (
     DODE_BASES,
     FORMAT,
     coef_matrix,
@@ -30,7 +30,7 @@ from solvers.learned import (
     solver_to_json,
     table_from_coeffs,
 )
-from solvers.schedules import FlowSchedule, VPSchedule
+from stride_diffusion.solvers.schedules import FlowSchedule, VPSchedule
 
 F64 = torch.float64
 

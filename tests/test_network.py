@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from solvers import Stepper, make_table, seeded_noise
-from solvers.artifact import load_artifact
-from solvers.network import Network, dtype_of
+from stride_diffusion.solvers import Stepper, make_table, seeded_noise
+from stride_diffusion.solvers.artifact import load_artifact
+from stride_diffusion.solvers.network import Network, dtype_of
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_static_buckets_match_eager(digits):
 
 def test_static_buckets_with_a_guidance_input_network():
     """A secant network takes the guidance scale as an input: its bucket carries it too."""
-    from service.models import ModelEntry
+    from stride_diffusion.service.models import ModelEntry
 
     e = ModelEntry.from_artifact("artifacts/digits", variants=["secant-tan-pu"])
     m = e.variants["secant-tan-pu"]
@@ -83,9 +83,9 @@ def test_graphs_are_cuda_only(digits):
 
 def test_engine_runs_a_bf16_artifact_under_the_wrapper():
     """--dtype bf16: the network loads in bf16, the engine wraps it (autocast), the state stays fp32."""
-    from service.engine import Engine
-    from service.jobs import Job
-    from service.models import ModelEntry, Registry
+    from stride_diffusion.service.engine import Engine
+    from stride_diffusion.service.jobs import Job
+    from stride_diffusion.service.models import ModelEntry, Registry
 
     e = ModelEntry.from_artifact("artifacts/digits", dtype="bf16", steps=[2])
     eng = Engine(Registry([e]), [2])

@@ -10,12 +10,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from offline import cli
-from offline.data import classifier_judge_split, judge_split, load_digits, load_folder, stratified_split
-from offline.guidance_eval import markdown
-from offline.metrics import fd_features, frechet_distance, kid, kid_reference_se
-from offline.train import Settings, train
-from solvers.artifact import load_artifact
+from stride_diffusion.offline import cli
+from stride_diffusion.offline.data import classifier_judge_split, judge_split, load_digits, load_folder, stratified_split
+from stride_diffusion.offline.guidance_eval import markdown
+from stride_diffusion.offline.metrics import fd_features, frechet_distance, kid, kid_reference_se
+from stride_diffusion.offline.train import Settings, train
+from stride_diffusion.solvers.artifact import load_artifact
 
 TINY = {"channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "emb_dim": 32, "num_heads": 2}
 
@@ -69,7 +69,7 @@ def test_committed_floor_is_measured_on_images_the_classifier_never_saw(name):
     images per seed set against the reference half of the held-out images, none of them seen by the
     classifier (its own half is disjoint), in FD and KID. Any drift (another classifier, split or
     estimator) fails."""
-    from offline.metrics import fd_features, features, kid
+    from stride_diffusion.offline.metrics import fd_features, features, kid
 
     art = load_artifact(Path("artifacts") / name)
     ev = art.eval
@@ -254,7 +254,7 @@ def test_train_classify_evaluate_end_to_end(tmp_path):
 
 
 def test_learning_rate_warms_up_then_decays_to_zero():
-    from offline.train import learning_rate
+    from stride_diffusion.offline.train import learning_rate
 
     assert learning_rate(1.0, 0, 10) == pytest.approx(0.1) and learning_rate(1.0, 500, 10) == 1.0
     assert learning_rate(1.0, 50, 10, "cosine", 100) == pytest.approx(0.5)
@@ -266,8 +266,8 @@ def test_secant_rows_are_the_same_in_eval_and_in_secant_eval(tmp_path):
     recomputed without the cache, the second reproduces the first's secant rows."""
     import io
 
-    from offline.secant import Settings as SecantSettings
-    from offline.secant import evaluate_secant, train_secant
+    from stride_diffusion.offline.secant import Settings as SecantSettings
+    from stride_diffusion.offline.secant import evaluate_secant, train_secant
 
     art = tmp_path / "tiny"
     assert cli.main(["train", "--out", str(art), "--config", json.dumps(TINY), "--steps", "2", "--batch", "8",

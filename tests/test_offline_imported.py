@@ -12,13 +12,13 @@ from service_fixtures import ApiServer
 from test_import import diffusers_to_dit
 from tiny_models import dit_pipeline, tiny_dit, tiny_vae
 
-from offline import cli
-from service import images
-from service.models import ModelEntry, Registry
-from service.settings import Settings
-from solvers import make_table, sample, seeded_noise
-from solvers.artifact import load_artifact
-from solvers.secant import SecantModel, load_secant, save_secant, secant_from_teacher, secant_table
+from stride_diffusion.offline import cli
+from stride_diffusion.service import images
+from stride_diffusion.service.models import ModelEntry, Registry
+from stride_diffusion.service.settings import Settings
+from stride_diffusion.solvers import make_table, sample, seeded_noise
+from stride_diffusion.solvers.artifact import load_artifact
+from stride_diffusion.solvers.secant import SecantModel, load_secant, save_secant, secant_from_teacher, secant_table
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from service_fixtures import ROOT, ApiServer, metric_value
 
-from service import images
-from service.openai_api import OpenAIError, match_class
-from service.settings import Settings
-from solvers.artifact import load_artifact
+from stride_diffusion.service import images
+from stride_diffusion.service.openai_api import OpenAIError, match_class
+from stride_diffusion.service.settings import Settings
+from stride_diffusion.solvers.artifact import load_artifact
 
 openai = pytest.importorskip("openai")
 DIGITS = os.path.join(ROOT, "artifacts", "digits")

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from service_fixtures import ROOT, ApiServer
 
-from service.settings import Settings
+from stride_diffusion.service.settings import Settings
 
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.chrome.service import Service as ChromeService

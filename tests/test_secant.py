@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from offline.secant import LOSS_FNS, interp, sample_guidance, sample_times, teacher_velocity
-from solvers import GaussianMixture, sample, seeded_noise
-from solvers.nets import UNet
-from solvers.schedules import FlowSchedule
-from solvers.secant import SecantModel, SecantUNet, load_secant, save_secant, secant_table
+from stride_diffusion.offline.secant import LOSS_FNS, interp, sample_guidance, sample_times, teacher_velocity
+from stride_diffusion.solvers import GaussianMixture, sample, seeded_noise
+from stride_diffusion.solvers.nets import UNet
+from stride_diffusion.solvers.schedules import FlowSchedule
+from stride_diffusion.solvers.secant import SecantModel, SecantUNet, load_secant, save_secant, secant_table
 
 TINY = {"in_channels": 1, "image_size": 8, "num_classes": 3, "channels": 8, "channel_mult": [1, 2],
         "num_res_blocks": 1, "emb_dim": 32, "num_heads": 2}
@@ -239,8 +239,8 @@ def test_fit_moves_towards_the_closed_form_secant(gmm, loss, iters, bound):
 
 @pytest.mark.parametrize("loss", ["sdei", "stee"])
 def test_convert_writes_a_loadable_secant_and_resumes(tmp_path, loss):
-    from offline.secant import Settings, train_secant
-    from solvers.artifact import save_artifact
+    from stride_diffusion.offline.secant import Settings, train_secant
+    from stride_diffusion.solvers.artifact import save_artifact
 
     cfg = {**TINY, "num_classes": 10}
     src = {"dataset": "digits", "size": 8, "holdout": 0.2, "split_seed": 0}
@@ -260,8 +260,8 @@ def test_convert_writes_a_loadable_secant_and_resumes(tmp_path, loss):
 
 
 def test_init_starts_from_a_secant_file_and_adds_up_its_cost(tmp_path):
-    from offline.secant import Settings, train_secant
-    from solvers.artifact import save_artifact
+    from stride_diffusion.offline.secant import Settings, train_secant
+    from stride_diffusion.solvers.artifact import save_artifact
 
     cfg = {**TINY, "num_classes": 10}
     src = {"dataset": "digits", "size": 8, "holdout": 0.2, "split_seed": 0}
@@ -294,7 +294,7 @@ def test_init_starts_from_a_secant_file_and_adds_up_its_cost(tmp_path):
 
 
 def test_tangent_anchor_is_zero_at_init_and_grads_only_the_student(teacher):
-    from offline.secant import student, tangent_loss
+    from stride_diffusion.offline.secant import student, tangent_loss
 
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(6, 1, 8, 8, generator=g), torch.randn(6, 1, 8, 8, generator=g)
@@ -317,8 +317,8 @@ def test_cli_defaults_are_the_measured_recipe(tmp_path, capsys):
     for distillation with a guidance input; neither for STEE (no teacher, CFG at inference)."""
     import json
 
-    from offline import cli
-    from solvers.artifact import save_artifact
+    from stride_diffusion.offline import cli
+    from stride_diffusion.solvers.artifact import save_artifact
 
     cfg = {**TINY, "num_classes": 10}
     src = {"dataset": "digits", "size": 8, "holdout": 0.2, "split_seed": 0}

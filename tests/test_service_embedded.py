@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from service_fixtures import ROOT, ApiServer, free_port, metric_value, reference, tiny_artifact, wait_for
 
-from service import images
-from service.models import Registry, analytic_entry
-from service.settings import Settings
+from stride_diffusion.service import images
+from stride_diffusion.service.models import Registry, analytic_entry
+from stride_diffusion.service.settings import Settings
 
 STEPS = [1, 2, 4, 8, 16]
 
@@ -231,7 +231,7 @@ def test_stride_serve_cli_serves_an_artifact(tmp_path):
     """`stride serve --artifacts DIR` end to end: the top-level entry, the artifact loader, uvicorn."""
     art = tiny_artifact(tmp_path / "tiny")
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "stride_cli.py", "serve", "--artifacts", str(art), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "stride_diffusion.cli", "serve", "--artifacts", str(art), "--port", str(port),
                              "--steps", "1,2", "--max-batch", "4", "--log-level", "warning"], cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": ROOT}, stderr=subprocess.PIPE, stdout=subprocess.PIPE,
                             text=True)

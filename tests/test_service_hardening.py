@@ -24,11 +24,11 @@ from service_fixtures import (
     wait_for,
 )
 
-from service import images
-from service.limits import MAX_BODY
-from service.models import Registry, analytic_entry
-from service.params import SEED_MAX
-from service.settings import Settings
+from stride_diffusion.service import images
+from stride_diffusion.service.limits import MAX_BODY
+from stride_diffusion.service.models import Registry, analytic_entry
+from stride_diffusion.service.params import SEED_MAX
+from stride_diffusion.service.settings import Settings
 
 STEPS = [1, 2, 4, 8, 16]
 
@@ -279,12 +279,13 @@ def test_docs_reference_no_external_host_and_its_assets_are_served(api):
     assert "'validatorUrl': null" in html or '"validatorUrl": null' in html
     assert httpx.get(api.url + "/redoc").status_code == 404  # not offered: it would load fonts from a CDN
     # and an installed package carries the files (package data, not only the source tree)
-    from service.openapi import DOC_FILES, STATIC
+    from stride_diffusion.service.openapi import DOC_FILES, STATIC
 
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
-    data = tomllib.loads((STATIC.parents[2] / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
-    assert all(STATIC.joinpath(f).is_file() for f in DOC_FILES) and "static/swagger-ui/*" in data["service"]
+    data = tomllib.loads((STATIC.parents[3] / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert all(STATIC.joinpath(f).is_file() for f in DOC_FILES)
+    assert "static/swagger-ui/*" in data["stride_diffusion.service"]
 
 
 # -- 6. cancel on client disconnect -------------------------------------------------------------------

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from service.models import ModelEntry, SolverError, analytic_entry
-from solvers.builders import make_table
+from stride_diffusion.service.models import ModelEntry, SolverError, analytic_entry
+from stride_diffusion.solvers.builders import make_table
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_entry_from_an_artifact_directory(tmp_path):
     """The artifact path: model.json + weights, a learned solver file, eval.json choosing per NFE."""
     from service_fixtures import tiny_artifact
 
-    from solvers.schedules import FlowSchedule
+    from stride_diffusion.solvers.schedules import FlowSchedule
 
     out = tiny_artifact(tmp_path / "tiny", learned={"fast3": make_table("unipc", FlowSchedule(), "flow", 3)},
                         default_guidance=1.5, eval_rows=[
@@ -100,17 +100,17 @@ def _run(engine, jobs_admits):
 
 
 def _job(id, solver, steps, label, n, seed, guidance=1.0, model="gmm"):
-    from service.jobs import Job
+    from stride_diffusion.service.jobs import Job
     return Job(id, model, steps, solver, label, n, seed, guidance, "png", 1e18, 0.0)
 
 
 def test_engine_mixed_split_and_dropped_rows_match_the_one_shot_sampler(gmm):
     """Images of one request admitted in two parts, beside other step counts, solvers and guidance,
     and beside a request dropped mid-way, equal the executor's one-shot result per seed."""
-    from service.engine import Engine
-    from service.images import quantize
-    from service.models import Registry
-    from solvers.executor import sample, seeded_noise
+    from stride_diffusion.service.engine import Engine
+    from stride_diffusion.service.images import quantize
+    from stride_diffusion.service.models import Registry
+    from stride_diffusion.solvers.executor import sample, seeded_noise
 
     eng = Engine(Registry([gmm]), [2, 4, 8])
     a, b, c = _job("a", "dpmpp-2m", 4, 3, 3, 10), _job("b", "ipndm", 8, 5, 2, 20, 2.0), _job("c", "euler", 8, 1, 2, 30)
@@ -148,8 +148,8 @@ class _SecantLike:
 
 
 def test_secant_variants_run_on_their_own_network(gmm):
-    from service.engine import Engine
-    from service.models import Registry
+    from stride_diffusion.service.engine import Engine
+    from stride_diffusion.service.models import Registry
 
     sec = _SecantLike(gmm.model)
     e = ModelEntry("m", gmm.model, gmm.class_names, {}, [{"solver": "secant", "nfe": 2, "fd": 0.1}], {},
@@ -160,9 +160,9 @@ def test_secant_variants_run_on_their_own_network(gmm):
     out = _run(eng, [(_job("s", "secant", 2, 1, 1, 5, model="m"), e.table("secant", 2), 0, 1, 1),
                      (_job("p", "dpmpp-2m", 4, 1, 1, 5, model="m"), e.table("dpmpp-2m", 4), 0, 1, 1)])
     assert len(out) == 2 and sec.calls == 2  # two steps on the secant network, none of the plain request's
-    from service.metrics import Metrics
-    from service.settings import Settings
-    from service.worker import Worker
+    from stride_diffusion.service.metrics import Metrics
+    from stride_diffusion.service.settings import Settings
+    from stride_diffusion.service.worker import Worker
 
     sec.calls = 0
     Worker(Registry([e]), Settings(test_model="gmm", steps=[2, 4], max_batch=4), None, Metrics(process=False)).warm_up()
@@ -172,7 +172,7 @@ def test_secant_variants_run_on_their_own_network(gmm):
 def test_metrics_create_every_served_series_before_the_first_request(gmm):
     from prometheus_client import generate_latest
 
-    from service.metrics import Metrics
+    from stride_diffusion.service.metrics import Metrics
 
     m = Metrics(process=False)
     m.init_labels([gmm], [1, 4])

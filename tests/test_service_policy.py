@@ -1,5 +1,5 @@
 """The batching policy is a pure function: rows not requests, FIFO, split large n, wait only when idle."""
-from service.policy import Waiting, plan
+from stride_diffusion.service.policy import Waiting, plan
 
 
 def W(id, n=1, rows=1, arrival=0.0, deadline=100.0):

@@ -25,10 +25,10 @@ from service_fixtures import (
     wait_for,
 )
 
-from service import images
-from service.jobs import Job
-from service.metrics import Metrics
-from service.settings import Settings
+from stride_diffusion.service import images
+from stride_diffusion.service.jobs import Job
+from stride_diffusion.service.metrics import Metrics
+from stride_diffusion.service.settings import Settings
 
 STEPS = [1, 2, 4, 8, 16]
 
@@ -97,7 +97,7 @@ def test_several_api_processes_share_one_redis(fast, rs):
     worker behind both: every request gets its own image, in the format it asked for."""
     api, _ = fast
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--role", "api", "--test-model", "gmm",
+    proc = subprocess.Popen([sys.executable, "-m", "stride_diffusion.service.cli", "serve", "--role", "api", "--test-model", "gmm",
                              "--redis-url", rs.url, "--key-prefix", "fast", "--port", str(port), "--steps",
                              ",".join(map(str, STEPS)), "--max-images", "8", "--encode-threads", "1",
                              "--log-level", "warning"], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
@@ -148,7 +148,7 @@ def test_no_live_worker_gives_503(rs):
 
 def test_dead_letter_after_too_many_deliveries(rs):
     """An entry whose workers keep dying is moved to the dead-letter stream; its caller gets a 500."""
-    from service.redis_queue import GROUP, RedisQueue, RedisWorkerTransport
+    from stride_diffusion.service.redis_queue import GROUP, RedisQueue, RedisWorkerTransport
 
     s = api_settings(rs.url, "dlq", max_deliveries=1, claim_idle_ms=50, role="all")
     r = rs.client()
@@ -180,7 +180,7 @@ def test_dead_letter_after_too_many_deliveries(rs):
 
 def test_short_blocking_reads_never_become_block_forever(rs):
     """A wait shorter than 1 ms must not be sent as BLOCK 0 (which blocks until the next request)."""
-    from service.redis_queue import RedisWorkerTransport
+    from stride_diffusion.service.redis_queue import RedisWorkerTransport
 
     async def scenario():
         t = RedisWorkerTransport(api_settings(rs.url, "block", role="all"), ["gmm"], Metrics(process=False))
@@ -271,7 +271,7 @@ def test_tls_and_password(tmp_path):
             wait_for(lambda: redis.Redis.from_url(url, ssl_ca_certs=str(ca)).ping(), 5, "TLS redis")
         except TimeoutError:
             pytest.skip("redis-server without TLS support")
-        from service.redis_queue import connect
+        from stride_diffusion.service.redis_queue import connect
 
         async def ping():
             r = connect(Settings(redis_url=url, redis_ca_cert=str(ca), test_model="gmm"))

@@ -8,9 +8,9 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from solvers import triton_update
-from solvers.triton_update import fused_update_triton
-from solvers.update import fused_update_torch
+from stride_diffusion.solvers import triton_update
+from stride_diffusion.solvers.triton_update import fused_update_triton
+from stride_diffusion.solvers.update import fused_update_torch
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 
@@ -164,8 +164,8 @@ def test_validation(change, match):
 def _executor_run(update, out_dtype):
     """Mixed step counts and solvers, CFG rows, joining mid-way and leaving; the network's output in
     `out_dtype` with a float32 state (as a bf16/fp16 network would give it)."""
-    from solvers import GaussianMixture, Stepper, make_table, seeded_noise
-    from solvers.schedules import VPLinearSchedule
+    from stride_diffusion.solvers import GaussianMixture, Stepper, make_table, seeded_noise
+    from stride_diffusion.solvers.schedules import VPLinearSchedule
 
     gmm = GaussianMixture.random(VPLinearSchedule(), "eps", num_classes=4, per_class=2, dim=12, seed=0, shape=(3, 2, 2))
 

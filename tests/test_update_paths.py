@@ -33,18 +33,18 @@ from tiny_models import ddim, dit_pipeline, tiny_dit, tiny_vae, unet_pipeline
 
 pytest.importorskip("triton")
 
-from offline import cli
-from service import images
-from service.cli import parser, settings_from
-from service.engine import Engine
-from service.jobs import Job
-from service.models import ModelEntry, Registry
-from service.settings import Settings
-from solvers import Stepper, make_table, seeded_noise
-from solvers.artifact import load_artifact
-from solvers.network import Network
-from solvers.triton_update import fused_update_triton
-from solvers.update import fused_update_torch, update_fn
+from stride_diffusion.offline import cli
+from stride_diffusion.service import images
+from stride_diffusion.service.cli import parser, settings_from
+from stride_diffusion.service.engine import Engine
+from stride_diffusion.service.jobs import Job
+from stride_diffusion.service.models import ModelEntry, Registry
+from stride_diffusion.service.settings import Settings
+from stride_diffusion.solvers import Stepper, make_table, seeded_noise
+from stride_diffusion.solvers.artifact import load_artifact
+from stride_diffusion.solvers.network import Network
+from stride_diffusion.solvers.triton_update import fused_update_triton
+from stride_diffusion.solvers.update import fused_update_torch, update_fn
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -315,11 +315,11 @@ def test_serve_with_update_triton_gives_the_torch_images(arts, monkeypatch):
 def test_worker_warm_up_runs_the_configured_update(monkeypatch, update):
     """The setting reaches the warm-up's own Steppers too (they read only STRIDE_UPDATE before): the
     update warmed up is the one the requests run."""
-    import solvers.triton_update
-    import solvers.update
-    from service.metrics import Metrics
-    from service.models import analytic_entry
-    from service.worker import Worker
+    import stride_diffusion.solvers.triton_update
+    import stride_diffusion.solvers.update
+    from stride_diffusion.service.metrics import Metrics
+    from stride_diffusion.service.models import analytic_entry
+    from stride_diffusion.service.worker import Worker
 
     calls = {"triton": 0, "torch": 0}
 

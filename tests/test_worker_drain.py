@@ -11,8 +11,8 @@ import httpx
 import pytest
 from service_fixtures import ApiServer, RedisServer, WorkerProc, metric_value, wait_for
 
-from service.redis_queue import GROUP, Keys
-from service.settings import Settings
+from stride_diffusion.service.redis_queue import GROUP, Keys
+from stride_diffusion.service.settings import Settings
 
 PREFIX = "drain"
 

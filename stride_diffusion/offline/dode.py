@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from solvers import make_table, sample, seeded_noise
-from solvers.builders import build, default_grid
-from solvers.learned import (
+from stride_diffusion.solvers import make_table, sample, seeded_noise
+from stride_diffusion.solvers.builders import build, default_grid
+from stride_diffusion.solvers.learned import (
     DODE_BASES,
     dode_correction,
     dode_directions,
@@ -37,7 +37,7 @@ from solvers.learned import (
     solver_to_json,
     write_solver,
 )
-from solvers.schedules import F64
+from stride_diffusion.solvers.schedules import F64
 
 from .progress import Progress
 from .search import (

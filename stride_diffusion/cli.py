@@ -1,12 +1,13 @@
 """`stride` entry point: dispatches to the subcommands that live with their package.
 
-`stride serve ...` -> service.cli, `stride offline ...` -> offline.cli. The dispatch is by name so
+`stride serve ...` -> service.cli, `stride offline ...` -> offline.cli (`python -m stride_diffusion.cli` is the
+same command). The dispatch is by name so
 that neither package imports the other.
 """
 import importlib
 import sys
 
-COMMANDS = {"serve": "service.cli", "offline": "offline.cli"}
+COMMANDS = {"serve": "stride_diffusion.service.cli", "offline": "stride_diffusion.offline.cli"}
 
 
 def main(argv=None):

@@ -155,7 +155,7 @@ async def run_worker(settings: Settings):
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["serve"]:  # `python -m service.cli serve ...` as well as `stride serve ...`
+    if argv[:1] == ["serve"]:  # `python -m stride_diffusion.service.cli serve ...` as well as `stride serve ...`
         argv = argv[1:]
     args = parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

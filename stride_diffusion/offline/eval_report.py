@@ -70,7 +70,7 @@ def markdown(ev: dict) -> str:
 
 
 def figures(d: Path, ev: dict, grids: dict, x_ref, class_names):
-    from offline.plot import image_grid, line_plot
+    from stride_diffusion.offline.plot import image_grid, line_plot
 
     d.mkdir(parents=True, exist_ok=True)
     by = {}

@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from solvers.adapters import TIME_MAPS, adapter_class, dtype_name
-from solvers.artifact import MODEL_FORMAT, check_net_shape, fill, sha256_file, write_json, write_weights
-from solvers.nets.diffusers_nets import set_time_freq_shift
-from solvers.schedules import FlowSchedule, VPSchedule
+from stride_diffusion.solvers.adapters import TIME_MAPS, adapter_class, dtype_name
+from stride_diffusion.solvers.artifact import MODEL_FORMAT, check_net_shape, fill, sha256_file, write_json, write_weights
+from stride_diffusion.solvers.nets.diffusers_nets import set_time_freq_shift
+from stride_diffusion.solvers.schedules import FlowSchedule, VPSchedule
 
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
@@ -155,7 +155,7 @@ def _vae(vae_dir, latent_shape, dtype: str):
     if vae.config.latent_channels != latent_shape[0]:
         raise ValueError(f"{d}: the VAE has latent_channels={vae.config.latent_channels}, but the network's "
                          f"latents have {latent_shape[0]} channels")
-    from solvers.adapters import VAEDecoder
+    from stride_diffusion.solvers.adapters import VAEDecoder
     dec = VAEDecoder(vae, latent_shape, vae.config.scaling_factor, vae.config.shift_factor, dtype)
     rec = {"kind": "vae", "architecture": {"kind": "diffusers.AutoencoderKL", "config": _clean(vae.config)},
            "scaling_factor": dec.scaling_factor, "shift_factor": dec.shift_factor, "dtype": dtype,

@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from solvers.artifact import load_artifact, read_json, write_json
-from solvers.secant import LOSSES, load_secant, save_secant, secant_from_teacher, secant_table
+from stride_diffusion.solvers.artifact import load_artifact, read_json, write_json
+from stride_diffusion.solvers.secant import LOSSES, load_secant, save_secant, secant_from_teacher, secant_table
 
 F64 = torch.float64
 
@@ -208,11 +208,11 @@ def warm_start(net, art, name: str) -> dict:
 def train_secant(artifact, st: Settings, name: str = "secant", ckpt_dir=None, resume=False, threads=None,
                  dtype="float16", command=None, log=None, device="cpu") -> dict:
     log = sys.stderr if log is None else log  # per call: a test may swap sys.stderr
-    from offline.data import data_from_source
-    from offline.progress import Progress
-    from offline.seeds import stream_seed
-    from offline.teacher_data import has_data, teacher_pool
-    from offline.train import learning_rate, load_ckpt, optimise, save_ckpt
+    from stride_diffusion.offline.data import data_from_source
+    from stride_diffusion.offline.progress import Progress
+    from stride_diffusion.offline.seeds import stream_seed
+    from stride_diffusion.offline.teacher_data import has_data, teacher_pool
+    from stride_diffusion.offline.train import learning_rate, load_ckpt, optimise, save_ckpt
 
     if threads:
         torch.set_num_threads(threads)
@@ -316,9 +316,9 @@ def evaluate_secant(artifact, names=None, steps=(1, 2, 4, 8), compare=(), compar
     are comparable with its rows (FD's bias depends on n), else 500 x 3, the default guidance,
     dpmpp-3m/logsnr:128."""
     log = sys.stderr if log is None else log  # per call: a test may swap sys.stderr
-    from offline.evaluate import Protocol, _ms, make_seed_sets, scores, secant_rows
-    from solvers.artifact import default_guidance
-    from solvers.builders import make_table
+    from stride_diffusion.offline.evaluate import Protocol, _ms, make_seed_sets, scores, secant_rows
+    from stride_diffusion.solvers.artifact import default_guidance
+    from stride_diffusion.solvers.builders import make_table
 
     art = load_artifact(artifact, device)
     ev0 = art.eval or {}

@@ -11,9 +11,9 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from solvers.builders import SOLVERS, make_table
-from solvers.grids import GRIDS
-from solvers.table import Table
+from stride_diffusion.solvers.builders import SOLVERS, make_table
+from stride_diffusion.solvers.grids import GRIDS
+from stride_diffusion.solvers.table import Table
 
 log = logging.getLogger("stride.models")
 
@@ -38,7 +38,7 @@ class ModelEntry:
 
     def __post_init__(self):
         if self.decoder is None:
-            from solvers.adapters import IdentityDecoder
+            from stride_diffusion.solvers.adapters import IdentityDecoder
             self.decoder = IdentityDecoder(self.shape, self.data_range)
 
     @classmethod
@@ -47,7 +47,7 @@ class ModelEntry:
         """`dtype`: the network's and decoder's (None: what the artifact records); `variants`: the secant
         networks to load (None: those the auto-pick serves for `steps`, all of them without `steps`);
         weights=False reads metadata only (an API process)."""
-        from solvers.artifact import default_guidance, load_artifact, read_json
+        from stride_diffusion.solvers.artifact import default_guidance, load_artifact, read_json
 
         art = load_artifact(path, device, dtype, weights=weights)
         meta = dict(art.meta)
@@ -57,7 +57,7 @@ class ModelEntry:
         meta.setdefault("default_guidance", default_guidance(art))
         rows = list((art.eval or {}).get("rows", []))
         try:
-            from solvers.secant import load_secant, secant_names
+            from stride_diffusion.solvers.secant import load_secant, secant_names
         except ImportError:
             secant_names = None
         found = secant_names(path) if secant_names else []
@@ -286,8 +286,8 @@ class SlowModel:
 
 def analytic_entry(spec: str = "gmm") -> ModelEntry:
     """The analytic model as a served model: 'gmm' or 'gmm:delay_ms=50' (10 classes, 1x8x8)."""
-    from solvers.analytic import GaussianMixture
-    from solvers.schedules import FlowSchedule
+    from stride_diffusion.solvers.analytic import GaussianMixture
+    from stride_diffusion.solvers.schedules import FlowSchedule
 
     kind, _, opts = spec.partition(":")
     if kind != "gmm":

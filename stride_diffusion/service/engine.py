@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from solvers.executor import Stepper, seeded_noise
-from solvers.network import Network, dtype_of
+from stride_diffusion.solvers.executor import Stepper, seeded_noise
+from stride_diffusion.solvers.network import Network, dtype_of
 
 from .images import quantize
 from .metrics import Metrics

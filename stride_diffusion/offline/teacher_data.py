@@ -12,8 +12,8 @@ import sys
 
 import torch
 
-from solvers.builders import make_table
-from solvers.executor import sample, seeded_noise
+from stride_diffusion.solvers.builders import make_table
+from stride_diffusion.solvers.executor import sample, seeded_noise
 
 POOL_SEED = 40_000_000
 

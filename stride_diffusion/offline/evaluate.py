@@ -31,13 +31,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from offline.data import classifier_judge_split, data_from_source
-from offline.eval_report import family, figures, markdown, shown
-from offline.metrics import fd_features, features, kid, predict
-from offline.seeds import evaluation_sets, selection_set
-from solvers.artifact import EVAL_FORMAT, default_guidance, load_artifact, read_json, write_json
-from solvers.builders import make_table
-from solvers.executor import sample, seeded_noise
+from stride_diffusion.offline.data import classifier_judge_split, data_from_source
+from stride_diffusion.offline.eval_report import family, figures, markdown, shown
+from stride_diffusion.offline.metrics import fd_features, features, kid, predict
+from stride_diffusion.offline.seeds import evaluation_sets, selection_set
+from stride_diffusion.solvers.artifact import EVAL_FORMAT, default_guidance, load_artifact, read_json, write_json
+from stride_diffusion.solvers.builders import make_table
+from stride_diffusion.solvers.executor import sample, seeded_noise
 
 F64 = torch.float64
 SAMPLING_CODE = ("solvers/executor.py", "solvers/update.py", "solvers/table.py", "solvers/schedules.py",
@@ -198,8 +198,8 @@ class Protocol:
 def secant_rows(p: Protocol, g: float, x_ref, steps=(1, 2, 4, 8), names=None, interval=None,
                 log=None) -> list:
     """(row, samples) for N uniform Euler steps on each secant file of the artifact (all by default)."""
-    from offline.secant import nfe_of
-    from solvers.secant import load_secant, secant_names, secant_table
+    from stride_diffusion.offline.secant import nfe_of
+    from stride_diffusion.solvers.secant import load_secant, secant_names, secant_table
 
     out, dev = [], p.model.device
     for name in secant_names(p.art.path) if names is None else names:

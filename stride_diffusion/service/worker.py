@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from solvers.executor import Stepper, sample, seeded_noise
-from solvers.network import enable_tf32
+from stride_diffusion.solvers.executor import Stepper, sample, seeded_noise
+from stride_diffusion.solvers.network import enable_tf32
 
 from .engine import Engine
 from .jobs import Job, Result

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from solvers import SOLVERS, make_table, sample, seeded_noise
-from solvers.grids import GRIDS
-from solvers.learned import (
+from stride_diffusion.solvers import SOLVERS, make_table, sample, seeded_noise
+from stride_diffusion.solvers.grids import GRIDS
+from stride_diffusion.solvers.learned import (
     FORMS,
     absolute,
     coef_matrix,
@@ -45,7 +45,7 @@ from solvers.learned import (
     table_from_coeffs,
     write_solver,
 )
-from solvers.schedules import F64
+from stride_diffusion.solvers.schedules import F64
 
 from .progress import Progress
 from .seeds import SELECTION_BASE, selection_set, stream_seed
@@ -141,7 +141,7 @@ def reference(model, noise, labels, guidance=1.0, solver="dpmpp-3m/logsnr", nfe=
 
 def load_model(path, device="cpu"):
     """(model, sha256 of its weights, artifact) via solvers.artifact (the network comes frozen)."""
-    from solvers.artifact import load_artifact
+    from stride_diffusion.solvers.artifact import load_artifact
 
     art = load_artifact(str(path), device)
     return art.model, art.sha256, art
@@ -151,7 +151,7 @@ def cfg_scale(art, cfg=None) -> float:
     """The CFG-on metrics' scale: --cfg, else the artifact's default guidance, else 2."""
     if cfg is not None:
         return float(cfg)
-    from solvers.artifact import default_guidance
+    from stride_diffusion.solvers.artifact import default_guidance
 
     g = default_guidance(art)
     return g if g != 1 else 2.0

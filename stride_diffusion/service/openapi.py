@@ -16,8 +16,8 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse
 
-from solvers.builders import SOLVERS
-from solvers.grids import GRIDS
+from stride_diffusion.solvers.builders import SOLVERS
+from stride_diffusion.solvers.grids import GRIDS
 
 from .params import FORMATS, NULLABLE, SEED_MAX, GenerateBody
 

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from solvers import make_table, sample, seeded_noise
-from solvers.grids import GRIDS, make_grid
-from solvers.learned import basis, searched_spec, searched_table, solver_to_json, write_solver
-from solvers.schedules import F64
+from stride_diffusion.solvers import make_table, sample, seeded_noise
+from stride_diffusion.solvers.grids import GRIDS, make_grid
+from stride_diffusion.solvers.learned import basis, searched_spec, searched_table, solver_to_json, write_solver
+from stride_diffusion.solvers.schedules import F64
 
 from .dode import targets_at, teacher_trajectory
 from .progress import Progress

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from solvers.artifact import load_artifact, load_solvers, read_json, write_json
-from solvers.builders import make_table
+from stride_diffusion.solvers.artifact import load_artifact, load_solvers, read_json, write_json
+from stride_diffusion.solvers.builders import make_table
 
 from .evaluate import Protocol, make_seed_sets, sampling_code_version, secant_rows
 
@@ -169,7 +169,7 @@ def add_parser(subparsers):
 
 
 def run(a) -> int:
-    from solvers.secant import load_secant, secant_names
+    from stride_diffusion.solvers.secant import load_secant, secant_names
 
     art = load_artifact(a.artifact)
     secants = a.secants.split(",") if a.secants else [

@@ -91,8 +91,8 @@ def parser() -> argparse.ArgumentParser:
         q.add_argument("--class-names", default=None, help="file: one name a line, or a JSON list")
         q.add_argument("--latent-shape", default=None, help="C,H,W when not the config's (non-square allowed)")
         q.add_argument("--time-map", default=None, help="check the kind's time map (discrete, reversed-flow)")
-    from offline import grid_search, guidance_eval, secant
-    from offline.search import add_parsers  # search + dode
+    from stride_diffusion.offline import grid_search, guidance_eval, secant
+    from stride_diffusion.offline.search import add_parsers  # search + dode
 
     add_parsers(sub)
     grid_search.add_parser(sub)
@@ -128,8 +128,8 @@ def _run(a, command: str) -> int:
     if getattr(a, "device", None) is not None:
         check_device(a.device)
     if a.cmd == "train":
-        from offline.data import load_data
-        from offline.train import Settings, train
+        from stride_diffusion.offline.data import load_data
+        from stride_diffusion.offline.train import Settings, train
 
         param = a.param or {"flow": "flow", "vp": "eps"}[a.schedule]
         st = Settings(schedule=a.schedule, param=param, steps=a.steps, batch=a.batch, lr=a.lr, ema=a.ema,
@@ -139,12 +139,12 @@ def _run(a, command: str) -> int:
         out = train(data, a.out, st, a.config, a.ckpt_dir, a.resume, a.threads, a.dtype, command=command)
         print(f"wrote {out}")
     elif a.cmd == "train-classifier":
-        from offline.train import train_classifier
+        from stride_diffusion.offline.train import train_classifier
 
         m = train_classifier(a.artifact, epochs=a.epochs, seed=a.seed, threads=a.threads, min_acc=a.min_acc)
         print(f"wrote {a.artifact}/classifier.json (held-out accuracy {m['heldout_accuracy']:.4f})")
     elif a.cmd == "eval":
-        from offline.evaluate import evaluate
+        from stride_diffusion.offline.evaluate import evaluate
 
         res = evaluate(a.artifact, solvers=a.solvers.split(","), nfes=a.nfe, n=a.n, seed_sets=a.seed_sets,
                        seeds=a.seeds, guidance=a.guidance, sweep=a.sweep, sweep_with=a.sweep_with,
@@ -154,7 +154,7 @@ def _run(a, command: str) -> int:
                        command=command, device=a.device)
         print(json.dumps({k: res[k] for k in ("guidance", "floor", "reference")}, indent=1))
     elif a.cmd == "import":
-        from offline import importer
+        from stride_diffusion.offline import importer
 
         out = a.out or f"artifacts/{a.name}"
         kw = {"name": a.name, "dtype": a.dtype, "null_class": a.null_class, "class_names": a.class_names, "vae": a.vae,
@@ -165,7 +165,7 @@ def _run(a, command: str) -> int:
             path = importer.import_dit_checkpoint(a.file, out, schedule=a.schedule, heads=a.heads, **kw)
         print(f"wrote {path}")
     elif a.cmd == "secant":
-        from offline.secant import run
+        from stride_diffusion.offline.secant import run
 
         return run(a, command=command)
     elif hasattr(a, "func"):  # subcommands that carry their own runner (search, dode, grids, eval-guidance)

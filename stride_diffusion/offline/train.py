@@ -19,13 +19,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 
-from offline.data import ImageSet, data_from_source, judge_split
-from offline.progress import Progress
-from offline.seeds import stream_seed
-from solvers.artifact import read_json, save_artifact, save_classifier, write_json
-from solvers.nets import Classifier, UNet, classifier_config, unet_config
-from solvers.param import check_param, convert
-from solvers.schedules import FlowSchedule, VPSchedule
+from stride_diffusion.offline.data import ImageSet, data_from_source, judge_split
+from stride_diffusion.offline.progress import Progress
+from stride_diffusion.offline.seeds import stream_seed
+from stride_diffusion.solvers.artifact import read_json, save_artifact, save_classifier, write_json
+from stride_diffusion.solvers.nets import Classifier, UNet, classifier_config, unet_config
+from stride_diffusion.solvers.param import check_param, convert
+from stride_diffusion.solvers.schedules import FlowSchedule, VPSchedule
 
 PRESETS = {
     # tests and smoke runs: seconds on a CPU
