@@ -315,8 +315,7 @@ def test_serve_with_update_triton_gives_the_torch_images(arts, monkeypatch):
 def test_worker_warm_up_runs_the_configured_update(monkeypatch, update):
     """The setting reaches the warm-up's own Steppers too (they read only STRIDE_UPDATE before): the
     update warmed up is the one the requests run."""
-    import stride_diffusion.solvers.triton_update
-    import stride_diffusion.solvers.update
+    from stride_diffusion.solvers import triton_update, update as update_module
     from stride_diffusion.service.metrics import Metrics
     from stride_diffusion.service.models import analytic_entry
     from stride_diffusion.service.worker import Worker
@@ -329,8 +328,8 @@ def test_worker_warm_up_runs_the_configured_update(monkeypatch, update):
             return fn(*a, **kw)
         return f
 
-    monkeypatch.setattr(solvers.triton_update, "fused_update_triton", counting("triton", fused_update_triton))
-    monkeypatch.setattr(solvers.update, "fused_update_torch", counting("torch", fused_update_torch))
+    monkeypatch.setattr(triton_update, "fused_update_triton", counting("triton", fused_update_triton))
+    monkeypatch.setattr(update_module, "fused_update_torch", counting("torch", fused_update_torch))
     monkeypatch.delenv("STRIDE_UPDATE", raising=False)
     s = Settings(test_model="gmm", steps=[2], max_batch=4, threads=1, update=update)
     Worker(Registry([analytic_entry()]), s, None, Metrics(process=False)).warm_up()
