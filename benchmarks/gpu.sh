@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU session in one go: correctness on the device first, then the CUDA benchmarks, each part
-# on its own with a time limit, a summary table at the end. For a machine lent an H100/H200 that
-# reaches no package registry: the whole run fits in 6 minutes (--budget), whatever fails.
+# Every GPU check in one run: correctness on the device first, then the CUDA benchmarks, each part
+# on its own with a time limit, a summary table at the end. For an H100/H200 machine that may reach
+# no package registry (--wheelhouse): the whole run stays within --budget, whatever fails.
 #
 #   bash benchmarks/gpu.sh                          # on the GPU machine, from anywhere
 #   bash benchmarks/gpu.sh --wheelhouse .whl        # install what the imports miss from local wheels
@@ -23,6 +23,14 @@
 #                1/2/4/8 steps unguided, and guided (w 1.5 or 4 per request), PNG, p50/p99 per step
 #                count (embedded; Redis too when redis-server is there)
 #                                                                  -> realsize_service_cuda(_service).{md,json}
+#   compile      DiT-XL/2 bf16 compiled per bucket (inductor, fused q/k/v) + CUDA graphs against the
+#                graphs-only rows, with compile time, the attention kernel checked and the largest
+#                difference from eager; the SD VAE and a TAESD-layout tiny decoder, channels_last and
+#                compiled                                          -> realsize_compile_cuda.{md,json}
+#   peers        diffusers' DiTPipeline on the same DiT-XL/2 + SD VAE, DPM-Solver++ 2M, 4 steps, CFG 4:
+#                one request at a time, its best batch, compiled as diffusers' guide shows (max-autotune,
+#                fullgraph); and stride's service at concurrency 64 on the same weights, images/s
+#                and p50/p99, stride / peer per row                -> peers_cuda.{md,json}
 #
 # Everything goes to one folder (--out; default benchmarks/results/gpu-<UTC date-time>): the
 # reports above, <part>.log for each part, env.txt, summary.md and summary.json (part, status
@@ -41,7 +49,9 @@
 #   --archive PATH     write the folder as PATH (.tar.gz); --no-archive: none
 #   --only a,b         run only these parts (the others are SKIP)
 #   --limit part=s     that part's time limit in seconds (repeatable)
-#   --budget s         the whole run's seconds (GPU run: 360); a part gets at most what is left
+#   --budget s         the whole run's seconds (GPU run: 570, under a 10-minute command limit); a part
+#                      gets at most what is left. A cold compile takes minutes: when compile and peers
+#                      are cut, run them on their own: --only compile,peers
 #   --verbose          show every part's output as it runs (always in <part>.log)
 # Test hooks: STRIDE_GPU_FAIL=part[,part] makes those parts fail at once, STRIDE_GPU_HANG=part[,part]
 # makes them hang until their limit (2 s) runs out.
@@ -58,10 +68,11 @@ MODE=gpu
 OUT=${STRIDE_GPU_OUT:-}
 WH=${STRIDE_GPU_WHEELHOUSE:-}
 ARCHIVE=default ONLY='' BUDGET='' VERBOSE=0 INSTALL_PROJECT=0
-PARTS=(setup check update-fp32 update-bf16 network service)
+PARTS=(setup check update-fp32 update-bf16 network service compile peers)
 # seconds per part on a GPU; their sum exceeds the budget on purpose: a part that finishes early leaves
 # its time to the later ones, and none starts with more than the budget has left
-declare -A LIMIT=([setup]=60 [check]=90 [update-fp32]=30 [update-bf16]=30 [network]=90 [service]=150)
+declare -A LIMIT=([setup]=60 [check]=90 [update-fp32]=30 [update-bf16]=30 [network]=90 [service]=150 [compile]=240
+                  [peers]=300)
 declare -A LIMIT_SET=()
 
 usage() { sed -n '2,/^# shellcheck/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
@@ -88,7 +99,7 @@ if [ "$MODE" != gpu ]; then  # CPU: generous limits (2 shared cores), the parts 
     for p in "${PARTS[@]}"; do LIMIT[$p]=300; done
     BUDGET=${BUDGET:-1800}
 fi
-BUDGET=${BUDGET:-360}
+BUDGET=${BUDGET:-570}
 for p in "${!LIMIT_SET[@]}"; do
     [ -n "${LIMIT[$p]+x}" ] || { echo "--limit: no part '$p'; parts: ${PARTS[*]}" >&2; exit 2; }
     LIMIT[$p]=${LIMIT_SET[$p]}
@@ -226,6 +237,9 @@ if [ "$MODE" = gpu ]; then
     NET=(--dits XL/2 --min-seconds 0.3 --batches-cuda 1,8,32,64,128 --decode-batches 1,8)
     # max batch 128 rows: 64 guided images (2 rows each) fit one call, as in the ceiling at occupancy 64
     SVC=(--concurrency 64 --duration 8 --warmup 3 --ceiling-seconds 2 --ceiling-occupancy 64 --max-batch 128)
+    COMP=(--dits XL/2 --dtypes bf16 --min-seconds 0.3 --batches-cuda 8,64,128 --decode-batches 1,8,32
+          --decoders vae,vae-cl,vae-compiled,tiny,tiny-compiled)
+    PEERS=(--batches 1,8,32,64 --seconds 4 --compile-batches 1,best --concurrency 64 --duration 8 --warmup 3)
 else  # the same commands at tiny sizes on the CPU; the update runs the Triton kernel interpreted
     DEV=(--device cpu)
     CHECK=(--update triton --tiny)
@@ -233,7 +247,11 @@ else  # the same commands at tiny sizes on the CPU; the update runs the Triton k
     NET=(--tiny --min-seconds 0.02 --batches 1,2)
     SVC=(--tiny --min-seconds 0.02 --concurrency 2 --duration 1 --warmup 0.3 --ceiling-seconds 0.3
          --ceiling-occupancy 2 --max-batch 4)
+    COMP=(--tiny --min-seconds 0.02 --batches 2 --decode-batches 1,2 --decoders vae,tiny-compiled)
+    PEERS=(--tiny --seconds 0.3 --concurrency 2 --duration 1 --warmup 0.3 --ceiling-seconds 0.2 --max-batch 4)
 fi
+# inductor's compiled code, kept between runs on this machine (a second run compiles in seconds)
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/stride-inductor}
 MODES=embedded
 if [ "$MODE" = gpu ] && command -v redis-server >/dev/null; then MODES=embedded,redis; fi
 
@@ -249,6 +267,9 @@ set_cmd() {  # CMD: the command line of a part
                       --out "$OUT/realsize_net_cuda.md") ;;
         service) CMD=("$PY" benchmarks/realsize.py "${DEV[@]}" "${SVC[@]}" --parts ceiling,service --modes "$MODES"
                       --guidance 1,1.5/4 --out "$OUT/realsize_service_cuda.md") ;;
+        compile) CMD=("$PY" benchmarks/realsize.py "${DEV[@]}" "${COMP[@]}" --parts network,decode --compile --fuse-qkv
+                      --out "$OUT/realsize_compile_cuda.md") ;;
+        peers) CMD=("$PY" benchmarks/peers.py "${DEV[@]}" "${PEERS[@]}" --out "$OUT/peers_cuda.md") ;;
     esac
 }
 
@@ -312,6 +333,12 @@ fail=0
     for i in "${!NAMES[@]}"; do
         echo "| ${NAMES[$i]} | ${STATUS[$i]} | ${SECS[$i]} | ${NOTES[$i]} |"
     done
+    if [ -f "$OUT/peers_cuda.md" ]; then  # the side by side: stride's service over each peer row
+        echo
+        echo "stride beside diffusers (peers_cuda.md):"
+        echo
+        sed -n '/^| who /,/^$/p' "$OUT/peers_cuda.md"
+    fi
 } > "$OUT/summary.md"
 {
     printf '{"mode": "%s", "total_seconds": %s, "budget_seconds": %s, "parts": [' "$MODE" "$total" "$BUDGET"

@@ -245,7 +245,7 @@ def cpu_reference(entry, reqs):
     """Final states [N, *shape] from the float32 CPU model with the torch update, one batch."""
     from stride_diffusion.solvers.executor import sample, seeded_noise
 
-    tables = [entry.table(entry.resolve(s, "auto", w), s) for _, s, w, _, _ in reqs]
+    tables = [entry.samplers.resolve(s, "auto", w).table(s) for _, s, w, _, _ in reqs]
     noise = seeded_noise([sd for *_, sd in reqs], entry.shape)
     with torch.inference_mode():
         return sample(entry.model, tables, noise, torch.tensor([lab for *_, lab, _ in reqs]),
@@ -275,14 +275,14 @@ def run_engine(entry, reqs, dev, update, max_batch):
         pop = st.pop_done_batch
 
         def wrapped(pop=pop):
-            ids, y = pop()
-            for (jid, _), v in zip(ids, y.float().cpu()):
+            done = pop()
+            for (jid, _), v in zip(done.ids, done.states.float().cpu()):
                 states[jid] = v
-            return ids, y
+            return done
         st.pop_done_batch = wrapped
     images = {}
-    solvers = {jid: entry.resolve(s, "auto", w) for jid, s, w, _, _ in reqs}
-    tables = {jid: entry.table(solvers[jid], s) for jid, s, *_ in reqs}  # outside inference mode (autograd)
+    samplers = {jid: entry.samplers.resolve(s, "auto", w) for jid, s, w, _, _ in reqs}
+    tables = {jid: samplers[jid].table(s) for jid, s, *_ in reqs}  # outside inference mode (autograd)
     with torch.inference_mode():
         for net in eng.networks():
             net.capture()
@@ -290,9 +290,9 @@ def run_engine(entry, reqs, dev, update, max_batch):
         for i in range(200):
             if i in (0, 2) and waves:
                 for jid, s, w, lab, seed in waves.pop(0):
-                    solver = solvers[jid]
-                    job = Job(jid, entry.name, s, solver, lab, 1, seed, w, "png", 1e18, 0.0)
-                    eng.add(job, tables[jid], 0, 1, entry.rows_per_guided_image(solver) if w != 1 else 1)
+                    sampler = samplers[jid]
+                    job = Job(jid, entry.name, s, sampler.name, lab, 1, seed, w, "png", 1e18, 0.0)
+                    eng.add(job, tables[jid], 0, 1, sampler.rows_per_image(w))
             out = eng.step()
             eng.release(out)
             images.update({jid: img for jid, _, img in out})
@@ -305,7 +305,7 @@ def pixels(entry, y):
     """Final states -> uint8 images [N, H, W, C], as the engine makes them (decoder, then quantise)."""
     from stride_diffusion.service.images import quantize
 
-    if getattr(entry.decoder, "kind", "identity") == "identity":
+    if entry.decoder.kind == "identity":
         return quantize(y.reshape(-1, *entry.decoder.image_shape), entry.data_range)
     return quantize(entry.decoder.decode(y.float()), (-1.0, 1.0))
 
@@ -453,10 +453,10 @@ def reference_image(entry, label, seed, steps, w):
     from stride_diffusion.service.images import upscale
     from stride_diffusion.solvers.executor import sample, seeded_noise
 
-    solver = entry.resolve(steps, "auto", w)
-    table = entry.table(solver, steps)  # outside inference mode: a schedule's derivatives use autograd
+    sampler = entry.samplers.resolve(steps, "auto", w)
+    table = sampler.table(steps)  # outside inference mode: a schedule's derivatives use autograd
     with torch.inference_mode():
-        y = sample(entry.model_for(solver), table, seeded_noise([seed], entry.shape), torch.tensor([label]),
+        y = sample(sampler.model, table, seeded_noise([seed], entry.shape), torch.tensor([label]),
                    w, update=fused_update_torch)
         a = pixels(entry, y)[0].numpy()
     return upscale(a[..., 0] if a.shape[-1] == 1 else a, entry.display_scale)

@@ -32,6 +32,7 @@ import os
 import platform
 import random
 import resource
+import shlex
 import shutil
 import signal
 import socket
@@ -48,6 +49,7 @@ sys.path.insert(0, ROOT)
 from stride_diffusion.service.engine import Engine
 from stride_diffusion.service.jobs import Job
 from stride_diffusion.service.models import ModelEntry, Registry, analytic_entry
+from stride_diffusion.solvers.contracts import guidance_input, guidance_range
 
 TICK = os.sysconf("SC_CLK_TCK")
 MIXED = (1, 2, 4, 8)
@@ -172,9 +174,8 @@ class _Timed:
 
     def __init__(self, inner, clock: Clock):
         self.inner, self.clock = inner, clock
-        for k in ("schedule", "param", "num_classes", "shape"):
-            setattr(self, k, getattr(inner, k))
-        self.guidance_input = getattr(inner, "guidance_input", False)
+        self.schedule, self.param, self.num_classes, self.shape = inner.schedule, inner.param, inner.num_classes, inner.shape
+        self.guidance_input, self.guidance_range = guidance_input(inner), guidance_range(inner)
 
     def __call__(self, *args):
         t0 = self.clock.start()
@@ -208,17 +209,17 @@ def ceiling(entry: ModelEntry, steps, occupancy: int, seconds: float, split: boo
     tables = {}
     for n in (MIXED if steps == "mixed" else [int(steps)]):  # outside inference mode: tables may use autograd
         for w in guidance_scales(guidance):
-            solver = entry.resolve(n, "auto", w)
+            solver = entry.samplers.resolve(n, "auto", w).name
             if (solver, n) not in tables:
-                tables[solver, n] = entry.table(solver, n)
+                tables[solver, n] = entry.samplers[solver].table(n)
 
     def admit(i):
         n, w = steps_of(steps, i), guidance_of(guidance, i)
-        solver = entry.resolve(n, "auto", w)
-        if (solver, n) not in tables:
-            tables[solver, n] = entry.table(solver, n)
-        job = Job(f"c{i}", entry.name, n, solver, i % K, 1, i, w, "png", 1e18, 0.0)
-        eng.add(job, tables[solver, n], 0, 1, entry.rows_per_guided_image(solver) if w != 1 else 1)
+        sampler = entry.samplers.resolve(n, "auto", w)
+        if (sampler.name, n) not in tables:
+            tables[sampler.name, n] = sampler.table(n)
+        job = Job(f"c{i}", entry.name, n, sampler.name, i % K, 1, i, w, "png", 1e18, 0.0)
+        eng.add(job, tables[sampler.name, n], 0, 1, sampler.rows_per_image(w))
 
     i = 0
     for i in range(occupancy):
@@ -387,6 +388,7 @@ def main(argv=None):
                                     "artifact's)")
     ap.add_argument("--no-graphs", action="store_true", help="CUDA: eager network calls")
     ap.add_argument("--model-note", help="describe the served model in the report (default: the artifact path)")
+    ap.add_argument("--serve-flags", default="", help="more `stride serve` flags for the servers, e.g. '--compile'")
     a = ap.parse_args(argv)
     steps = [s if s == "mixed" else int(s) for s in a.steps.split(",")]
     offered = sorted({int(s) for s in steps if s != "mixed"} | (set(MIXED) if "mixed" in steps else set()))
@@ -436,7 +438,8 @@ def main(argv=None):
 
     rows = []
     for mode in modes:
-        hot = ["--device", a.device] + (["--dtype", a.dtype] if a.dtype else []) + (["--no-graphs"] if a.no_graphs else [])
+        hot = ["--device", a.device] + (["--dtype", a.dtype] if a.dtype else []) + (["--no-graphs"] if a.no_graphs else []) \
+            + shlex.split(a.serve_flags)
         srv = Servers(mode, model_args + hot, a.max_batch, a.threads, offered)
         try:
             entry = load_entry()  # as the servers just loaded it (an artifact may gain files meanwhile)

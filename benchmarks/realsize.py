@@ -66,6 +66,11 @@ SD_VAE = {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "la
 TINY_DIT = (2, 2, 16)
 TINY_VAE = {**SD_VAE, "block_out_channels": (8, 16), "layers_per_block": 1, "norm_num_groups": 4,
             "down_block_types": ("DownEncoderBlock2D",) * 2, "up_block_types": ("UpDecoderBlock2D",) * 2}
+# RMS(compiled - eager) / RMS(eager) allowed: fusion reorders sums, within the dtype's rounding
+COMPILE_TOL = {"float32": 1e-3, "bfloat16": 2e-2, "float16": 5e-3}
+# AutoencoderTiny: diffusers' defaults are TAESD's layout (4 blocks of 64 channels, 8x); the tiny one 2x
+TINY_TAESD = {"encoder_block_out_channels": (8, 8), "decoder_block_out_channels": (8, 8), "num_encoder_blocks": (1, 1),
+              "num_decoder_blocks": (1, 1)}
 # datasheet dense peaks, TFLOP/s (SXM parts; tf32 is what float32 matmuls use with TF32 on)
 PEAKS = {"H100": {"bfloat16": 989.4, "float16": 989.4, "float32": 494.7},
          "H200": {"bfloat16": 989.4, "float16": 989.4, "float32": 494.7},
@@ -172,19 +177,50 @@ def part_network(a, device, report):
                 f = flops_of(partial(net.eager, x1, t1, t1, l1))
                 if "graphs" in modes:
                     net.capture()
+                attention = net.check_attention()
+                inputs = {}
                 for B in batches:
                     x = torch.randn(B, 4, 32, 32, device=device)
                     t, lab = torch.full((B,), 0.5, device=device), torch.arange(B, device=device) % 1000
+                    inputs[B] = (x, t, t, lab)
                     for mode in modes:
                         call = partial(net.eager if mode == "eager" else net, x, t, t, lab)
-                        s = timed(call, device, a.min_seconds)
-                        r = {"net": f"DiT-{name}", "dtype": dt, "mode": mode, "batch": B, "ms": 1e3 * s,
-                             "images_per_s": B / s, "gflop_per_image": f / 1e9, "tflops": B * f / s / 1e12,
-                             "utilisation": B * f / s / peak, "peak_tflops": peak / 1e12, "peak_source": peak_src}
-                        rows.append(r)
-                        print(f"network {r['net']} {dt} {mode} B={B}: {r['ms']:.1f} ms  {r['images_per_s']:.1f} img/s  "
-                              f"{r['gflop_per_image']:.1f} GFLOP/img  util {100 * r['utilisation']:.1f}%", flush=True)
+                        rows.append(net_row(name, dt, mode, B, timed(call, device, a.min_seconds), f, peak, peak_src,
+                                            attention))
+                if a.compile:  # the same network compiled per bucket (+ CUDA graphs on CUDA), checked against eager
+                    rows += compiled_rows(a, device, name, model, dt, batches, inputs, f, peak, peak_src)
     report["network"] = rows
+
+
+def net_row(name, dt, mode, B, s, f, peak, peak_src, attention, **extra) -> dict:
+    r = {"net": f"DiT-{name}", "dtype": dt, "mode": mode, "batch": B, "ms": 1e3 * s, "images_per_s": B / s,
+         "gflop_per_image": f / 1e9, "tflops": B * f / s / 1e12, "utilisation": B * f / s / peak,
+         "peak_tflops": peak / 1e12, "peak_source": peak_src, "attention": attention, **extra}
+    print(f"network {r['net']} {dt} {mode} B={B}: {r['ms']:.1f} ms  {r['images_per_s']:.1f} img/s  "
+          f"{r['gflop_per_image']:.1f} GFLOP/img  util {100 * r['utilisation']:.1f}%", flush=True)
+    return r
+
+
+def compiled_rows(a, device, name, model, dt, batches, inputs, f, peak, peak_src) -> list:
+    """`Network(compile=True)` (+ graphs on CUDA, + --sdpa / --fuse-qkv): compile time at capture, time
+    per call, and the largest difference from the eager call on the same inputs."""
+    cuda = device.type == "cuda"
+    with torch.inference_mode():
+        want = {B: Network(model, dtype_of(dt)).eager(*args).float() for B, args in inputs.items()}
+        net = Network(model, dtype_of(dt), buckets=batches, graphs=cuda and not a.no_graphs, compile=True,
+                      compile_mode=a.compile_mode, sdpa=a.sdpa, fuse_qkv=a.fuse_qkv)
+        net.capture()
+        mode = "compiled" + (" + graphs" if net.graphs else "") + (" + fused qkv" if net.fused else "") + \
+            (f" + sdpa {a.sdpa}" if a.sdpa != "auto" else "")
+        rows = []
+        for B, args in inputs.items():
+            d = net(*args).float() - want[B]
+            rel = float(d.pow(2).mean().sqrt() / want[B].pow(2).mean().sqrt())
+            rows.append(net_row(name, dt, mode, B, timed(partial(net, *args), device, a.min_seconds), f,
+                                peak, peak_src, net.attention, compile_s=net.compile_seconds,
+                                max_abs_diff=float(d.abs().max()), rel_rms_diff=rel, compile_mode=a.compile_mode,
+                                compile_ok=rel <= COMPILE_TOL[dt]))
+    return rows
 
 
 def part_decode(a, device, report):
@@ -204,12 +240,54 @@ def part_decode(a, device, report):
                 s = timed(partial(vae.decode, z), device, a.min_seconds, 1)
                 shape = tuple(vae.decode(z[:1]).sample.shape[1:])
             peak, _ = peak_flops(device, dt, a.min_seconds)
-            r = {"dtype": dt, "batch": B, "ms": 1e3 * s, "ms_per_image": 1e3 * s / B, "gflop_per_image": f / 1e9,
-                 "utilisation": B * f / s / peak, "image_shape": list(shape)}
+            r = {"decoder": "vae", "dtype": dt, "batch": B, "ms": 1e3 * s, "ms_per_image": 1e3 * s / B,
+                 "gflop_per_image": f / 1e9, "utilisation": B * f / s / peak, "image_shape": list(shape)}
             rows.append(r)
             print(f"decode {dt} B={B}: {r['ms_per_image']:.1f} ms/img  {r['gflop_per_image']:.0f} GFLOP/img "
                   f"-> {shape}", flush=True)
+    del vae
+    for variant in [v for v in a.decoders.split(",") if v != "vae"]:
+        rows += decoder_rows(a, device, variant)
     report["decode"] = rows
+
+
+def decoder_rows(a, device, variant: str) -> list:
+    """The service's decoders (solvers.adapters.decoders) as the worker runs them: 'vae' or 'tiny'
+    (AutoencoderTiny, TAESD's layout), '-cl' channels_last, '-compiled' channels_last + torch.compile
+    (batch dimension dynamic; compile time reported)."""
+    from stride_diffusion.solvers.adapters import TinyDecoder, VAEDecoder
+
+    d = diffusers()
+    kind, _, how = variant.partition("-")
+    if kind not in ("vae", "tiny") or how not in ("", "cl", "compiled"):
+        raise SystemExit(f"--decoders {variant!r}: vae or tiny, optionally -cl or -compiled")
+    rows = []
+    for dt in a.dtypes.split(","):
+        dt = dtype_name(dt)
+        torch.manual_seed(0)
+        with torch.device(device):
+            if kind == "vae":
+                dec = VAEDecoder(d.AutoencoderKL(**(TINY_VAE if a.tiny else SD_VAE)), (4, 32, 32), 0.18215, None, dt)
+            else:
+                dec = TinyDecoder(d.AutoencoderTiny(**(TINY_TAESD if a.tiny else {})), (4, 32, 32), 1.0, None, dt)
+        z = torch.randn(max(int(b) for b in a.decode_batches.split(",")), 4, 32, 32, device=device)
+        with torch.inference_mode():
+            f = flops_of(partial(dec.decode, z[:1]))
+            t0 = time.perf_counter()
+            dec.optimize(channels_last=how in ("cl", "compiled"), compile=how == "compiled", compile_mode=a.compile_mode)
+            dec.decode(z[:1]), dec.decode(z[:2])  # compiles: batch 1, then every batch >= 2
+            sync(device)
+            compile_s = time.perf_counter() - t0 if how == "compiled" else None
+            peak, _ = peak_flops(device, dt, a.min_seconds)
+            for B in [int(b) for b in a.decode_batches.split(",")]:
+                s = timed(partial(dec.decode, z[:B]), device, a.min_seconds, 1)
+                r = {"decoder": variant, "dtype": dt, "batch": B, "ms": 1e3 * s, "ms_per_image": 1e3 * s / B,
+                     "gflop_per_image": f / 1e9, "utilisation": B * f / s / peak, "image_shape": list(dec.image_shape),
+                     "compile_s": compile_s}
+                rows.append(r)
+                print(f"decode {variant} {dt} B={B}: {r['ms_per_image']:.2f} ms/img  {r['gflop_per_image']:.1f} "
+                      f"GFLOP/img", flush=True)
+    return rows
 
 
 def part_encode(a, device, report):
@@ -293,6 +371,8 @@ def part_service(a, device, report, art, what, out):
             "--dtype", a.dtype, "--title", f"Service vs ceiling, real-size configuration ({device.type})"]
     if a.no_graphs:
         argv.append("--no-graphs")
+    if a.serve_flags:
+        argv += ["--serve-flags", a.serve_flags]
     if out:
         argv += ["--out", os.path.splitext(out)[0] + "_service.md"]
     report["service"] = load.main(argv)
@@ -300,7 +380,7 @@ def part_service(a, device, report, art, what, out):
 
 # -- report -----------------------------------------------------------------------------------------------
 
-def render(report, a) -> str:
+def render(report) -> str:
     out = [f"# Real-size benchmark ({report['device']})", "",
            f"- date: {report['date']}", f"- machine: {report['machine']}",
            (f"- load average before the run: {report['load_avg']:.2f} (this machine is shared: other people's "
@@ -315,13 +395,24 @@ def render(report, a) -> str:
             out.append(f"| {r['net']} | {r['dtype']} | {r['mode']} | {r['batch']} | {r['ms']:.1f} | "
                        f"{r['images_per_s']:.1f} | {r['gflop_per_image']:.1f} | {r['tflops']:.3f} | "
                        f"{100 * r['utilisation']:.1f}% | {r['peak_tflops']:.2f} |")
-        out += ["", f"Peak: {report['network'][0]['peak_source']}.", ""]
+        out += ["", f"Peak: {report['network'][0]['peak_source']}. Attention kernels (checked): "
+                f"{sorted({', '.join(r.get('attention') or ['none']) for r in report['network']})}.", ""]
+        comp = [r for r in report["network"] if "compile_s" in r]
+        if comp:
+            out += ["Compiled rows: " + "; ".join(sorted({f"{r['net']} {r['dtype']} compiled ({r['compile_mode']}) in "
+                                                          f"{r['compile_s']:.0f} s" for r in comp})) +
+                    f"; largest difference from the eager output: {max(r['max_abs_diff'] for r in comp):.2e} (RMS relative "
+                    f"{max(r['rel_rms_diff'] for r in comp):.1e}, allowed {COMPILE_TOL}).", ""]
     if report.get("decode"):
-        out += ["## Decode: SD VAE decoder, 32x32x4 latents", "",
-                "| dtype | batch | ms/image | GFLOP/image | utilisation | image |", "|---|---:|---:|---:|---:|---|"]
+        out += ["## Decode: SD VAE decoder (vae) and AutoencoderTiny (tiny, TAESD), 32x32x4 latents", "",
+                "`-cl`: channels_last; `-compiled`: channels_last + torch.compile (the service's --compile).", "",
+                "| decoder | dtype | batch | ms/image | GFLOP/image | utilisation | image | compile s |",
+                "|---|---|---:|---:|---:|---:|---|---:|"]
         for r in report["decode"]:
-            out.append(f"| {r['dtype']} | {r['batch']} | {r['ms_per_image']:.1f} | {r['gflop_per_image']:.0f} | "
-                       f"{100 * r['utilisation']:.1f}% | {'x'.join(map(str, r['image_shape']))} |")
+            cs = f"{r['compile_s']:.0f}" if r.get("compile_s") is not None else ""
+            out.append(f"| {r.get('decoder', 'vae')} | {r['dtype']} | {r['batch']} | {r['ms_per_image']:.2f} | "
+                       f"{r['gflop_per_image']:.1f} | {100 * r['utilisation']:.1f}% | "
+                       f"{'x'.join(map(str, r['image_shape']))} | {cs} |")
         out.append("")
     if report.get("encode"):
         out += ["## Encode: one 256x256 RGB image (API process, one thread)", "",
@@ -376,6 +467,14 @@ def main(argv=None):
     ap.add_argument("--batches-cuda", default="1,2,4,8,16,32,64,128")
     ap.add_argument("--decode-batches", default="1")
     ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="network part: also the network compiled per bucket "
+                                                          "(Network(compile=True), + graphs on CUDA), checked against eager")
+    ap.add_argument("--compile-mode", default="default", help="inductor mode of --compile and the -compiled decoders")
+    ap.add_argument("--sdpa", default="auto", help="--compile rows: the attention backend (auto, flash, cudnn, ...)")
+    ap.add_argument("--fuse-qkv", action="store_true", help="--compile rows: fused q/k/v projections")
+    ap.add_argument("--decoders", default="vae", help="decode part: vae, vae-cl, vae-compiled, tiny, tiny-cl, "
+                                                      "tiny-compiled (comma-separated)")
+    ap.add_argument("--serve-flags", default="", help="service part: more `stride serve` flags, e.g. '--compile'")
     ap.add_argument("--min-seconds", type=float, default=1.0, help="timing per measurement")
     ap.add_argument("--cpu-service", default="6,4,64,16", help="layers,heads,head dim,pixels of the CPU service DiT")
     ap.add_argument("--cuda-service", default="XL/2")
@@ -426,7 +525,7 @@ def main(argv=None):
                 part_service(a, device, report, art, what, a.out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    text = render(report, a)
+    text = render(report)
     print(text)
     if a.out:
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
@@ -434,6 +533,10 @@ def main(argv=None):
             f.write(text)
         with open(os.path.splitext(a.out)[0] + ".json", "w") as f:
             json.dump(report, f, indent=1)
+    bad = [r for r in report.get("network", []) if r.get("compile_ok") is False]
+    if bad:
+        sys.exit(f"the compiled network differs from eager beyond {COMPILE_TOL}: "
+                 f"{[(r['dtype'], r['batch'], r['rel_rms_diff']) for r in bad]}")
     return report
 
 

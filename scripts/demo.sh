@@ -9,4 +9,11 @@ if [ ! -x .venv/bin/stride ]; then
   .venv/bin/pip install -q torch==2.13.0          # CPU build; pinned so pip never pulls CUDA
   .venv/bin/pip install -q -e ".[serve,offline]"
 fi
+cat >&2 <<MSG
+stride is installed in $(pwd)/.venv; this shell's PATH is unchanged. To run \`stride\` in another
+shell, activate the venv first:
+    source .venv/bin/activate       # then: stride serve --help, stride offline --help
+or call it by its path: .venv/bin/stride
+Serving artifacts/digits (the playground at /, the API docs at /docs; Ctrl-C stops it) ...
+MSG
 exec .venv/bin/stride serve --artifacts artifacts/digits "$@"

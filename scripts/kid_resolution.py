@@ -17,8 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from stride_diffusion.offline.evaluate import Protocol
 from stride_diffusion.offline.metrics import features, kid, kid_reference_se
+from stride_diffusion.offline.protocol import Protocol
 from stride_diffusion.solvers.artifact import load_artifact
 from stride_diffusion.solvers.builders import make_table
 

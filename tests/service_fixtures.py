@@ -189,18 +189,19 @@ class GuidedGMM:
 def guided_entry(lo=1.0, hi=3.0, delay_ms=0):
     """The gmm model with a 'secant-test' variant (guidance range [lo, hi]) measured best at 4 steps."""
     from stride_diffusion.service.models import ModelEntry
+    from stride_diffusion.solvers.samplers import SamplerSet, load_samplers
+    from stride_diffusion.solvers.samplers.secant import SecantSampler
 
     base = analytic_entry(f"gmm:delay_ms={delay_ms}" if delay_ms else "gmm")
     rows = [{"solver": "secant-test", "nfe": 4, "fd": 0.1}, {"solver": "dpmpp-2m", "nfe": 4, "fd": 0.5}]
-    return ModelEntry("gmm", base.model, base.class_names, dict(base.meta), rows,
-                      variants={"secant-test": GuidedGMM(base.model, lo, hi)})
+    samplers = [*load_samplers(base.model), SecantSampler("secant-test", GuidedGMM(base.model, lo, hi))]
+    return ModelEntry("gmm", base.model, base.class_names, dict(base.meta), SamplerSet(base.model, samplers, rows))
 
 
 def reference(label: int, seed: int, steps: int, solver: str = "auto", guidance: float = 1.0, entry=GMM,
               scale: int = 8) -> np.ndarray:
     """The image the executor makes alone from this seed: what every service path must return."""
-    solver = entry.resolve(steps, solver)
-    tab = entry.table(solver, steps)
+    tab = entry.samplers.resolve(steps, solver).table(steps)
     with torch.inference_mode():
         y = sample(entry.model, tab, seeded_noise([seed], entry.shape), torch.tensor([label]), guidance)
     a = images.to_uint8(y[0], entry.data_range)

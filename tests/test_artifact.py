@@ -7,7 +7,13 @@ from safetensors.torch import save_file
 
 from stride_diffusion.solvers import make_table, sample, seeded_noise
 from stride_diffusion.solvers.adapters import StrideNet
-from stride_diffusion.solvers.artifact import load_artifact, save_artifact, save_classifier, sha256_file, write_json
+from stride_diffusion.solvers.artifact import (
+    load_artifact,
+    save_artifact,
+    save_classifier,
+    sha256_file,
+    write_json,
+)
 from stride_diffusion.solvers.nets import Classifier, UNet, classifier_config, unet_config
 from stride_diffusion.solvers.schedules import FlowSchedule, VPSchedule
 

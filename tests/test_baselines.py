@@ -7,8 +7,9 @@ import torch
 
 from stride_diffusion.offline import cli
 from stride_diffusion.offline.dode import FIT_SEED
+from stride_diffusion.offline.fitting import heldout
 from stride_diffusion.offline.grid_search import GRID_SOLVERS, coef_of_grid, dp_path, form_of
-from stride_diffusion.offline.search import heldout, optimise, search
+from stride_diffusion.offline.search import optimise, search
 from stride_diffusion.offline.seeds import (
     STREAMS,
     evaluation_sets,

@@ -1,5 +1,5 @@
-"""The batch contract on the trained digits network (README, "Batch contract"): an image does not
-depend on what else is in its batch beyond one grey level per pixel (floating-point reassociation
+"""The batch contract on the trained digits network (docs/serving.md, "Batch contract"): an image does
+not depend on what else is in its batch beyond one grey level per pixel (floating-point reassociation
 in batched convolutions), and the same batch gives the same bytes every time."""
 import numpy as np
 import pytest
@@ -22,10 +22,10 @@ def run(e, reqs):
     out, by_net = {}, {}
     for i, r in enumerate(reqs):
         by_net.setdefault(e.stepper_key(r[0]), []).append(i)
-    tables = [e.table(r[0], r[1]) for r in reqs]  # outside inference mode (some tables are built with autograd)
+    tables = [e.samplers[r[0]].table(r[1]) for r in reqs]  # outside inference mode (some tables are built with autograd)
     with torch.inference_mode():
         for idx in by_net.values():
-            m = e.model_for(reqs[idx[0]][0])
+            m = e.samplers[reqs[idx[0]][0]].model
             tabs = [tables[i] for i in idx]
             st = Stepper(m, max(t.window for t in tabs))
             st.add(tabs, seeded_noise([reqs[i][4] for i in idx], e.shape), [reqs[i][2] for i in idx],
@@ -40,10 +40,10 @@ def run(e, reqs):
 def test_alone_vs_mixed_batch_within_one_grey_level(digits):
     e = digits
     # a served secant network (guidance input) and the base U-Net with two CFG branches
-    sec = next(iter(e.variants))
+    sec = next(s.name for s in e.samplers if s.network)
     targets = [(sec if k % 2 else "dpmpp-2m", 4, k % 10, 1.0 + (k % 3) * 0.5, 100 + k) for k in range(24)]
     alone = np.concatenate([run(e, [r]) for r in targets])
-    others = [(e.resolve(2), 2, k % 10, 2.0, 900 + k) for k in range(12)] + \
+    others = [(e.samplers.resolve(2).name, 2, k % 10, 2.0, 900 + k) for k in range(12)] + \
              [("dpmpp-2m", 4, k % 10, 1.5, 950 + k) for k in range(12)]
     mixed = run(e, others[:6] + targets[:12] + others[6:] + targets[12:])
     mixed = np.concatenate([mixed[6:18], mixed[-12:]])

@@ -5,7 +5,14 @@ import math
 import pytest
 import torch
 
-from stride_diffusion.solvers import SOLVERS, GaussianMixture, make_table, sample, seeded_noise, theoretical_order
+from stride_diffusion.solvers import (
+    SOLVERS,
+    GaussianMixture,
+    make_table,
+    sample,
+    seeded_noise,
+    theoretical_order,
+)
 from stride_diffusion.solvers.schedules import EDMSchedule, FlowSchedule, VPLinearSchedule, VPSchedule
 
 SCHEDULES = {

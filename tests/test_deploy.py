@@ -496,32 +496,70 @@ def test_compose_redis_keeps_an_append_only_file(compose):
     assert any(str(v).endswith(":/data") for v in redis_svc["volumes"]), "the AOF must outlive the container"
 
 
+def _links(text: str) -> set:
+    """Relative Markdown link targets (images too), without their #fragment."""
+    return {t.split("#")[0] for t in re.findall(r"!?\[[^\]]*\]\(([^)\s]+)\)", text)
+            if not re.match(r"[a-z]+:|#", t)}
+
+
 def _named_paths(text: str, markdown: bool) -> set:
-    """Repository paths a file names: relative Markdown links, and paths in inline code (Markdown) or
-    anywhere (YAML) whose first part is a top-level entry of the repository. Placeholders (<N>, *),
-    URLs and GitHub references (owner/repo#123) are not paths."""
+    """Repository paths a file names in inline code (Markdown) or anywhere (YAML) whose first part is a
+    top-level entry of the repository. Placeholders (<N>, *), URLs and GitHub references
+    (owner/repo#123) are not paths."""
     top = {p.name for p in ROOT.iterdir()} - {".git"}
     out = set()
     if markdown:
-        for t in re.findall(r"!?\[[^\]]*\]\(([^)\s]+)\)", text):
-            if not re.match(r"[a-z]+:|#", t):
-                out.add(t.split("#")[0])
         candidates = re.findall(r"`([^`\s]+)`", text)
     else:
         candidates = re.findall(r"(?<![\w/.:-])(?:\./)?[\w.-]+(?:/[\w.-]+)+(?![\w#])", text)
     for c in candidates:
-        c = c.rstrip(".,:;)").removeprefix("./")
+        c = c.rstrip(".,:;)").removeprefix("./").split("::")[0]  # a pytest node id names its file
         repo_path = c.split("/")[0] in top or "/" in c and re.search(r"\.(md|ya?ml|json|py|sh|toml)$", c)
         if repo_path and not c.startswith("/") and not re.search(r"[<>*{}$|#]|\.\.\.", c):
             out.add(c)
     return out
 
 
-@pytest.mark.parametrize("name", ["README.md", "compose.yaml", "docs/deployment.md"])
+def _heading_anchors(text: str) -> set:
+    """GitHub's anchors of a Markdown file's headings."""
+    out = set()
+    for h in re.findall(r"^#{1,6} (.+)$", re.sub(r"```.*?```", "", text, flags=re.DOTALL), re.MULTILINE):
+        out.add(re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-"))
+    return out
+
+
+# Inline paths may be given from the import namespace (`service/app.py`) or from inside one of its
+# packages (`samplers/base.py`, `adapters/__init__.py`), as docs/ does.
+PACKAGE_ROOTS = [ROOT, ROOT / "stride_diffusion", *sorted(p for p in (ROOT / "stride_diffusion").iterdir() if p.is_dir())]
+# files a worked example creates (docs/samplers.md adds a family)
+EXAMPLE_PATHS = {"stride_diffusion/solvers/samplers/times.py"}
+
+
+def _exists(p: str) -> bool:
+    return p in EXAMPLE_PATHS or any((r / p).exists() for r in PACKAGE_ROOTS)
+
+
+DOCS = ["README.md", "compose.yaml", *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md"))]
+
+
+@pytest.mark.parametrize("name", DOCS)
 def test_every_relative_link_and_path_named_exists(name):
+    """Paths in inline code are repository paths; a Markdown link resolves from the file's own folder,
+    as GitHub resolves it, and a #fragment names a heading of its target."""
     path = ROOT / name
-    named = _named_paths(path.read_text(), path.suffix == ".md")
+    text = path.read_text()
+    named = _named_paths(text, path.suffix == ".md")
     assert named, f"{name}: no paths found: the scan is broken"
-    missing = sorted(p for p in named if not (ROOT / p).exists() and not (path.parent / p).exists())
+    missing = sorted(p for p in named if not _exists(p))
     assert not missing, f"{name} names files that do not exist: {missing}"
+    if path.suffix == ".md":
+        broken = sorted(t for t in _links(text) if not (path.parent / t).exists())
+        assert not broken, f"{name} links to files that do not exist (relative to {path.parent.name}/): {broken}"
+        for target in re.findall(r"\]\(([^)\s]*#[\w-]+)\)", text):
+            file, _, anchor = target.partition("#")
+            if re.match(r"[a-z]+:", file):
+                continue
+            dest = path.parent / file if file else path
+            if dest.suffix == ".md":
+                assert anchor in _heading_anchors(dest.read_text()), f"{name}: no heading #{anchor} in {dest.name}"
     assert "../shared" not in path.read_text() and "DESIGN.md" not in path.read_text()

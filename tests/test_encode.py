@@ -8,7 +8,7 @@ import torch
 
 from stride_diffusion.service import images
 from stride_diffusion.service.encode import encode, image_bytes
-from stride_diffusion.service.jobs import Result
+from stride_diffusion.service.jobs import Outcome, Result
 
 
 def ramp(n=1, c=1):
@@ -62,6 +62,51 @@ def test_result_carries_raw_pixels():
     r = Result.of_images("j1", px, solver="euler", nfe=4, worker="w")
     back = Result.loads(r.dumps())
     assert back.shape == [2, 3, 4, 1] and np.array_equal(back.images(), px)
-    assert (back.id, back.status, back.solver, back.nfe, back.worker) == ("j1", 200, "euler", 4, "w")
-    err = Result.loads(Result("j2", 504, "late").dumps())
-    assert err.status == 504 and err.pixels == b""
+    assert (back.id, back.outcome, back.solver, back.nfe, back.worker) == ("j1", Outcome.OK, "euler", 4, "w")
+    err = Result.loads(Result("j2", Outcome.EXPIRED, "late").dumps())
+    assert err.outcome is Outcome.EXPIRED and not err.ok and err.pixels == b""
+
+
+def noisy_rgb(size=64):
+    g = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size]
+    img = np.stack([(xx + yy) * 2, 255 - 4 * xx, 4 * yy], -1) % 256 + g.normal(0, 4, (size, size, 3))
+    return np.clip(img, 0, 255).astype(np.uint8)[None]
+
+
+def test_png_level_trades_size_for_time_and_keeps_the_pixels():
+    px = noisy_rgb()
+    sizes = {lvl: len(encode(px, "png", png_level=lvl)) for lvl in (0, 1, 9)}
+    assert sizes[0] > sizes[1] >= sizes[9]
+    for lvl in (0, 9):
+        assert np.array_equal(images.decode(encode(px, "png", png_level=lvl)), px[0])
+        d = json.loads(encode(px, "json", png_level=lvl))  # the base64 PNGs too
+        assert len(base64.b64decode(d["images"][0])) == sizes[lvl]
+
+
+def test_encode_pool_defaults_to_the_cores_and_png_level_is_a_setting():
+    import asyncio
+    import os
+
+    from pydantic import ValidationError
+
+    from stride_diffusion.service.app import create_app
+    from stride_diffusion.service.encode import Encoder, default_threads
+    from stride_diffusion.service.settings import Settings
+
+    assert default_threads() == max(1, min(32, len(os.sched_getaffinity(0))))
+    enc = Encoder()
+    assert enc.threads == default_threads() and enc.png_level == 1
+    enc.close()
+    with pytest.raises(ValueError, match="0..9"):
+        Encoder(2, png_level=10)
+    with pytest.raises(ValidationError, match="png_level"):
+        Settings(png_level=10)
+    svc = create_app(Settings(test_model="gmm", png_level=9, encode_threads=3)).state.service
+    assert (svc.encoder.threads, svc.encoder.png_level) == (3, 9)
+    px = noisy_rgb()
+    assert asyncio.run(svc.encoder(px, "png")) == encode(px, "png", png_level=9)
+    svc.encoder.close()
+    svc = create_app(Settings(test_model="gmm")).state.service
+    assert svc.encoder.threads == default_threads()
+    svc.encoder.close()

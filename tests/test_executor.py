@@ -2,7 +2,15 @@
 import pytest
 import torch
 
-from stride_diffusion.solvers import SOLVERS, GaussianMixture, Stepper, Table, make_table, sample, seeded_noise
+from stride_diffusion.solvers import (
+    SOLVERS,
+    GaussianMixture,
+    Stepper,
+    Table,
+    make_table,
+    sample,
+    seeded_noise,
+)
 from stride_diffusion.solvers.schedules import FlowSchedule, VPLinearSchedule
 
 

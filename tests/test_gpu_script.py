@@ -1,4 +1,4 @@
-"""benchmarks/gpu.sh on the CPU, so that the script a GPU session runs cannot rot: the smoke run
+"""benchmarks/gpu.sh on the CPU, so that the script a GPU run uses cannot rot: the smoke run
 (STRIDE_GPU_SMOKE=1: every part, tiny sizes, the Triton kernel interpreted, every correctness check
 of benchmarks/gpu_check.py) must pass part by part; the dry run (the GPU run's control flow: the
 offline pip command, time limits) must record a failing part, a hanging part cut at its limit, and
@@ -12,7 +12,7 @@ import tarfile
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PARTS = ["setup", "check", "update-fp32", "update-bf16", "network", "service"]
+PARTS = ["setup", "check", "update-fp32", "update-bf16", "network", "service", "compile", "peers"]
 
 
 def gpu_sh(*args, **env):
@@ -41,7 +41,7 @@ def test_gpu_script_smoke(tmp_path):
     assert "| service | PASS |" in p.stdout  # the table ends the run's output too
     names = {f.name for f in tmp_path.iterdir()}
     for stem in ("check", "solver_update_fp32_cuda", "solver_update_bf16_cuda", "realsize_net_cuda",
-                 "realsize_service_cuda", "realsize_service_cuda_service"):
+                 "realsize_service_cuda", "realsize_service_cuda_service", "realsize_compile_cuda", "peers_cuda"):
         assert {f"{stem}.md", f"{stem}.json"} <= names, names
     assert {f"{n}.log" for n in PARTS} | {"env.txt", "summary.md"} <= names
 
@@ -80,6 +80,17 @@ def test_gpu_script_smoke(tmp_path):
     md = (tmp_path / "realsize_service_cuda.md").read_text()
     assert "Latency of the mixed runs by each request's step count" in md and "| embedded | 1.5/4 | 2 |" in md
 
+    # the compiled network against eager on the same inputs, its attention checked; the decoders compiled
+    comp = json.loads((tmp_path / "realsize_compile_cuda.json").read_text())
+    compiled = [r for r in comp["network"] if r["mode"].startswith("compiled")]
+    assert compiled and all(r["max_abs_diff"] < 1e-3 and r["compile_s"] > 0 and r["attention"] for r in compiled)
+    assert {r["decoder"] for r in comp["decode"]} == {"vae", "tiny-compiled"}
+    # the peer side by side, and stride over each of its rows in the summary
+    peers = json.loads((tmp_path / "peers_cuda.json").read_text())
+    assert len(peers["peers"]) >= 3 and all(r["stride_over_peer"] > 0 for r in peers["peers"])
+    assert peers["stride"][0]["errors"] == 0
+    assert "stride beside diffusers" in table and "| stride serve (embedded, PNG) |" in table
+
 
 @pytest.mark.slow
 def test_gpu_script_dry_run_records_failures_and_goes_on(tmp_path):
@@ -94,7 +105,7 @@ def test_gpu_script_dry_run_records_failures_and_goes_on(tmp_path):
     parts = summary(out)
     assert {k: v["status"] for k, v in parts.items()} == {
         "setup": "PASS", "check": "SKIP", "update-fp32": "FAIL", "update-bf16": "TIMEOUT", "network": "PASS",
-        "service": "SKIP"}, log
+        "service": "SKIP", "compile": "SKIP", "peers": "SKIP"}, log
     assert parts["update-bf16"]["seconds"] < 15
     setup = (out / "setup.log").read_text()
     assert "installing nothing" in setup and "pip install --dry-run --no-index" in setup

@@ -80,8 +80,8 @@ def test_imported_dit_serves_decoded_rgb_and_auto_pick_without_eval(tmp_path):
     assert run("diffusers", tmp_path / "pipe", "--name", "dit", "--out", tmp_path / "dit", "--dtype", "bf16",
                "--class-names", tmp_path / "names.json") == 0
     entry = ModelEntry.from_artifact(str(tmp_path / "dit"))
-    assert entry.eval_rows == [] and entry.best(4) == ("dpmpp-2m", None)  # no eval.json: a classic default
-    assert entry.best(1) == ("ddim", None)
+    assert entry.samplers.rows == [] and entry.samplers.best(4)[1] is None  # no eval.json: a classic default
+    assert entry.samplers.best(4)[0].name == "dpmpp-2m" and entry.samplers.best(1)[0].name == "ddim"
     srv = ApiServer(Settings(artifacts=[str(tmp_path / "dit")], steps=[1, 4], max_batch=8, threads=1), Registry([entry]))
     try:
         r = httpx.post(srv.url + "/generate?steps=4", json={"class_label": 3, "n": 2, "format": "json"}, timeout=60)

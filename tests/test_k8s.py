@@ -177,7 +177,7 @@ def api_paths() -> set:
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_commands_environment_ports_and_probes_are_what_stride_serve_serves(overlay, monkeypatch):
-    from stride_diffusion.service.queue import WAIT_GRACE_S
+    from stride_diffusion.service.transport import WAIT_GRACE_S
 
     objs = render(overlay)
     api_d, worker_d = one(objs, "Deployment", "stride-api"), one(objs, "Deployment", "stride-worker")
@@ -386,7 +386,7 @@ def test_keda_reads_running_and_waiting_requests_from_strides_stream():
 
     from service_fixtures import RedisServer
 
-    from stride_diffusion.service.jobs import Job, Result
+    from stride_diffusion.service.jobs import Job, Outcome, Result
     from stride_diffusion.service.metrics import Metrics
     from stride_diffusion.service.redis_queue import GROUP, RedisWorkerTransport
     from stride_diffusion.service.settings import Settings
@@ -408,7 +408,7 @@ def test_keda_reads_running_and_waiting_requests_from_strides_stream():
                                                    now).dumps()})
             jobs = await t.fetch(4, 0)  # a worker takes 4 ...
             for j in jobs[:3]:  # ... and finishes 3
-                await t.complete(j, Result(j.id, 200, ""))
+                await t.complete(j, Result(j.id, Outcome.OK, ""))
             await t.close()
             return stream
 

@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from stride_diffusion.offline.dode import fit_lambdas, targets_at, teacher_trajectory
-from stride_diffusion.offline.search import coeffs_of, heldout, rmse, search, unroll
+from stride_diffusion.offline.dode import fit_lambdas
+from stride_diffusion.offline.fitting import coeffs_of, heldout, rmse, targets_at, teacher_trajectory, unroll
+from stride_diffusion.offline.search import search
 from stride_diffusion.solvers import GaussianMixture, make_table, sample, seeded_noise
 from stride_diffusion.solvers.artifact import load_solvers
 from stride_diffusion.solvers.builders import _Ctx, ddim, euler

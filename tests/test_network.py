@@ -46,7 +46,7 @@ def test_static_buckets_with_a_guidance_input_network():
     from stride_diffusion.service.models import ModelEntry
 
     e = ModelEntry.from_artifact("artifacts/digits", variants=["secant-tan-pu"])
-    m = e.variants["secant-tan-pu"]
+    m = e.samplers["secant-tan-pu"].model
     assert m.guidance_input
     tabs = [m.table(2), m.table(4), m.table(4)]
     seeds, labels, w = [7, 8, 9], [1, 2, 3], [1.0, 2.5, 1.5]
@@ -91,7 +91,7 @@ def test_engine_runs_a_bf16_artifact_under_the_wrapper():
     eng = Engine(Registry([e]), [2])
     st = eng.steppers[e.name]
     assert isinstance(st.model, Network) and st.model.dtype == torch.bfloat16
-    eng.add(Job("j", e.name, 2, "euler", 3, 1, 5, 1.5, "png", 1e18, 0.0), e.table("euler", 2), 0, 1, 2)
+    eng.add(Job("j", e.name, 2, "euler", 3, 1, 5, 1.5, "png", 1e18, 0.0), e.samplers["euler"].table(2), 0, 1, 2)
     out = []
     while eng.busy:
         done = eng.step()

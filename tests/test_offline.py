@@ -11,7 +11,13 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from stride_diffusion.offline import cli
-from stride_diffusion.offline.data import classifier_judge_split, judge_split, load_digits, load_folder, stratified_split
+from stride_diffusion.offline.data import (
+    classifier_judge_split,
+    judge_split,
+    load_digits,
+    load_folder,
+    stratified_split,
+)
 from stride_diffusion.offline.guidance_eval import markdown
 from stride_diffusion.offline.metrics import fd_features, frechet_distance, kid, kid_reference_se
 from stride_diffusion.offline.train import Settings, train

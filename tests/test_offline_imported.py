@@ -18,7 +18,13 @@ from stride_diffusion.service.models import ModelEntry, Registry
 from stride_diffusion.service.settings import Settings
 from stride_diffusion.solvers import make_table, sample, seeded_noise
 from stride_diffusion.solvers.artifact import load_artifact
-from stride_diffusion.solvers.secant import SecantModel, load_secant, save_secant, secant_from_teacher, secant_table
+from stride_diffusion.solvers.secant import (
+    SecantModel,
+    load_secant,
+    save_secant,
+    secant_from_teacher,
+    secant_table,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -80,10 +86,10 @@ def test_search_and_dode_on_an_imported_dit_write_solvers_the_service_loads(pipe
     g3 = json.loads((tmp_path / "w3" / "dode-ddim-nfe4.json").read_text())
     assert g3["fit"]["guidance"] == 3 and "heldout_rmse_cfg3" in g3["metrics"]
     entry = ModelEntry.from_artifact(str(art_dir))
-    assert {"dode-ddim-nfe4", "searched-nfe4"} <= set(entry.solver_names())
+    assert {"dode-ddim-nfe4", "searched-nfe4"} <= set(entry.samplers.names())
     noise, y = seeded_noise(range(3), entry.shape), torch.tensor([0, 4, 9])
     for name in ("dode-ddim-nfe4", "searched-nfe4"):
-        x = sample(entry.model, entry.learned[name], noise, y)
+        x = sample(entry.model, entry.samplers[name].table(4), noise, y)
         img = entry.decoder.decode(x)
         assert img.shape == (3, 3, 16, 16) and torch.isfinite(img).all()
 
@@ -112,7 +118,7 @@ def test_eval_without_a_classifier_writes_rmse_rows_and_the_auto_pick_follows_rm
     entry = ModelEntry.from_artifact(str(art_dir))
     for k in (2, 4):
         want = min((r for r in ev["rows"] if r["nfe"] == k), key=lambda r: r["selection_rmse"])["solver"]
-        assert ev["best"][str(k)]["solver"] == want and entry.best(k)[0] == want
+        assert ev["best"][str(k)]["solver"] == want and entry.samplers.best(k)[0].name == want
     assert "RMSE only" in (art_dir / "eval.md").read_text()
     assert (art_dir / "eval" / "rmse.png").is_file() and (art_dir / "eval" / "samples-ddim.png").is_file()
 
@@ -157,8 +163,8 @@ def test_secant_conversion_of_an_imported_sit_is_served(sit_ckpt, tmp_path):
     sm = load_secant(art_dir, art.sha256)
     assert (sm.net.gate != 0).any()  # trained: the end time now matters
     entry = ModelEntry.from_artifact(str(art_dir))
-    assert "secant" in entry.variants and entry.best(2)[0] == "secant"  # its RMSE row is the only one at 2
-    x = sample(entry.model_for("secant"), secant_table(2), seeded_noise(range(2), entry.shape), torch.tensor([1, 2]))
+    assert entry.samplers.best(2)[0].name == "secant"  # its RMSE row is the only one at 2
+    x = sample(entry.samplers["secant"].model, secant_table(2), seeded_noise(range(2), entry.shape), torch.tensor([1, 2]))
     assert torch.isfinite(x).all()
     srv = ApiServer(Settings(artifacts=[str(art_dir)], steps=[2], max_batch=4, threads=1), Registry([entry]))
     try:

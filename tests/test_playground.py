@@ -1,7 +1,8 @@
 """The playground page (GET /) in a real headless Chromium, driven by selenium through Debian's
 chromedriver: it loads from the embedded server, generates digits from the keyboard, runs compare
 mode, draws both charts, shows the API's own error message, stays within a phone's width, and
-logs no console errors. STRIDE_SCREENSHOT=path also writes the README's screenshot there."""
+logs no console errors. STRIDE_SCREENSHOT=path also writes the screenshot there (the README's is
+docs/playground.png)."""
 import base64
 import os
 import re

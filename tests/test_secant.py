@@ -36,7 +36,7 @@ def gmm():
 
 
 def _data(gmm, y, g):
-    """One Gaussian per class: x0 = m_y + sc_y z (vectorised sample_data)."""
+    """Data of the class-y Gaussian (one per class): x0 = m_y + sc_y z."""
     z = torch.randn(len(y), gmm.means.shape[1], generator=g, dtype=torch.float64)
     return (gmm.means[y] + gmm.scales[y, None] * z).float()
 

@@ -322,7 +322,7 @@ def test_client_disconnect_frees_its_rows_and_the_batch_completes_unchanged():
         assert ev < 16 + 4 * 16, "A's rows were evaluated to the end"
         text = metrics(srv)
         assert metric_value(text, "stride_rejected_total", reason="cancelled") == 1
-        assert metric_value(text, "stride_worker_results_total", code="499") == 1
+        assert metric_value(text, "stride_worker_results_total", outcome="cancelled") == 1
         assert not w.tasks and not srv.service.queue.futures
     finally:
         srv.stop()
@@ -349,7 +349,7 @@ def test_client_disconnect_in_redis_mode_cancels_through_a_marker(redis_server):
                                 lambda: wm("stride_model_evaluations_total", model="gmm"))
         assert b.status_code == 200 and np.array_equal(images.decode(b.content), reference(7, 99, 16))
         assert ev < 16 + 4 * 16, "A's rows were evaluated to the end"
-        assert wm("stride_worker_results_total", code="499") == 1
+        assert wm("stride_worker_results_total", outcome="cancelled") == 1
         assert metric_value(metrics(api), "stride_rejected_total", reason="cancelled") == 1
         r = redis_server.client()
         assert r.xlen(f"{prefix}:requests:gmm") == 0  # the cancelled entry was released, not left to redeliver

@@ -3,8 +3,12 @@ import numpy as np
 import pytest
 import torch
 
-from stride_diffusion.service.models import ModelEntry, SolverError, analytic_entry
+from stride_diffusion.service.labels import class_index, closest
+from stride_diffusion.service.models import ModelEntry, analytic_entry
 from stride_diffusion.solvers.builders import make_table
+from stride_diffusion.solvers.samplers import SamplerSet, SolverError, load_samplers
+from stride_diffusion.solvers.samplers.learned import LearnedSampler
+from stride_diffusion.solvers.samplers.secant import SecantSampler
 
 
 @pytest.fixture(scope="module")
@@ -12,14 +16,25 @@ def gmm():
     return analytic_entry()
 
 
-def entry_with(gmm, rows=(), learned=None):
-    learned = learned or {}
-    return ModelEntry("m", gmm.model, gmm.class_names, {}, list(rows), learned)
+def entry_with(gmm, rows=(), learned=None, own=None):
+    """The mixture with measured `rows`, learned tables {name: Table} and own-network samplers {name: model}."""
+    extra = [LearnedSampler(k, t, gmm.model) for k, t in (learned or {}).items()]
+    extra += [SecantSampler(k, m) for k, m in (own or {}).items()]
+    ss = SamplerSet(gmm.model, [*load_samplers(gmm.model), *extra], rows)
+    return ModelEntry("m", gmm.model, gmm.class_names, {}, ss)
+
+
+def pick(e, steps, solver="auto", guidance=None) -> str:
+    return e.samplers.resolve(steps, solver, guidance).name
+
+
+def table(e, solver, steps):
+    return e.samplers[solver].table(steps)
 
 
 def test_defaults_without_eval(gmm):
-    assert gmm.resolve(4) == "dpmpp-2m" and gmm.resolve(3) == "dpmpp-2m"
-    assert gmm.resolve(2) == "euler" and gmm.resolve(1) == "euler"  # flow schedule: DDIM is Euler
+    assert pick(gmm, 4) == "dpmpp-2m" and pick(gmm, 3) == "dpmpp-2m"
+    assert pick(gmm, 2) == "euler" and pick(gmm, 1) == "euler"  # flow schedule: DDIM is Euler
 
 
 def test_auto_picks_lowest_fd_at_that_nfe(gmm):
@@ -28,46 +43,51 @@ def test_auto_picks_lowest_fd_at_that_nfe(gmm):
             {"solver": "heun", "nfe": 4, "fd": 2.0}, {"solver": "secant", "nfe": 4, "fd": 0.5},  # not runnable here
             {"solver": "ipndm", "nfe": 8, "fd": 0.1}, {"solver": "ddim", "nfe": 4, "fd": None, "rmse": 0.1}]
     e = entry_with(gmm, rows, {"mine": learned})
-    assert e.resolve(4) == "mine"
-    assert e.resolve(8) == "ipndm"
-    assert e.resolve(6) == "dpmpp-2m"  # not measured: default
-    ch = e.choices([4, 6])
+    assert pick(e, 4) == "mine"
+    assert pick(e, 8) == "ipndm"
+    assert pick(e, 6) == "dpmpp-2m"  # not measured: default
+    ch = e.samplers.choices([4, 6])
     assert ch["4"]["source"] == "eval.json" and ch["4"]["quality"]["fd"] == 1.0
     assert ch["6"]["source"] == "default"
-    assert e.table("mine", 4).nfe == 4
+    assert table(e, "mine", 4).nfe == 4
 
 
 def test_auto_picks_by_the_selection_sets_fd_not_the_reported_one(gmm):
     """eval.json rows carry the evaluation sets' fd (reported) and the selection set's (chosen on)."""
     rows = [{"solver": "dpmpp-2m", "nfe": 4, "fd": 1.0, "selection_fd": 2.0},
             {"solver": "heun", "nfe": 4, "fd": 1.5, "selection_fd": 1.2}]
-    assert entry_with(gmm, rows).resolve(4) == "heun"
+    assert pick(entry_with(gmm, rows), 4) == "heun"
 
 
 def test_explicit_solvers(gmm):
     e = entry_with(gmm, learned={"mine": make_table("unipc", gmm.model.schedule, gmm.model.param, 4)})
-    assert e.resolve(4, "heun") == "heun" and e.table("heun", 4).nfe == 4
-    assert e.resolve(5, "dpmpp-2m/logsnr") == "dpmpp-2m/logsnr" and e.table("dpmpp-2m/logsnr", 5).nfe == 5
+    assert pick(e, 4, "heun") == "heun" and table(e, "heun", 4).nfe == 4
+    assert pick(e, 5, "dpmpp-2m/logsnr") == "dpmpp-2m/logsnr" and table(e, "dpmpp-2m/logsnr", 5).nfe == 5
     with pytest.raises(SolverError, match="allowed: 'auto'.*dpmpp-2m.*mine"):
-        e.resolve(4, "nope")
+        pick(e, 4, "nope")
     with pytest.raises(SolverError, match="steps=4 only"):
-        e.resolve(8, "mine")
+        pick(e, 8, "mine")
     with pytest.raises(SolverError):
-        e.resolve(4, "dpmpp-2m/zigzag")
+        pick(e, 4, "dpmpp-2m/zigzag")
 
 
 def test_every_classic_solver_spends_exactly_steps_evaluations(gmm):
-    for s in gmm.solver_names():
+    for s in gmm.samplers.names():
         for n in (1, 2, 3, 5):
-            assert gmm.table(s, n).nfe == n
+            assert table(gmm, s, n).nfe == n
 
 
 def test_class_labels(gmm):
-    assert gmm.class_index(3) == 3 and gmm.class_index("3") == 3 and gmm.class_index("three") == 3
-    assert gmm.class_index("Three") == 3
-    for bad in (10, -1, "eleven", True, 2.5, None):
+    """One rule for /generate and the OpenAI route: an index, or a name exact first, then ignoring case."""
+    names = gmm.class_names
+    assert class_index(names, 3) == 3 and class_index(names, 3.0) == 3 and class_index(names, "three") == 3
+    assert class_index(names, "Three") == 3 and class_index(names, " THREE ") == 3
+    assert class_index(["Tabby", "tabby"], "tabby") == 1 and class_index(["Tabby", "tabby"], "TABBY") == 0
+    assert class_index([str(k) for k in range(10)], "7") == 7  # a digit string is a name
+    for bad in (10, -1, "eleven", "3", True, 2.5, float("nan"), None):  # a JSON string is never an index
         with pytest.raises(ValueError, match=r"0\.\.9 or one of the class names"):
-            gmm.class_index(bad)
+            class_index(names, bad)
+    assert closest(names, "Sevn")[0] == "seven" and len(closest(names, "Sevn")) == 5
 
 
 def test_entry_from_an_artifact_directory(tmp_path):
@@ -83,8 +103,8 @@ def test_entry_from_an_artifact_directory(tmp_path):
     e = ModelEntry.from_artifact(str(out))
     assert e.name == "tiny" and e.class_names == ["a", "b", "c"] and e.shape == (1, 8, 8)
     assert e.default_guidance == 1.5 and e.data_range == (-1.0, 1.0)
-    assert e.resolve(3) == "fast3" and e.resolve(2) == "euler" and e.resolve(4) == "dpmpp-2m"
-    assert "fast3" in e.solver_names() and e.table("fast3", 3).nfe == 3
+    assert pick(e, 3) == "fast3" and pick(e, 2) == "euler" and pick(e, 4) == "dpmpp-2m"
+    assert "fast3" in e.samplers.names() and table(e, "fast3", 3).nfe == 3
 
 
 def _run(engine, jobs_admits):
@@ -114,7 +134,7 @@ def test_engine_mixed_split_and_dropped_rows_match_the_one_shot_sampler(gmm):
 
     eng = Engine(Registry([gmm]), [2, 4, 8])
     a, b, c = _job("a", "dpmpp-2m", 4, 3, 3, 10), _job("b", "ipndm", 8, 5, 2, 20, 2.0), _job("c", "euler", 8, 1, 2, 30)
-    ta, tb, tc = gmm.table("dpmpp-2m", 4), gmm.table("ipndm", 8), gmm.table("euler", 8)
+    ta, tb, tc = table(gmm, "dpmpp-2m", 4), table(gmm, "ipndm", 8), table(gmm, "euler", 8)
     eng.add(a, ta, 0, 2, 1)
     eng.add(b, tb, 0, 2, 2)
     eng.add(c, tc, 0, 2, 1)
@@ -152,13 +172,12 @@ def test_secant_variants_run_on_their_own_network(gmm):
     from stride_diffusion.service.models import Registry
 
     sec = _SecantLike(gmm.model)
-    e = ModelEntry("m", gmm.model, gmm.class_names, {}, [{"solver": "secant", "nfe": 2, "fd": 0.1}], {},
-                   {"secant": sec})
-    assert e.resolve(2) == "secant" and e.resolve(4) == "dpmpp-2m" and "secant" in e.solver_names()
-    assert e.model_for("secant") is sec and e.stepper_key("secant") == "m:secant"
+    e = entry_with(gmm, [{"solver": "secant", "nfe": 2, "fd": 0.1}], own={"secant": sec})
+    assert pick(e, 2) == "secant" and pick(e, 4) == "dpmpp-2m" and "secant" in e.samplers.names()
+    assert e.samplers["secant"].model is sec and e.stepper_key("secant") == "m:secant"
     eng = Engine(Registry([e]), [2, 4])
-    out = _run(eng, [(_job("s", "secant", 2, 1, 1, 5, model="m"), e.table("secant", 2), 0, 1, 1),
-                     (_job("p", "dpmpp-2m", 4, 1, 1, 5, model="m"), e.table("dpmpp-2m", 4), 0, 1, 1)])
+    out = _run(eng, [(_job("s", "secant", 2, 1, 1, 5, model="m"), table(e, "secant", 2), 0, 1, 1),
+                     (_job("p", "dpmpp-2m", 4, 1, 1, 5, model="m"), table(e, "dpmpp-2m", 4), 0, 1, 1)])
     assert len(out) == 2 and sec.calls == 2  # two steps on the secant network, none of the plain request's
     from stride_diffusion.service.metrics import Metrics
     from stride_diffusion.service.settings import Settings
@@ -188,18 +207,19 @@ def test_load_only_what_is_served():
     steps = [1, 2, 4, 8]
     every = ModelEntry.from_artifact("artifacts/digits")
     served = ModelEntry.from_artifact("artifacts/digits", steps=steps)
-    picks = {every.best(n)[0] for n in steps}
-    assert set(served.variants) == picks & set(every.variants) and len(served.variants) < len(every.variants)
-    assert {n: served.best(n)[0] for n in steps} == {n: every.best(n)[0] for n in steps}
+    own = lambda e: [s.name for s in e.samplers if s.network]  # samplers with their own network (secant)
+    picks = {every.samplers.best(n)[0].name for n in steps}
+    assert set(own(served)) == picks & set(own(every)) and len(own(served)) < len(own(every))
+    assert {n: pick(served, n) for n in steps} == {n: pick(every, n) for n in steps}
     one = ModelEntry.from_artifact("artifacts/digits", variants=["secant-pu"])
-    assert list(one.variants) == ["secant-pu"]
+    assert own(one) == ["secant-pu"]
     with pytest.raises(ValueError, match="available"):
         ModelEntry.from_artifact("artifacts/digits", variants=["secant-nope"])
     api = ModelEntry.from_artifact("artifacts/digits", steps=steps, weights=False)
     assert next(api.model.net.parameters()).device.type == "meta"
-    assert all(next(m.net.parameters()).device.type == "meta" for m in api.variants.values())
+    assert all(next(s.model.net.parameters()).device.type == "meta" for s in api.samplers if s.network)
     for n in steps:
-        s = api.resolve(n)
-        assert s == served.resolve(n) and torch.equal(api.table(s, n).b, served.table(s, n).b)
-        assert api.rows_per_guided_image(s) == served.rows_per_guided_image(s)
+        s = pick(api, n)
+        assert s == pick(served, n) and torch.equal(table(api, s, n).b, table(served, s, n).b)
+        assert api.samplers[s].rows_per_image(2.0) == served.samplers[s].rows_per_image(2.0)
     assert api.display_scale == 8 and analytic_entry().display_scale == 8

@@ -26,7 +26,7 @@ from service_fixtures import (
 )
 
 from stride_diffusion.service import images
-from stride_diffusion.service.jobs import Job
+from stride_diffusion.service.jobs import Job, Outcome
 from stride_diffusion.service.metrics import Metrics
 from stride_diffusion.service.settings import Settings
 
@@ -172,7 +172,8 @@ def test_dead_letter_after_too_many_deliveries(rs):
             await q.close()
 
     res = asyncio.run(scenario())
-    assert res.status == 500 and "dead-letter stream 'dlq:dead'" in res.detail and "delivered 2 times" in res.detail
+    assert res.outcome is Outcome.DEAD_LETTER and "delivered 2 times" in res.detail
+    assert "dead-letter stream 'dlq:dead'" in res.detail
     dead = r.xrange("dlq:dead")
     assert len(dead) == 1 and b"delivered 2 times" in dead[0][1][b"error"]
     assert r.xlen("dlq:requests:gmm") == 0

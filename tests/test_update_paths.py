@@ -233,8 +233,8 @@ def run_engine(reg: Registry, update: str, static: bool, dtype):
     assert all(isinstance(st.model, Network) and st.model.static for st in eng.steppers.values()) if static else True
 
     def admit(j, e, first, count):
-        rows = e.rows_per_guided_image(j.solver) if j.guidance != 1 else 1
-        eng.add(j, e.table(j.solver, j.steps), first, count, rows)
+        s = e.samplers[j.solver]
+        eng.add(j, s.table(j.steps), first, count, s.rows_per_image(j.guidance))
 
     late = []
     for m, e in enumerate(reg):
@@ -244,7 +244,7 @@ def run_engine(reg: Registry, update: str, static: bool, dtype):
         admit(a, e, 0, 2)
         admit(b, e, 0, 1)
         late += [(a, e, 2, 1), (c, e, 0, 1)]
-        if "secant-tan-pu" in e.variants:  # a guidance-input network: its own stepper, no CFG rows
+        if "secant-tan-pu" in e.samplers:  # a guidance-input network: its own stepper, no CFG rows
             admit(job(f"{e.name}/s", e, 2, "secant-tan-pu", 4, 2, 99, 2.0), e, 0, 2)
     out = {}
 
@@ -315,10 +315,11 @@ def test_serve_with_update_triton_gives_the_torch_images(arts, monkeypatch):
 def test_worker_warm_up_runs_the_configured_update(monkeypatch, update):
     """The setting reaches the warm-up's own Steppers too (they read only STRIDE_UPDATE before): the
     update warmed up is the one the requests run."""
-    from stride_diffusion.solvers import triton_update, update as update_module
     from stride_diffusion.service.metrics import Metrics
     from stride_diffusion.service.models import analytic_entry
     from stride_diffusion.service.worker import Worker
+    from stride_diffusion.solvers import triton_update
+    from stride_diffusion.solvers import update as update_module
 
     calls = {"triton": 0, "torch": 0}
 

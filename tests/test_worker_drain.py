@@ -78,8 +78,8 @@ def test_sigterm_drains_under_load(rs):
                                      None), 10, "worker a to report draining")
         assert metric_value(text, "stride_worker_ready") == 0
         assert a.proc.wait(20) == 0, a.proc.stderr.read().decode()[-2000:]  # within --drain-timeout-s
-        done_b = metric_value(b.metrics_text(), "stride_worker_results_total", code="200")
-        wait_for(lambda: metric_value(b.metrics_text(), "stride_worker_results_total", code="200") > done_b + 8,
+        done_b = metric_value(b.metrics_text(), "stride_worker_results_total", outcome="ok")
+        wait_for(lambda: metric_value(b.metrics_text(), "stride_worker_results_total", outcome="ok") > done_b + 8,
                  30, "worker b to carry on alone")
         redelivered = metric_value(b.metrics_text(), "stride_redelivered_total")
     finally:

@@ -21,6 +21,14 @@ def tiny_vae(latent_channels=4, seed=1):
         layers_per_block=1).eval()
 
 
+def tiny_taesd(latent_channels=4, seed=3):
+    """An AutoencoderTiny (the TAESD layout) that upsamples 2x, like tiny_vae's decoder."""
+    torch.manual_seed(seed)
+    return diffusers.AutoencoderTiny(
+        encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
+        num_decoder_blocks=(1, 1), latent_channels=latent_channels).eval()
+
+
 def tiny_unet(num_class_embeds=11, channels=3, size=(8, 8), seed=2):
     torch.manual_seed(seed)
     return diffusers.UNet2DModel(

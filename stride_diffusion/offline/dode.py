@@ -9,8 +9,8 @@ direction g_k,
 
 and the corrected state y_b + lam_k g_k feeds the next evaluation. Unlike the released code, the
 teacher's grid *refines* the student's (C - 1 points inside each student interval, uniform in
-log-SNR), so every target X(s_k) sits at the student's own noise level (the code's index alignment
-puts them at other noise levels; research/dode.md). The n eps^2 ridge (eps in data units) keeps a
+log-SNR), so every target X(s_k) sits at the student's own noise level (the released code's index
+alignment puts them at other noise levels). The n eps^2 ridge (eps in data units) keeps a
 vanishing D_k - D_{k-1} near t_min from blowing lam up; the clip is a last guard. Fitting seeds are the
 `dode` stream of offline/seeds.py, disjoint from evaluation, selection and every other fit.
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from stride_diffusion.solvers import make_table, sample, seeded_noise
-from stride_diffusion.solvers.builders import build, default_grid
+from stride_diffusion.solvers.builders import default_grid
 from stride_diffusion.solvers.learned import (
     DODE_BASES,
     dode_correction,
@@ -39,9 +39,8 @@ from stride_diffusion.solvers.learned import (
 )
 from stride_diffusion.solvers.schedules import F64
 
-from .progress import Progress
-from .search import (
-    _ints,
+from .argtypes import ints, names
+from .fitting import (
     cfg_scale,
     cpu_s,
     device_of,
@@ -52,40 +51,13 @@ from .search import (
     reference,
     references,
     rmse,
-    trajectory,
+    targets_at,
+    teacher_trajectory,
 )
+from .progress import Progress
 from .seeds import STREAMS, stream_range
 
 FIT_SEED = STREAMS["dode"][0]
-
-
-def refine(schedule, grid, C: int) -> torch.Tensor:
-    """C - 1 extra times inside each interval of `grid`, uniform in log-SNR; the grid's own times
-    are kept exactly, so student and teacher meet at the same noise levels."""
-    g = torch.as_tensor(grid, dtype=F64)
-    lam = schedule.lam(g)
-    pts = [g[:1]]
-    for i in range(len(g) - 1):
-        inner = schedule.t_of_lam(torch.linspace(float(lam[i]), float(lam[i + 1]), C + 1, dtype=F64)[1:-1])
-        pts += [inner, g[i + 1: i + 2]]
-    out = torch.cat(pts)
-    if not bool((out[1:] < out[:-1]).all()):
-        raise ValueError("refined grid is not strictly decreasing (grid too fine for this C?)")
-    return out
-
-
-def teacher_trajectory(model, grid, noise, labels, C=8, teacher="dpmpp-2m", guidance=1.0):
-    """(times, states) of the teacher on `grid` refined C times."""
-    return trajectory(model, build(teacher, model.schedule, model.param, refine(model.schedule, grid, C)),
-                      noise, labels, guidance)
-
-
-def targets_at(T, X, times) -> torch.Tensor:
-    """The teacher states at the student's landing times (which the refined grid contains): [N, B, D]."""
-    idx = [int(torch.argmin((T - s).abs())) for s in times]
-    if not all(abs(float(T[i]) - s) < 1e-12 for i, s in zip(idx, times)):
-        raise RuntimeError("teacher grid does not contain the student's times")
-    return X[idx]
 
 
 @torch.no_grad()
@@ -217,10 +189,10 @@ def add_parser(subparsers):
     p = subparsers.add_parser("dode", help="D-ODE: one learned scalar per evaluation on a classic solver",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("artifact", help="artifact directory (writes ARTIFACT/solvers/dode-BASE-nfeN.json)")
-    p.add_argument("--base", type=lambda s: [v for v in s.split(",") if v],
+    p.add_argument("--base", type=names,
                    default=["ddim", "heun", "dpmpp-2m"],
                    help=f"comma list from {','.join(DODE_BASES)} (default ddim,heun,dpmpp-2m)")
-    p.add_argument("--nfe", type=_ints, default=[3, 4, 5, 6, 8, 10])
+    p.add_argument("--nfe", type=ints, default=[3, 4, 5, 6, 8, 10])
     p.add_argument("--grid", default=None, help="base grid (default: the base's default grid)")
     p.add_argument("--scale", type=int, default=8, help="teacher steps per student interval (C)")
     p.add_argument("--teacher", default="dpmpp-2m", help="teacher solver on the refined grid")
@@ -242,7 +214,7 @@ def add_parser(subparsers):
     return p
 
 
-def run(args):
+def run(args, command=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, sha, art = load_model(args.artifact, args.device)

@@ -1,5 +1,5 @@
 """`stride offline grids`: optimised time grids for classic solvers, the baselines a learned solver
-has to beat (research notes: GITS, Chen et al. ICML 2024; LD3, Tong et al. ICLR 2025).
+has to beat (GITS, Chen et al. ICML 2024; LD3, Tong et al. ICLR 2025).
 
 gits   dynamic programming over a fine candidate grid (the union of a uniform-in-t and a
        uniform-in-log-SNR grid, `--fine` intervals each). The cost of a step t_i -> t_j is the
@@ -28,22 +28,19 @@ import torch
 
 from stride_diffusion.solvers import make_table, sample, seeded_noise
 from stride_diffusion.solvers.grids import GRIDS, make_grid
-from stride_diffusion.solvers.learned import basis, searched_spec, searched_table, solver_to_json, write_solver
+from stride_diffusion.solvers.learned import (
+    basis,
+    searched_spec,
+    searched_table,
+    solver_to_json,
+    write_solver,
+)
 from stride_diffusion.solvers.schedules import F64
 
-from .dode import targets_at, teacher_trajectory
+from .argtypes import ints
+from .fitting import cpu_s, heldout, load_model, model_call, reference, rmse, targets_at, teacher_trajectory
 from .progress import Progress
-from .search import (
-    Student,
-    _ints,
-    cpu_s,
-    heldout,
-    load_model,
-    model_call,
-    optimise,
-    reference,
-    rmse,
-)
+from .search import Student, optimise
 from .seeds import SELECTION_BASE, seeds
 
 GRID_SOLVERS = ("euler", "ddim", "dpmpp-2m")
@@ -193,7 +190,7 @@ def add_parser(subparsers):
     p.add_argument("--solvers", default=None,
                    help=f"comma list from {','.join(GRID_SOLVERS)} (default: euler,dpmpp-2m for flow "
                         "models, ddim,dpmpp-2m otherwise; DDIM is Euler on a flow schedule)")
-    p.add_argument("--nfe", type=_ints, default=[3, 4, 5, 6, 8, 10])
+    p.add_argument("--nfe", type=ints, default=[3, 4, 5, 6, 8, 10])
     p.add_argument("--fine", type=int, default=40, help="GITS: intervals of each candidate grid")
     p.add_argument("--batch", type=int, default=256, help="GITS: fitting samples (the grid seed stream)")
     p.add_argument("--iters", type=int, default=150, help="LD3: iteration cap (stops on a plateau)")
@@ -206,7 +203,7 @@ def add_parser(subparsers):
     return p
 
 
-def run(args):
+def run(args, command=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, sha, _ = load_model(args.artifact)

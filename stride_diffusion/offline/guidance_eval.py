@@ -22,8 +22,9 @@ import torch
 
 from stride_diffusion.solvers.artifact import load_artifact, load_solvers, read_json, write_json
 from stride_diffusion.solvers.builders import make_table
+from stride_diffusion.solvers.secant import load_secant, secant_names
 
-from .evaluate import Protocol, make_seed_sets, sampling_code_version, secant_rows
+from .protocol import Protocol, make_seed_sets, sampling_code_version, secant_rows
 
 
 def _steps_of(tab) -> int:
@@ -168,16 +169,14 @@ def add_parser(subparsers):
     return p
 
 
-def run(a) -> int:
-    from stride_diffusion.solvers.secant import load_secant, secant_names
-
+def run(a, command=None) -> int:
     art = load_artifact(a.artifact)
     secants = a.secants.split(",") if a.secants else [
         s for s in secant_names(art.path) if load_secant(art.path, art.sha256, name=s).guidance_input]
     gt = evaluate_guidance(a.artifact, [float(v) for v in a.w.split(",")], a.n, a.seed_sets,
                            a.solvers.split(",") if a.solvers else None, [int(v) for v in a.steps.split(",")],
                            a.guided_dir, a.reference, secants, a.cache, threads=a.threads,
-                           command="stride offline eval-guidance " + " ".join(sys.argv[3:]))
+                           command=command)
     md = markdown(gt)
     (Path(a.artifact) / "eval-guidance.md").write_text(md + "\n")
     print(md)

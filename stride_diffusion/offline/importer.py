@@ -5,7 +5,9 @@
     import dit-checkpoint FILE  an official DiT / SiT `.pt` state dict (the DiT repository's key layout),
                                 mapped onto diffusers' DiTTransformer2DModel
 
-The artifact is stride's usual model.json + model.safetensors, plus decoder.safetensors for a VAE.
+The artifact is stride's usual model.json + model.safetensors, plus decoder.safetensors for a VAE
+and tiny_decoder.safetensors for an optional tiny decoder beside it (--tiny-decoder: an
+AutoencoderTiny folder, the TAESD layout; a request picks it with decoder=tiny).
 model.json's `adapter` section records what the network needs (solvers.adapters): kind and time
 map, output channels, null class, latent shape C x H x W, decoder, dtype, where the class names
 came from, and the sha256 of every source weight file. Everything is read and checked before
@@ -26,7 +28,14 @@ import torch
 from safetensors.torch import load_file
 
 from stride_diffusion.solvers.adapters import TIME_MAPS, adapter_class, dtype_name
-from stride_diffusion.solvers.artifact import MODEL_FORMAT, check_net_shape, fill, sha256_file, write_json, write_weights
+from stride_diffusion.solvers.artifact import (
+    MODEL_FORMAT,
+    check_net_shape,
+    fill,
+    sha256_file,
+    write_json,
+    write_weights,
+)
 from stride_diffusion.solvers.nets.diffusers_nets import set_time_freq_shift
 from stride_diffusion.solvers.schedules import FlowSchedule, VPSchedule
 
@@ -163,8 +172,39 @@ def _vae(vae_dir, latent_shape, dtype: str):
     return vae, rec, shas
 
 
+def _tiny_decoder(tiny_dir, latent_shape, dtype: str, vae) -> tuple:
+    """(AutoencoderTiny, tiny decoder record without weights, {file: sha256}) or Nones without one."""
+    if tiny_dir is None:
+        return None, None, {}
+    d = Path(tiny_dir)
+    if vae is None:
+        raise ValueError(f"--tiny-decoder {d}: a tiny decoder goes beside a latent model's VAE, and this model has "
+                         "none (--vae DIR, or a pipeline folder with vae/)")
+    cls, cfg, sd, shas = _model_folder(d, "tiny decoder")
+    if cls not in (None, "AutoencoderTiny"):
+        raise ValueError(f"{d}: a {cls} is not supported as a tiny decoder; allowed: ['AutoencoderTiny']")
+    cls = _diffusers().AutoencoderTiny
+    known = inspect.signature(cls.__init__).parameters  # its config also records a derived block_out_channels
+    tiny = fill(cls.from_config({k: v for k, v in _clean(cfg).items() if k in known}), sd, str(d))
+    if tiny.config.latent_channels != latent_shape[0]:
+        raise ValueError(f"{d}: the tiny decoder has latent_channels={tiny.config.latent_channels}, but the "
+                         f"network's latents have {latent_shape[0]} channels")
+    from stride_diffusion.solvers.adapters import TinyDecoder, VAEDecoder
+    dec = TinyDecoder(tiny, latent_shape, tiny.config.scaling_factor, tiny.config.shift_factor, dtype)
+    full = VAEDecoder.upscale(vae.config)
+    if dec.upscale(tiny.config) != full or tiny.config.out_channels != vae.config.out_channels:
+        raise ValueError(f"{d}: the tiny decoder makes {list(dec.image_shape)} images from these latents, the VAE "
+                         f"{[vae.config.out_channels, latent_shape[1] * full, latent_shape[2] * full]}")
+    config = {k: v for k, v in _clean(tiny.config).items() if k in known}
+    rec = {"kind": "tiny", "architecture": {"kind": "diffusers.AutoencoderTiny", "config": config},
+           "scaling_factor": dec.scaling_factor, "shift_factor": dec.shift_factor, "dtype": dtype,
+           "image_shape": list(dec.image_shape)}
+    return tiny, rec, shas
+
+
 def write_artifact(out: Path, name: str | None, net, arch_kind: str, schedule, param: str, adapter: dict,
-                   class_names: list, vae, decoder: dict | None, source: dict, command: str) -> Path:
+                   class_names: list, vae, decoder: dict | None, source: dict, command: str, tiny=None,
+                   tiny_decoder: dict | None = None) -> Path:
     """Check the adapter by one call, then write everything into a temporary folder renamed to `out`."""
     out = Path(out)
     if out.exists():
@@ -178,7 +218,7 @@ def write_artifact(out: Path, name: str | None, net, arch_kind: str, schedule, p
             raise ValueError(f"a pixel model needs 1 or 3 channels to make images, this one has {C}; "
                              "a latent model needs its VAE (--vae DIR)")
         decoder = {"kind": "identity"}
-    adapter = {**adapter, "decoder": decoder}
+    adapter = {**adapter, "decoder": decoder, **({"tiny_decoder": tiny_decoder} if tiny is not None else {})}
     model = adapter_class(adapter["kind"], adapter["time_map"])(
         net, schedule, param, shape, adapter["num_classes"], null_class=adapter["null_class"])
     with torch.no_grad():  # one evaluation: the network runs on these latents and gives their shape back
@@ -196,6 +236,9 @@ def write_artifact(out: Path, name: str | None, net, arch_kind: str, schedule, p
         rec = write_weights(tmp / "model.safetensors", net.state_dict(), adapter["dtype"])
         if vae is not None:
             decoder["weights"] = write_weights(tmp / "decoder.safetensors", vae.state_dict(), decoder["dtype"])
+        if tiny is not None:
+            tiny_decoder["weights"] = write_weights(tmp / "tiny_decoder.safetensors", tiny.state_dict(),
+                                                    tiny_decoder["dtype"])
         meta = {
             "format": MODEL_FORMAT, "name": name or out.name, "architecture": arch, "schedule": schedule.to_json(),
             "param": param,
@@ -242,7 +285,7 @@ def _shape(arg, default) -> list:
 # -- import diffusers ---------------------------------------------------------------------------------
 
 def import_diffusers(src, out, *, name=None, dtype="float32", null_class=None, class_names=None, vae=None,
-                     latent_shape=None, prediction_type=None, time_map=None, command="") -> Path:
+                     latent_shape=None, prediction_type=None, time_map=None, command="", tiny_decoder=None) -> Path:
     d = Path(src)
     if not d.is_dir():
         raise ValueError(f"{d} is not a folder")
@@ -304,10 +347,12 @@ def import_diffusers(src, out, *, name=None, dtype="float32", null_class=None, c
     shape = _shape(latent_shape, default_shape)
     names, names_src = _class_names(num_classes, class_names, id2label)
     v, dec, vshas = _vae(vae, shape, dtype)
+    tiny, tdec, tshas = _tiny_decoder(tiny_decoder, shape, dtype, v)
     adapter = _adapter(kind, time_map, c.out_channels, num_classes, null_class, shape, dtype, names_src, rows,
-                       network=cls, sources=({**shas, **vshas}))
+                       network=cls, sources=({**shas, **vshas, **tshas}))
     source = {"kind": "diffusers", "path": str(d.resolve()), "scheduler": sched_cfg}
-    return write_artifact(Path(out), name, net, arch_kind, schedule, param, adapter, names, v, dec, source, command)
+    return write_artifact(Path(out), name, net, arch_kind, schedule, param, adapter, names, v, dec, source, command,
+                          tiny, tdec)
 
 
 # -- import dit-checkpoint -------------------------------------------------------------------------------
@@ -346,7 +391,8 @@ def dit_to_diffusers(sd: dict, depth: int) -> dict:
 
 
 def import_dit_checkpoint(file, out, *, name=None, schedule="vp", vae=None, dtype="float32", null_class=None,
-                          class_names=None, heads=None, latent_shape=None, time_map=None, command="") -> Path:
+                          class_names=None, heads=None, latent_shape=None, time_map=None, command="",
+                          tiny_decoder=None) -> Path:
     f = Path(file)
     if not f.is_file():
         raise ValueError(f"{f}: no such file")
@@ -385,10 +431,53 @@ def import_dit_checkpoint(file, out, *, name=None, schedule="vp", vae=None, dtyp
     shape = _shape(latent_shape, (C, side, side))
     names, names_src = _class_names(rows - 1, class_names, None)
     v, dec, vshas = _vae(vae, shape, dtype)
+    tiny, tdec, tshas = _tiny_decoder(tiny_decoder, shape, dtype, v)
     adapter = _adapter(kind, time_map, out_ch, rows - 1, null_class, shape, dtype, names_src, rows,
                        network="DiT checkpoint", time_freq_shift=0,
-                       sources={f.name: sha256_file(f), **vshas})
+                       sources={f.name: sha256_file(f), **vshas, **tshas})
     source = {"kind": "dit-checkpoint", "path": str(f.resolve())}
     return write_artifact(Path(out), name, net, "diffusers.DiTTransformer2DModel", sched, param, adapter, names, v, dec,
-                          source, command)
+                          source, command, tiny, tdec)
 
+
+# -- CLI ---------------------------------------------------------------------------------------------
+
+def add_parser(subparsers):
+    im = subparsers.add_parser("import", help="a pretrained network (diffusers folder, DiT/SiT checkpoint) -> an artifact")
+    isub = im.add_subparsers(dest="source", required=True)
+    idf = isub.add_parser("diffusers", help="a diffusers pipeline or model folder (DiT, class-conditional UNet2DModel)")
+    idf.add_argument("dir")
+    idf.add_argument("--prediction-type", default=None,
+                     help="override the scheduler's (epsilon, v_prediction, sample)")
+    idk = isub.add_parser("dit-checkpoint", help="an official DiT / SiT .pt state dict (DiT repository layout)")
+    idk.add_argument("file")
+    idk.add_argument("--schedule", default="vp", help="vp (DiT) or flow (SiT)")
+    idk.add_argument("--heads", type=int, default=None, help="attention heads (default: from the hidden size)")
+    for q in (idf, idk):
+        q.add_argument("--name", required=True, help="the model's name (the artifact folder's)")
+        q.add_argument("--out", default=None, help="artifact directory (default artifacts/NAME)")
+        q.add_argument("--vae", default=None, help="AutoencoderKL folder (a pipeline's vae/ is found by itself)")
+        q.add_argument("--tiny-decoder", default=None, metavar="DIR",
+                       help="AutoencoderTiny folder (TAESD layout) kept beside the VAE; requests choose it with "
+                            "decoder=tiny")
+        q.add_argument("--dtype", default="fp32", help="network and decoder: fp32, bf16 or fp16")
+        q.add_argument("--null-class", type=int, default=None,
+                       help="the network's label index of the CFG null class (default: num_classes)")
+        q.add_argument("--class-names", default=None, help="file: one name a line, or a JSON list")
+        q.add_argument("--latent-shape", default=None, help="C,H,W when not the config's (non-square allowed)")
+        q.add_argument("--time-map", default=None, help="check the kind's time map (discrete, reversed-flow)")
+    im.set_defaults(func=run)
+    return im
+
+
+def run(a, command=None) -> int:
+    out = a.out or f"artifacts/{a.name}"
+    kw = {"name": a.name, "dtype": a.dtype, "null_class": a.null_class, "class_names": a.class_names, "vae": a.vae,
+          "latent_shape": a.latent_shape, "time_map": a.time_map, "command": command,
+          "tiny_decoder": a.tiny_decoder}
+    if a.source == "diffusers":
+        path = import_diffusers(a.dir, out, prediction_type=a.prediction_type, **kw)
+    else:
+        path = import_dit_checkpoint(a.file, out, schedule=a.schedule, heads=a.heads, **kw)
+    print(f"wrote {path}")
+    return 0

@@ -27,11 +27,10 @@ from pathlib import Path
 
 import torch
 
-from stride_diffusion.solvers import SOLVERS, make_table, sample, seeded_noise
+from stride_diffusion.solvers import SOLVERS, make_table, sample
 from stride_diffusion.solvers.grids import GRIDS
 from stride_diffusion.solvers.learned import (
     FORMS,
-    absolute,
     coef_matrix,
     default_form,
     grid_from_logits,
@@ -47,118 +46,25 @@ from stride_diffusion.solvers.learned import (
 )
 from stride_diffusion.solvers.schedules import F64
 
+from .argtypes import ints
+from .fitting import (
+    cfg_scale,
+    cpu_s,
+    device_of,
+    heldout,
+    interp,
+    load_model,
+    metrics_for,
+    reference,
+    references,
+    rmse,
+    trajectory,
+    unroll,
+)
 from .progress import Progress
-from .seeds import SELECTION_BASE, selection_set, stream_seed
+from .seeds import stream_seed
 
-# --- shared by search and dode ----------------------------------------------------------------------
-
-
-def _vec(v, n, dtype):
-    v = torch.as_tensor(v)
-    return (v.expand(n) if v.ndim == 0 else v).to(dtype)
-
-
-def model_call(model, y, t, s, labels, guidance=1.0):
-    """One (guided) model output for flat states y [B, D]; t, s scalars or [B] (may carry grad)."""
-    B = y.shape[0]
-    t, s, x = _vec(t, B, y.dtype), _vec(s, B, y.dtype), y.reshape(B, *model.shape)
-    if guidance == 1:
-        return model(x, t, s, labels).reshape(B, -1).to(y.dtype)
-    null = torch.full_like(labels, model.num_classes)  # both CFG branches in one call, as the executor
-    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([s, s]), torch.cat([labels, null]))
-    out = out.reshape(2 * B, -1)
-    d, u = out[:B].to(y.dtype), out[B:].to(y.dtype)
-    return u + guidance * (d - u)
-
-
-def coeffs_of(table) -> dict:
-    """A Table as the absolute-index coefficient dict `unroll` takes."""
-    return {"tau": table.tau, "s": table.s, "hx": table.hx, "hd": table.hd, "c": table.c,
-            "B": absolute(table), "init": torch.tensor(table.init, dtype=F64)}
-
-
-def unroll(model, co: dict, noise, labels, guidance=1.0, states=False):
-    """The table algebra of solvers.executor as plain (differentiable) torch ops: gradients reach
-    every coefficient and, through the network's time input, the evaluation times."""
-    Bn = noise.shape[0]
-    dt = noise.dtype
-    y = co["init"].to(dt) * noise.reshape(Bn, -1)
-    hs, ys = [], [y]
-    Bm, dense = co["B"], co["B"].requires_grad  # a learned B keeps its zeros in the graph
-    for k in range(len(co["tau"])):
-        d = model_call(model, y, co["tau"][k], co["s"][k], labels, guidance)
-        hs.append(co["hx"][k].to(dt) * y + co["hd"][k].to(dt) * d)
-        acc = [Bm[k, j].to(dt) * hs[j] for j in range(k + 1) if dense or Bm[k, j] != 0]
-        y = co["c"][k].to(dt) * y + sum(acc)
-        ys.append(y)
-    return ys if states else y
-
-
-def trajectory(model, table, noise, labels, guidance=1.0):
-    """(times [M], states [M, B, D]) of a classic table: the start and every distinct landing time
-    (for a time visited twice, as Heun's predictor and corrector, the later state)."""
-    with torch.no_grad():
-        ys = unroll(model, coeffs_of(table), noise, labels, guidance, states=True)
-    times, out = [float(table.tau[0])], [ys[0]]
-    for k, s in enumerate(table.s.tolist()):
-        if s == times[-1]:
-            out[-1] = ys[k + 1]
-        else:
-            times.append(s), out.append(ys[k + 1])
-    return torch.tensor(times, dtype=F64), torch.stack(out)
-
-
-def interp(times, states, t):
-    """The trajectory at time t (a scalar tensor, possibly with grad), linear between nodes."""
-    with torch.no_grad():
-        i = int(torch.searchsorted(-times, -t.detach().reshape(1), right=True).clamp(1, len(times) - 1))
-    t0, t1 = times[i - 1], times[i]
-    w = ((t0 - t.to(F64)) / (t0 - t1)).to(states.dtype)
-    return states[i - 1] + w * (states[i] - states[i - 1])
-
-
-def rmse(a, b) -> float:
-    d = a.reshape(a.shape[0], -1).double() - b.reshape(b.shape[0], -1).double()
-    return float(d.pow(2).mean().sqrt())
-
-
-def device_of(model) -> torch.device:
-    return torch.device(getattr(model, "device", "cpu"))
-
-
-def heldout(model, n: int, guidance=1.0, dtype=torch.float32):
-    """The selection set's first n seeds: what every fit keeps or compares its iterates on."""
-    dev = device_of(model)  # drawn on the CPU (seeded_noise), so the same on every device
-    noise = seeded_noise(selection_set(n), model.shape, device=dev, dtype=dtype)
-    labels = (torch.arange(n) % model.num_classes).to(dev)  # uniform classes
-    return noise, labels
-
-
-def reference(model, noise, labels, guidance=1.0, solver="dpmpp-3m/logsnr", nfe=128):
-    """A converged solution of the same ODE from the same noise (check with --ref-nfe x 2)."""
-    return sample(model, make_table(solver, model.schedule, model.param, nfe), noise, labels, guidance)
-
-
-def load_model(path, device="cpu"):
-    """(model, sha256 of its weights, artifact) via solvers.artifact (the network comes frozen)."""
-    from stride_diffusion.solvers.artifact import load_artifact
-
-    art = load_artifact(str(path), device)
-    return art.model, art.sha256, art
-
-
-def cfg_scale(art, cfg=None) -> float:
-    """The CFG-on metrics' scale: --cfg, else the artifact's default guidance, else 2."""
-    if cfg is not None:
-        return float(cfg)
-    from stride_diffusion.solvers.artifact import default_guidance
-
-    g = default_guidance(art)
-    return g if g != 1 else 2.0
-
-
-def cpu_s() -> float:
-    return time.process_time()
+# --- the search -------------------------------------------------------------------------------------
 
 
 class Lion:
@@ -180,9 +86,6 @@ class Lion:
             if p.grad is not None:
                 p.add_(torch.sign(b1 * m + (1 - b1) * p.grad), alpha=-self.lr)
                 m.mul_(b2).add_(p.grad, alpha=1 - b2)
-
-
-# --- the search -------------------------------------------------------------------------------------
 
 
 class Student:
@@ -361,15 +264,11 @@ def search(model, nfes, *, form=None, init="euler", restrict=False, iters=300, p
 # --- CLI --------------------------------------------------------------------------------------------
 
 
-def _ints(s):
-    return [int(v) for v in str(s).split(",") if v.strip()]
-
-
 def add_parser(subparsers):
     p = subparsers.add_parser("search", help="differentiable solver search: learned time grid + coefficients",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("artifact", help="artifact directory (writes ARTIFACT/solvers/searched-nfeN.json)")
-    p.add_argument("--nfe", type=_ints, default=[3, 4, 5, 6, 8, 10], help="comma list (default 3,4,5,6,8,10)")
+    p.add_argument("--nfe", type=ints, default=[3, 4, 5, 6, 8, 10], help="comma list (default 3,4,5,6,8,10)")
     p.add_argument("--form", choices=FORMS, default=None,
                    help="velocity (Euler-like, default for flow models) or x0 (DDIM-like, default otherwise)")
     p.add_argument("--init", choices=("euler", "best"), default="euler",
@@ -408,30 +307,7 @@ def add_parser(subparsers):
     return p
 
 
-def metrics_for(model, tab, vn, vl, ref, ref_cfg, cfg, classic=None, classic_cfg=None) -> dict:
-    """Held-out trajectory error of `tab` (CFG off and on) and, optionally, of the classic solvers."""
-    m = {"heldout_rmse": rmse(sample(model, tab, vn, vl), ref),
-         f"heldout_rmse_cfg{cfg:g}": rmse(sample(model, tab, vn, vl, cfg), ref_cfg),
-         "heldout_seeds": f"{SELECTION_BASE}..{SELECTION_BASE + len(vn) - 1}",
-         "heldout_labels": "i mod num_classes"}
-    if classic:
-        best = min(classic, key=classic.get)
-        m.update(classic=classic, best_classic=best, best_classic_rmse=classic[best])
-    if classic_cfg:
-        m[f"classic_cfg{cfg:g}"] = classic_cfg
-    return m
-
-
-def references(model, args):
-    """(noise, labels, ref, ref with CFG, ref vs its half-NFE solve) on the held-out seeds."""
-    vn, vl = heldout(model, args.val)
-    ref = reference(model, vn, vl, 1.0, args.ref, args.ref_nfe)
-    ref_cfg = reference(model, vn, vl, args.cfg, args.ref, args.ref_nfe)
-    conv = rmse(reference(model, vn, vl, 1.0, args.ref, args.ref_nfe // 2), ref)
-    return vn, vl, ref, ref_cfg, conv
-
-
-def run(args):
+def run(args, command=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, sha, art = load_model(args.artifact, args.device)
@@ -505,11 +381,3 @@ def _better_on_disk(path: Path, new: dict) -> bool:
         print(f"kept {path} (held-out rmse {old['metrics']['heldout_rmse']:.4f} <= "
               f"{new['metrics']['heldout_rmse']:.4f})")
     return keep
-
-
-def add_parsers(subparsers):
-    """offline/cli.py: `add_parsers(sub)` registers `search` and `dode`; dispatch with `a.func(a)`."""
-    from . import dode
-
-    add_parser(subparsers)
-    dode.add_parser(subparsers)

@@ -1,5 +1,5 @@
 """`stride offline secant ARTIFACT`: turn a flow model into a secant model (Liu & Yue 2025,
-arXiv 2505.14502; /work/shared/research/secant.md) and measure it.
+arXiv 2505.14502) and measure it.
 
 stride's time runs the other way from the paper's code: t = 1 is noise, t = 0 data,
 x_t = (1 - t) x0 + t eps, u = eps - x0 is the per-sample dx/dt, and a generation step goes from t to
@@ -35,8 +35,13 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from stride_diffusion.solvers.artifact import load_artifact, read_json, write_json
-from stride_diffusion.solvers.secant import LOSSES, load_secant, save_secant, secant_from_teacher, secant_table
+from stride_diffusion.solvers.artifact import default_guidance, load_artifact, read_json, write_json
+from stride_diffusion.solvers.builders import make_table
+from stride_diffusion.solvers.samplers import rows_per_image
+from stride_diffusion.solvers.secant import LOSSES, load_secant, save_secant, secant_from_teacher
+
+from .argtypes import float_pair, ints
+from .protocol import Protocol, make_seed_sets, mean_std, scores, secant_rows
 
 F64 = torch.float64
 
@@ -138,7 +143,7 @@ def student(net):
 
 @dataclass
 class Settings:
-    """The defaults are the recipe measured best on artifacts/digits (README); the CLI takes them."""
+    """The defaults are the recipe measured best on artifacts/digits (docs/results.md, "Secant models"); the CLI takes them."""
     loss: str = "sdei"
     n_steps: list = field(default_factory=lambda: [1, 2, 4, 8])  # sampling step counts trained for
     steps: int = 4000  # optimiser steps
@@ -297,29 +302,16 @@ def train_secant(artifact, st: Settings, name: str = "secant", ckpt_dir=None, re
 
 # -- evaluation ----------------------------------------------------------------------------------------
 
-def nfe_of(model, steps: int, guidance: float, interval=None) -> int:
-    """Network evaluations per sample, CFG rows included (a guided two-branch step costs 2)."""
-    if getattr(model, "guidance_input", False) or guidance == 1:
-        return steps
-    tab = secant_table(steps)
-    inside = [(interval is None or interval[0] <= float(t) <= interval[1]) for t in tab.tau]
-    return steps + sum(inside)
-
-
 def evaluate_secant(artifact, names=None, steps=(1, 2, 4, 8), compare=(), compare_nfe=(1, 2, 4, 8), n=None,
                     seed_sets=None, guidance=None, interval=None, reference=None,
                     cache=".cache/stride/eval", batch=500, write=True, log=None, device="cpu",
                     on="evaluation") -> dict:
-    """The secant rows through offline/evaluate.py's Protocol (same seeds, classes, classifier, cached
+    """The secant rows through offline/protocol.py's Protocol (same seeds, classes, classifier, cached
     reference and samples), optionally beside classic solvers; writes them into each <name>.json under
     'eval'. Unset n / seed sets / guidance / reference come from the artifact's eval.json, so the rows
     are comparable with its rows (FD's bias depends on n), else 500 x 3, the default guidance,
     dpmpp-3m/logsnr:128."""
     log = sys.stderr if log is None else log  # per call: a test may swap sys.stderr
-    from stride_diffusion.offline.evaluate import Protocol, _ms, make_seed_sets, scores, secant_rows
-    from stride_diffusion.solvers.artifact import default_guidance
-    from stride_diffusion.solvers.builders import make_table
-
     art = load_artifact(artifact, device)
     ev0 = art.eval or {}
     g = float(guidance if guidance is not None else ev0.get("guidance", default_guidance(art)))
@@ -344,11 +336,11 @@ def evaluate_secant(artifact, names=None, steps=(1, 2, 4, 8), compare=(), compar
         for k in compare_nfe:
             t0 = time.time()
             x = p.samples(make_table(solver, p.model.schedule, p.model.param, k), g)
-            r = p.row(solver, k, p.score(x, x_ref), {"evaluations": k * (1 if g == 1 else 2),
+            r = p.row(solver, k, p.score(x, x_ref), {"evaluations": k * rows_per_image(p.model, g),
                                                      "seconds": round(time.time() - t0, 1)})
             classic.append(r)
             print(f"{solver:>12} nfe {k:>2}  evals {r['evaluations']:>2}  {scores(r)}", file=log, flush=True)
-    ref_mean, ref_std = _ms(p.ref_fd) if p.ref_fd else (None, None)
+    ref_mean, ref_std = mean_std(p.ref_fd) if p.ref_fd else (None, None)
     ev = {"guidance": g, "guidance_interval": interval, "n": n, "seeds": on,
           "seed_sets": [{"first_seed": s[0], "count": len(s)} for s in p.sets],
           "labels": f"seed index i -> class i mod {p.K} (balanced)",
@@ -368,21 +360,12 @@ def evaluate_secant(artifact, names=None, steps=(1, 2, 4, 8), compare=(), compar
 
 # -- CLI ---------------------------------------------------------------------------------------------
 
-def _ints(s):
-    return [int(v) for v in s.split(",") if v]
-
-
-def _interval(s):
-    lo, hi = (float(v) for v in s.split(","))
-    return (lo, hi)
-
-
 def add_parser(subparsers):
     p = subparsers.add_parser("secant", help="convert a flow model into a secant model (few-step sampler)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("artifact")
     p.add_argument("--loss", default="sdei", choices=list(LOSSES))
-    p.add_argument("--steps", type=_ints, default=[1, 2, 4, 8],
+    p.add_argument("--steps", type=ints, default=[1, 2, 4, 8],
                    help="sampling step counts to train for, e.g. 4 or 1,2,4,8")
     p.add_argument("--name", default=None,
                    help="file stem in the artifact (default: secant for sdei, secant-<loss> otherwise)")
@@ -428,12 +411,12 @@ def add_parser(subparsers):
     e = p.add_argument_group("evaluation (after training, or alone with --eval-only)")
     e.add_argument("--no-eval", action="store_true")
     e.add_argument("--eval-only", action="store_true", help="measure the existing secant files; no training")
-    e.add_argument("--eval-steps", type=_ints, default=[1, 2, 4, 8])
+    e.add_argument("--eval-steps", type=ints, default=[1, 2, 4, 8])
     e.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the artifact's default)")
-    e.add_argument("--guidance-interval", type=_interval, default=None,
+    e.add_argument("--guidance-interval", type=float_pair, default=None,
                    help="lo,hi: guide only for lo <= t <= hi")
     e.add_argument("--compare", default="", help="classic solvers to measure beside it, e.g. euler,dpmpp-2m")
-    e.add_argument("--compare-nfe", type=_ints, default=[1, 2, 4, 8])
+    e.add_argument("--compare-nfe", type=ints, default=[1, 2, 4, 8])
     e.add_argument("--n", type=int, default=None, help="per seed set (default: eval.json's, else 500)")
     e.add_argument("--seed-sets", type=int, default=None, help="default: eval.json's, else 3")
     e.add_argument("--reference", default=None,
@@ -444,6 +427,7 @@ def add_parser(subparsers):
     e.add_argument("--on", choices=("evaluation", "selection"), default="evaluation",
                    help="selection: a recipe probe, measured on the selection seeds and written only to "
                         "--report (choices are made there; evaluation seeds are for reported rows)")
+    p.set_defaults(func=run)
     return p
 
 

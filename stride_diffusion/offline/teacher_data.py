@@ -13,6 +13,7 @@ import sys
 import torch
 
 from stride_diffusion.solvers.builders import make_table
+from stride_diffusion.solvers.contracts import device_of
 from stride_diffusion.solvers.executor import sample, seeded_noise
 
 POOL_SEED = 40_000_000
@@ -33,7 +34,7 @@ def teacher_pool(model, n: int, solver: str = "dpmpp-3m:32", batch: int = 64, se
     if n < 1:
         raise ValueError(f"--pool must be >= 1, got {n}")
     tab = make_table(name, model.schedule, model.param, int(nfe))
-    dev = model.device if hasattr(model, "device") else torch.device("cpu")
+    dev = device_of(model)
     labels = torch.arange(n) % model.num_classes
     xs = []
     for i in range(0, n, batch):

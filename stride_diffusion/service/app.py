@@ -2,7 +2,7 @@
 
 `create_app` wires the queue to the settings: the in-process queue and an in-process worker
 (embedded mode, no REDIS_URL), or Redis with a worker in this process too (role 'all') or not
-(role 'api').
+(role 'api'). Here, and only here, a request's `Outcome` becomes an HTTP status and a metric reason.
 """
 from __future__ import annotations
 
@@ -20,29 +20,40 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import openai_api, openapi, playground
 from .encode import MEDIA, Encoder
-from .jobs import Job, Result
+from .jobs import Job, Outcome, Result
 from .limits import Guard, request_id
 from .metrics import Metrics
 from .models import Registry, load_registry
 from .params import ApiError, GenerateParams, merge, parse
-from .queue import LocalQueue, Rejected
+from .queue import LocalQueue
 from .settings import Settings
+from .transport import Queue, Rejected, Transport
 from .worker import Worker
 
 log = logging.getLogger("stride.api")
 CANCEL_WAIT_S = 1.0  # how long a cancelled wait may take to unwind (redis-py can sit in a command)
+REJECTED_STATUS = 503  # not admitted (Rejected): answered with Retry-After
+# a request that did not end OK: the HTTP status it is answered with, and the rejected-metric reason
+FAILURES = {
+    Outcome.CANCELLED: (499, "cancelled"),
+    Outcome.EXPIRED: (504, "deadline"),
+    Outcome.FAILED: (500, "error"),
+    Outcome.REFUSED: (500, "error"),
+    Outcome.DEAD_LETTER: (500, "dead_letter"),
+    Outcome.LOST: (503, "lost"),  # not run: answered with Retry-After
+}
 
 class Service:
     def __init__(self, settings: Settings, registry: Registry | None = None):
         self.settings = settings
         api_only = settings.role == "api"  # the API needs metadata, not weights or a GPU
         self.registry = registry or load_registry(settings, "cpu" if api_only else settings.device, weights=not api_only)
-        self.encoder = Encoder(settings.encode_threads)
+        self.encoder = Encoder(settings.encode_threads, settings.png_level)
         self.metrics = Metrics()
         self.metrics.init_labels(self.registry, settings.steps)
-        self.queue = None
+        self.queue: Queue | None = None
         self.worker: Worker | None = None
-        self.transport = None
+        self.transport: Transport | None = None
         self._worker_task: asyncio.Task | None = None
         self.id_prefix, self.counter = uuid.uuid4().hex[:16] + "-", itertools.count()  # unique across API processes
 
@@ -50,9 +61,8 @@ class Service:
     async def lifespan(self, app):
         s, names = self.settings, self.registry.names()
         if s.embedded:
-            self.queue = LocalQueue(s)
+            self.queue = LocalQueue(s, names)
             self.worker = Worker(self.registry, s, self.queue, self.metrics, name="embedded")
-            self.queue.worker = self.worker
         else:
             from .redis_queue import RedisQueue, RedisWorkerTransport
 
@@ -61,7 +71,6 @@ class Service:
             if s.role == "all":
                 self.transport = RedisWorkerTransport(s, names, self.metrics)
                 self.worker = Worker(self.registry, s, self.transport, self.metrics, name=s.worker_id)
-                self.transport.worker = self.worker
                 await self.transport.start()
         if self.worker:
             self.metrics.worker_ready.set_function(lambda: float(self.worker.ready))
@@ -102,18 +111,18 @@ class Service:
         Failures raise ApiError."""
         now = time.time()
         job = Job(request_id(request.scope), p.entry.name, p.steps, p.solver, p.label, p.n, p.seed, p.guidance, p.format,
-                  now + self.settings.deadline_s, now, quality=p.quality)
+                  now + self.settings.deadline_s, now, quality=p.quality, decoder=p.decoder)
         retry = {"Retry-After": str(self.settings.retry_after_s)}
         try:
             await self.queue.submit(job)
         except Rejected as e:
             self.metrics.rejected.labels(e.reason).inc()
-            raise ApiError(e.status, e.detail, headers=retry) from None
+            raise ApiError(REJECTED_STATUS, e.detail, headers=retry) from None
         res = await self._wait_or_cancel(request, job)
-        if res.status != 200:
-            reason = {504: "deadline", 503: "lost"}.get(res.status, "dead_letter" if "dead-letter" in res.detail else "error")
+        if not res.ok:
+            status, reason = FAILURES[res.outcome]
             self.metrics.rejected.labels(reason).inc()
-            raise ApiError(res.status, res.detail, headers=retry if res.status == 503 else None)
+            raise ApiError(status, res.detail, headers=retry if res.outcome is Outcome.LOST else None)
 
         labels = (job.model, res.solver, str(job.steps))
         self.metrics.request_seconds.labels(*labels).observe(time.perf_counter() - t0)
@@ -241,8 +250,8 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     @app.get("/solvers", summary="Per model: the sampler chosen for each offered step count, its measured quality")
     async def solvers(request: Request):
         svc.check_key(request)
-        return {"models": {e.name: {"steps": e.choices(settings.steps), "available": ["auto", *e.solver_names()],
-                                    "eval": e.eval_rows} for e in svc.registry}}
+        return {"models": {e.name: {"steps": e.samplers.choices(settings.steps), "available": ["auto", *e.samplers.names()],
+                                    "eval": e.samplers.rows} for e in svc.registry}}
 
     @app.get("/healthz", summary="Liveness: the API process answers")
     async def healthz():

@@ -12,88 +12,63 @@ import logging
 import os
 import signal
 import sys
+from types import UnionType
+from typing import Annotated, Literal, Union, get_args, get_origin
 
-from pydantic import ValidationError
+from pydantic import AliasChoices, ValidationError
 
 from .settings import Settings
 
-# flag -> (settings field, metavar/type, help). The env var is STRIDE_<FIELD> (REDIS_URL also plain).
-FLAGS = [
-    ("--role", "role", None, ("all: API + worker in one process (over Redis when REDIS_URL is set, else an "
-                              "in-process queue); api | worker: separate processes, need REDIS_URL")),
-    ("--artifacts", "artifacts", "DIR", "artifact directories to serve (env: comma-separated)"),
-    ("--device", "device", "DEV", "torch device of the worker (cpu, cuda, cuda:1)"),
-    ("--dtype", "dtype", None, "network and decoder precision (fp32, bf16, fp16); default: the artifact's"),
-    ("--threads", "threads", int, "torch intra-op threads (default: all cores; role all on the CPU: all but one)"),
-    ("--host", "host", "ADDR", "bind address of the API and of the worker's metrics port"),
-    ("--port", "port", int, "API port"),
-    ("--max-batch", "max_batch", int, "rows per model call (an image is 2 rows with guidance)"),
-    ("--max-wait-ms", "max_wait_ms", float, "an idle worker waits this long from the oldest arrival to fill a batch"),
-    ("--queue-limit", "queue_limit", int, "requests queued or running per model before 503 + Retry-After"),
-    ("--deadline-s", "deadline_s", float, "per-request deadline; past it the request is answered 504 and dropped"),
-    ("--retry-after-s", "retry_after_s", int, "Retry-After on 503"),
-    ("--steps", "steps", "LIST", "offered step counts (NFE), e.g. 1,2,4,8"),
-    ("--default-steps", "default_steps", int, "steps when a request gives none"),
-    ("--max-images", "max_images", int, "largest n per request"),
-    ("--guidance-max", "guidance_max", float, "largest guidance scale accepted"),
-    ("--encode-threads", "encode_threads", int, "API process: threads encoding images"),
-    ("--update", "update", None, ("the fused update: auto (Triton on CUDA, torch elsewhere), torch, or triton "
-                                  "(also on the CPU, in Triton's interpreter: slow; for tests)")),
-    ("--variants", "variants", "LIST", ("secant networks to load, e.g. secant-pu,secant-tan (default: those the "
-                                        "auto-pick serves for the offered steps)")),
-    ("--api-key", "api_key", "KEY", ("require 'Authorization: Bearer KEY' (prefer the env var: flags show in "
-                                     "ps); /healthz, /readyz, /metrics stay open")),
-    ("--redis-url", "redis_url", "URL", "redis://[user:password@]host:port/db, or rediss:// for TLS"),
-    ("--redis-ca-cert", "redis_ca_cert", "PEM", "CA bundle to verify a rediss:// server"),
-    ("--key-prefix", "key_prefix", "P", "prefix of every Redis key"),
-    ("--worker-id", "worker_id", "ID", "consumer name in the group; keep it stable across restarts of one worker"),
-    ("--metrics-port", "metrics_port", int, "worker role: serve Prometheus metrics on this port"),
-    ("--heartbeat-s", "heartbeat_s", float, "worker heartbeat period (liveness TTL is 3x)"),
-    ("--claim-idle-ms", "claim_idle_ms", int, "re-claim entries idle this long (their worker died)"),
-    ("--max-deliveries", "max_deliveries", int, "deliveries before an entry goes to the dead-letter stream"),
-    ("--result-ttl-s", "result_ttl_s", int, "TTL of stored results"),
-    ("--drain-timeout-s", "drain_timeout_s", float, ("worker: on SIGTERM, finish the requests taken for at most "
-                                                     "this long, then exit; a second SIGTERM stops at once")),
-]
+
+def env_names(name: str) -> list[str]:
+    """The environment variables a setting reads: STRIDE_<NAME>, or its upper-case aliases (REDIS_URL)."""
+    alias = Settings.model_fields[name].validation_alias
+    if isinstance(alias, AliasChoices):
+        return sorted((c for c in alias.choices if isinstance(c, str) and c.isupper()), key=len)
+    return [f"{Settings.model_config['env_prefix']}{name.upper()}"]
 
 
-def _env(field: str) -> str:
-    return "REDIS_URL, STRIDE_REDIS_URL" if field == "redis_url" else f"STRIDE_{field.upper()}"
+def _flag(name: str, field) -> tuple[str, dict]:
+    """(flag, add_argument keywords) of one Settings field; service/settings.py documents the rules."""
+    extra = field.json_schema_extra or {}
+    flag = "--" + name.replace("_", "-")
+    if extra.get("hidden"):
+        return flag, {"help": argparse.SUPPRESS}
+    kind = field.annotation
+    args = [a for a in get_args(kind) if a is not type(None)] if get_origin(kind) in (Union, UnionType) else [kind]
+    kind = args[0] if len(args) == 1 else kind
+    while get_origin(kind) is Annotated:
+        kind = get_args(kind)[0]
+    shown = extra.get("shown_default", field.default)
+    if isinstance(shown, list):
+        shown = ",".join(map(str, shown))
+    elif isinstance(shown, bool):
+        shown = str(shown).lower()
+    kw = {"help": f"{field.description} [env {', '.join(env_names(name))}; default {shown}]"}
+    if kind is bool:
+        kw["action"] = argparse.BooleanOptionalAction
+    elif get_origin(kind) is Literal:
+        kw["choices"] = list(get_args(kind))
+    elif kind in (int, float):
+        kw.update(type=kind, metavar="N")
+    else:  # strings, lists (the settings split a comma list), secrets: validated by Settings
+        kw["metavar"] = extra.get("metavar")
+    if "nargs" in extra:
+        kw["nargs"] = extra["nargs"]
+    return flag, kw
 
 
 def parser() -> argparse.ArgumentParser:
-    defaults = Settings.model_fields
+    """Every Settings field as a flag (no default here: an unset flag leaves the env / default)."""
     p = argparse.ArgumentParser(
         prog="stride serve", argument_default=argparse.SUPPRESS, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Serve few-step diffusion sampling over HTTP. Flags override environment variables.",
         epilog="Endpoints: POST /generate, GET /models /solvers /healthz /readyz /metrics, OpenAPI at /docs.\n"
                "Workers in Redis mode serve their own /metrics on --metrics-port (gauge stride_worker_ready = 1 "
                "once warmed up).")
-    for flag, field, kind, help_ in FLAGS:
-        d = defaults[field]
-        shown = d.default if d.default_factory is None else "<hostname>-<pid>"
-        if field in ("steps", "artifacts") or field == "variants" and d.default:
-            shown = ",".join(map(str, d.default))
-        h = f"{help_} [env {_env(field)}; default {shown}]"
-        kw = {"help": h}
-        if field == "role":
-            kw["choices"] = ["all", "api", "worker"]
-        elif field == "dtype":
-            kw["choices"] = ["fp32", "bf16", "fp16"]
-        elif field == "update":
-            kw["choices"] = ["auto", "torch", "triton"]
-        elif field == "artifacts":
-            kw.update(nargs="+", metavar="DIR")
-        elif kind in (int, float):
-            kw.update(type=kind, metavar="N")
-        else:
-            kw["metavar"] = kind
-        p.add_argument(flag, dest=field, **kw)
-    p.add_argument("--no-warmup", dest="warmup", action="store_false",
-                   help="skip the warm-up of every (batch bucket, step count) before ready [env STRIDE_WARMUP=false]")
-    p.add_argument("--no-graphs", dest="graphs", action="store_false",
-                   help="CUDA: run the network eagerly instead of replaying CUDA graphs [env STRIDE_GRAPHS=false]")
-    p.add_argument("--test-model", dest="test_model", help=argparse.SUPPRESS)  # 'gmm[:delay_ms=N]': tests, benchmarks
+    for name, field in Settings.model_fields.items():
+        flag, kw = _flag(name, field)
+        p.add_argument(flag, dest=name, **kw)
     p.add_argument("--log-level", dest="log_level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -124,8 +99,7 @@ async def run_worker(settings: Settings):
     metrics = Metrics()
     metrics.init_labels(registry, settings.steps)
     transport = RedisWorkerTransport(settings, registry.names(), metrics)
-    worker = Worker(registry, settings, transport, metrics, name=settings.worker_id)
-    transport.worker = worker
+    worker = Worker(registry, settings, transport, metrics, name=settings.worker_id)  # attaches its hooks
     if settings.metrics_port is not None:
         metrics.worker_ready.set_function(lambda: float(worker.ready))
         start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)

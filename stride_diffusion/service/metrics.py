@@ -1,6 +1,6 @@
 """Prometheus metrics, one registry per process role.
 
-Labels come only from bounded sets: model (the served models), solver (classic + learned names),
+Labels come only from bounded sets: model (the served models), solver (the samplers' names),
 steps (the offered list), reason/code (fixed strings). Never the seed, class or request id.
 The API owns request-level series (it sees every outcome); the worker owns the compute series.
 In embedded mode one process holds both.
@@ -58,15 +58,15 @@ class Metrics:
                                    registry=r)
         self.dead_letters = Counter("stride_dead_letters_total", "Entries moved to the dead-letter stream",
                                     registry=r)
-        self.worker_results = Counter("stride_worker_results_total", "Results written by this worker, by status",
-                                      ["code"], registry=r)
+        self.worker_results = Counter("stride_worker_results_total", "Results written by this worker, by outcome "
+                                      "(ok, cancelled, expired, failed, refused)", ["outcome"], registry=r)
 
     def init_labels(self, registry, steps):
         """Create every bounded series up front so dashboards show zeros, not gaps."""
         for e in registry:
             for n in steps:  # the auto-picked sampler per offered step count: rate() sees the first request
                 try:
-                    labels = (e.name, e.resolve(n), str(n))
+                    labels = (e.name, e.samplers.resolve(n).name, str(n))
                 except ValueError:
                     continue
                 for m in (self.request_seconds, self.queue_seconds, self.compute_seconds, self.images):

@@ -8,7 +8,6 @@ the `openai` client sends with `extra_body=`. Errors use OpenAI's body
 """
 from __future__ import annotations
 
-import difflib
 import json
 import time
 from typing import ClassVar
@@ -17,6 +16,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
+from .labels import class_index, closest
 from .openapi import RESULT_HEADERS, RETRY_AFTER, sampler_branches
 from .params import SEED_MAX, ApiError, parse
 
@@ -131,22 +131,18 @@ class OpenAIError(ApiError):
 
 
 def match_class(prompt, names: list[str]) -> int:
-    """The class a prompt names: exact, then ignoring case and surrounding space."""
+    """The class a prompt names (`labels.class_index`); a prompt that names none gets the closest names."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise OpenAIError(400, f"prompt must be a class name, one of {names[:20]}{' ...' if len(names) > 20 else ''} "
                                "(GET /models lists them all)", "prompt", "missing_prompt")
-    if prompt in names:
-        return names.index(prompt)
-    low = [c.lower() for c in names]
-    key = prompt.strip().lower()
-    if key in low:
-        return low.index(key)
-    close = [names[low.index(c)] for c in difflib.get_close_matches(key[:100], low, n=5, cutoff=0.0)]  # bounded work
-    raise OpenAIError(400, f"prompt {prompt!r} is no class name of this model; closest: {close} "
-                           "(GET /models lists them all)", "prompt", "unknown_class")
+    try:
+        return class_index(names, prompt)
+    except ValueError:
+        raise OpenAIError(400, f"prompt {prompt!r} is no class name of this model; closest: {closest(names, prompt)} "
+                               "(GET /models lists them all)", "prompt", "unknown_class") from None
 
 
-def to_generate(body: dict, registry, settings) -> dict:
+def to_generate(body: dict, registry) -> dict:
     """An images/generations body as /generate fields (format json: one PNG per image)."""
     unknown = sorted(set(body) - set(FIELDS))
     if unknown:
@@ -191,7 +187,7 @@ async def generations(svc, request: Request) -> JSONResponse:
     try:
         svc.check_key(request)
         try:
-            p = parse(to_generate(await read_object(request), svc.registry, svc.settings), svc.registry, svc.settings)
+            p = parse(to_generate(await read_object(request), svc.registry), svc.registry, svc.settings)
         except ApiError as err:  # counted as /generate counts them
             svc.count_invalid(err)
             raise

@@ -16,9 +16,6 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse
 
-from stride_diffusion.solvers.builders import SOLVERS
-from stride_diffusion.solvers.grids import GRIDS
-
 from .params import FORMATS, NULLABLE, SEED_MAX, GenerateBody
 
 STATIC = Path(__file__).parent / "static" / "swagger-ui"
@@ -70,12 +67,16 @@ def _label(e) -> dict:
 
 
 def sampler_families(e, offered) -> list[tuple[list[str], list[int], tuple[float, float] | None]]:
-    """(solver names, the step counts they run at, their guidance range or None for any) of one model."""
-    classic = [*SOLVERS, *(f"{s}/{g}" for s in SOLVERS for g in GRIDS)]
-    out = [(["auto"], list(offered), None), (classic, list(offered), None)]
-    out += [([n], [t.nfe], None) for n, t in sorted(e.learned.items()) if t.nfe in offered]
-    out += [([v], list(offered), e.guidance_range(v)) for v in sorted(e.variants)]
-    return out
+    """(solver names, the step counts they run at, their guidance range or None for any) of one model:
+    'auto'; then one for the samplers of a network that serve every step count with the same guidance
+    range, and one for each sampler with step counts of its own (those offered)."""
+    groups = {}
+    for s in e.samplers:  # listed or not: a classic name with a grid is accepted too
+        steps = [n for n in offered if s.serves(n)]
+        if steps:
+            key = (s.network, s.guidance_range) if s.steps is None else (s.name,)
+            groups.setdefault(key, ([], steps, s.guidance_range))[0].append(s.name)
+    return [(["auto"], list(offered), None), *groups.values()]
 
 
 def sampler_branches(registry, settings, label_field: str, label_schema, extra=None) -> list[dict]:
@@ -124,7 +125,10 @@ def body_schema(registry, settings) -> dict:
     }
     for k, s in exact.items():
         props[k] = {**_nullable(k, s), "description": props[k].get("description", "")}
-    branches = sampler_branches(registry, settings, "class_label", _label)
+    decoders = {"type": "string", "enum": sorted({d for e in entries for d in e.decoders})}
+    props["decoder"] = {**_nullable("decoder", decoders), "description": props["decoder"].get("description", "")}
+    branches = sampler_branches(registry, settings, "class_label", _label,
+                                lambda e: {"decoder": {"enum": [*e.decoders, None]}})
     return {"type": "object", "properties": props, "required": ["class_label"], "additionalProperties": False,
             "anyOf": branches}
 

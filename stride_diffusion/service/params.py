@@ -11,8 +11,11 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, Field
 
+from stride_diffusion.solvers.samplers import SolverError
+
 from .encode import FORMATS
-from .models import ModelEntry, Registry, SolverError
+from .labels import class_index
+from .models import ModelEntry, Registry
 
 SEED_MAX = 2 ** 32 - 1
 _rng = random.Random(secrets.randbits(64))  # seeds need not be secret; os.urandom per request is slow on some VMs
@@ -31,6 +34,9 @@ class GenerateBody(BaseModel):
                                            "+ seeds)")
     quality: int | None = Field(None, description="jpeg / webp quality 1..100 (default 90)")
     model: str | None = Field(None, description="model name (GET /models); default the first")
+    decoder: str | None = Field(None, description="latents -> pixels: one of the model's `decoders` (GET /models); "
+                                                  "'tiny' where the model has a tiny decoder (faster, lower quality); "
+                                                  "default the model's own")
 
 
 FIELDS = tuple(GenerateBody.model_fields)
@@ -62,12 +68,12 @@ class GenerateParams:
     label: int
     n: int
     seed: int
-    seed_given: bool
     guidance: float
     steps: int
     solver: str  # resolved
     format: str
     quality: int | None = None
+    decoder: str | None = None  # None: the model's own
 
 
 def _no_duplicates(pairs):
@@ -163,45 +169,38 @@ def parse(raw: dict, registry: Registry, settings) -> GenerateParams:
     if "class_label" not in raw:
         raise ApiError(422, f"class_label is required: an integer in 0..{e.num_classes - 1} or one of "
                             f"{e.class_names}", "class_label", e.class_names)
-    label = raw["class_label"]
-    label = e.class_names.index(label) if isinstance(label, str) and label in e.class_names else label
-    if isinstance(label, float) and label.is_integer():
-        label = int(label)
-    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < e.num_classes:
-        raise ApiError(422, f"class_label must be an integer in 0..{e.num_classes - 1} or one of the class names "
-                            f"{e.class_names} (got {_show(raw['class_label'])})", "class_label", e.class_names)
+    try:
+        label = class_index(e.class_names, raw["class_label"])
+    except ValueError as err:
+        raise ApiError(422, f"{err} (got {_show(raw['class_label'])})", "class_label", e.class_names) from None
 
     n = _int("n", raw.get("n", 1), f"in 1..{settings.max_images}", [1, settings.max_images])
     if not 1 <= n <= settings.max_images:
         raise ApiError(422, f"n must be in 1..{settings.max_images} (got {n})", "n", [1, settings.max_images])
 
-    seed_given = "seed" in raw
-    seed = _int("seed", raw["seed"], f"in 0..{SEED_MAX}", [0, SEED_MAX]) if seed_given else _rng.randrange(2 ** 31)
+    seed = _int("seed", raw["seed"], f"in 0..{SEED_MAX}", [0, SEED_MAX]) if "seed" in raw else _rng.randrange(2 ** 31)
     if not 0 <= seed <= SEED_MAX:
         raise ApiError(422, f"seed must be in 0..{SEED_MAX} (got {seed})", "seed", [0, SEED_MAX])
 
     g = raw.get("guidance")
     guidance = e.default_guidance if g is None else _float("guidance", g, 0.0, settings.guidance_max)
 
-    solvers = ["auto", *e.solver_names()]
+    solvers = ["auto", *e.samplers.names()]
     solver = raw.get("solver", "auto")
     if not isinstance(solver, str) or not solver:
-        raise ApiError(422, f"solver must be 'auto' or one of {e.solver_names()} (got {_show(solver)})", "solver",
+        raise ApiError(422, f"solver must be 'auto' or one of {e.samplers.names()} (got {_show(solver)})", "solver",
                        solvers)
     offered = settings.steps
     if "steps" not in raw:
-        steps = e.learned[solver].nfe if solver in e.learned else settings.default_steps
+        steps = e.samplers.steps_for(solver, settings.default_steps)
     else:
         steps = _int("steps", raw["steps"], f"one of {offered}", offered)
     if steps not in offered:
         raise ApiError(422, f"steps must be one of {offered} (got {steps})", "steps", offered)
     try:
-        solver = e.resolve(steps, solver, guidance)
+        solver = e.samplers.resolve(steps, solver, guidance).name
     except SolverError as err:
-        rng = e.guidance_range(solver) if solver in e.variants else None
-        if rng is not None and not e.supports_guidance(solver, guidance):
-            raise ApiError(422, str(err), "guidance", list(rng)) from None
-        raise ApiError(422, str(err), "solver", solvers) from None
+        raise ApiError(422, str(err), err.field, solvers if err.allowed is None else err.allowed) from None
 
     fmt = raw.get("format", "png")
     if fmt not in FORMATS:
@@ -211,4 +210,10 @@ def parse(raw: dict, registry: Registry, settings) -> GenerateParams:
         quality = _int("quality", quality, "in 1..100", [1, 100])
         if not 1 <= quality <= 100:
             raise ApiError(422, f"quality must be in 1..100 (got {quality})", "quality", [1, 100])
-    return GenerateParams(e, label, n, seed, seed_given, guidance, steps, solver, fmt, quality)
+    decoder = raw.get("decoder")
+    if decoder is not None and (not isinstance(decoder, str) or decoder not in e.decoders):
+        raise ApiError(422, f"decoder must be one of {list(e.decoders)} for model {e.name} (got {_show(decoder)})",
+                       "decoder", list(e.decoders))
+    if decoder == e.decoder.kind:
+        decoder = None  # the model's own, named
+    return GenerateParams(e, label, n, seed, guidance, steps, solver, fmt, quality, decoder)

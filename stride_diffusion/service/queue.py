@@ -1,42 +1,35 @@
-"""Admission errors, and the in-process queue of embedded mode.
-
-Both transports (this one and `redis_queue`) give the API the same three calls — `submit`,
-`wait`, `status` — and the worker the same two — `fetch`, `complete` — so the API, the policy and
-the worker loop are one code path whichever queue sits between them.
-"""
+"""The in-process queue of embedded mode: the API-side `Queue` and the worker-side `Transport`
+(service/transport.py) in one object, between the API and the one worker of this process."""
 from __future__ import annotations
 
 import asyncio
 import time
 from collections import deque
 
-from .jobs import Job, Result
-
-WAIT_GRACE_S = 1.0  # the worker answers 504 at the deadline; the API stops waiting this much later
-
-
-class Rejected(Exception):
-    """Not admitted: the API answers `status` with Retry-After."""
-
-    def __init__(self, reason: str, detail: str, status: int = 503):
-        super().__init__(detail)
-        self.reason, self.detail, self.status = reason, detail, status
+from .jobs import Job, Outcome, Result
+from .transport import WAIT_GRACE_S, QueueStatus, Rejected, WorkerHooks
 
 
 class LocalQueue:
-    def __init__(self, settings):
-        self.settings = settings
+    def __init__(self, settings, models: list[str]):
+        self.settings, self.models = settings, list(models)
         self.queue: deque[Job] = deque()
         self.arrived = asyncio.Event()
         self.futures: dict[str, tuple[str, asyncio.Future]] = {}  # id -> (model, future): queued or running
-        self.worker = None  # set by the app: the one in-process worker
+        self.hooks: WorkerHooks | None = None  # the in-process worker
+
+    def attach(self, hooks: WorkerHooks):
+        self.hooks = hooks
+
+    def _ready(self) -> bool:
+        return bool(self.hooks and self.hooks.status()["ready"])
 
     # -- API side -------------------------------------------------------------------------------
     def depth(self, model: str) -> int:
         return sum(1 for m, _ in self.futures.values() if m == model)
 
     async def submit(self, job: Job):
-        if self.worker is None or not self.worker.ready:
+        if not self._ready():
             raise Rejected("no_worker", "the worker is not ready yet (warming up)")
         if self.depth(job.model) >= self.settings.queue_limit:
             raise Rejected("queue_full", f"queue full ({self.settings.queue_limit} requests queued or running)")
@@ -51,23 +44,24 @@ class LocalQueue:
         finally:
             if fut.done():
                 self.futures.pop(job.id, None)
-            else:  # the worker still answers (504 at the deadline); drop the bookkeeping then
+            else:  # the worker still answers (EXPIRED at the deadline); drop the bookkeeping then
                 fut.add_done_callback(lambda _f, i=job.id: self.futures.pop(i, None))
-        return fut.result() if fut.done() else Result(job.id, 504, "deadline passed while waiting for the worker")
+        if fut.done():
+            return fut.result()
+        return Result(job.id, Outcome.EXPIRED, "deadline passed while waiting for the worker")
 
     async def cancel(self, job: Job):
         """The client went away: forget it if still queued, else the worker drops it between steps."""
         if job in self.queue:
             self.queue.remove(job)
-            await self.complete(job, Result(job.id, 499, "cancelled by the client before it started"))
-        elif self.worker is not None:
-            self.worker.cancel(job.id)
+            await self.complete(job, Result(job.id, Outcome.CANCELLED, "cancelled by the client before it started"))
+        elif self.hooks is not None:
+            self.hooks.cancel(job.id)
 
-    async def status(self) -> dict:
-        ready = bool(self.worker and self.worker.ready)
-        models = self.worker.registry.names() if self.worker else []
-        return {"redis": None, "workers": {m: int(ready) for m in models},
-                "depth": {m: self.depth(m) for m in models}}
+    async def status(self) -> QueueStatus:
+        ready = self._ready()
+        return {"redis": None, "workers": {m: int(ready) for m in self.models},
+                "depth": {m: self.depth(m) for m in self.models}}
 
     # -- worker side ----------------------------------------------------------------------------
     async def fetch(self, count: int, timeout: float) -> list[Job]:
@@ -86,6 +80,9 @@ class LocalQueue:
         item = self.futures.get(job.id)
         if item and not item[1].done():
             item[1].set_result(result)
+
+    def drain(self):
+        pass  # what is queued stays for this process's worker: nothing else could run it
 
     async def start(self):
         pass

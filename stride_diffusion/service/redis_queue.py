@@ -1,4 +1,5 @@
-"""Redis Streams transport: the API side (`RedisQueue`) and the worker side (`RedisWorkerTransport`).
+"""Redis Streams: the API-side `Queue` (`RedisQueue`) and the worker-side `Transport`
+(`RedisWorkerTransport`) of service/transport.py.
 
 Keys, with P the key prefix (default 'stride'):
   P:requests:<model>   stream, consumer group 'workers'; an entry is one Job (field 'job')
@@ -37,13 +38,13 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError, ResponseError
 
-from .jobs import Job, Result
-from .queue import WAIT_GRACE_S, Rejected
+from .jobs import Job, Outcome, Result
+from .transport import WAIT_GRACE_S, QueueStatus, Rejected, WorkerHooks
 
 log = logging.getLogger("stride.redis")
 GROUP = "workers"
 POLL_S = 0.5  # API: re-read the result key this often even without a wake-up
-DOWN_GRACE_S = 2.0  # API: how long Redis may be unreachable while a request waits before a 503
+DOWN_GRACE_S = 2.0  # API: how long Redis may be unreachable while a request waits before it is LOST
 DLQ_MAXLEN = 10000
 CANCEL_POLL_S = 0.1  # worker: how often it looks for cancel markers of the requests it holds
 LONG_BLOCK_S = 0.2  # waits shorter than this are not left to Redis's blocking timeout (see fetch)
@@ -163,7 +164,7 @@ class RedisQueue:
             while True:
                 remaining = hard - time.time()
                 if remaining <= 0:
-                    return Result(job.id, 504, "deadline passed while waiting for a worker")
+                    return Result(job.id, Outcome.EXPIRED, "deadline passed while waiting for a worker")
                 try:
                     await asyncio.wait_for(ev.wait(), min(POLL_S if down_since is None else 0.2, remaining))
                 except asyncio.TimeoutError:
@@ -175,8 +176,8 @@ class RedisQueue:
                         # entry gone: either done a moment ago (the SET precedes XDEL) or lost with Redis
                         raw = await self.r.get(key)
                         if raw is None:
-                            return Result(job.id, 503, "the queue lost this request (Redis restarted without "
-                                                       "persistence?); it was not computed, retry")
+                            return Result(job.id, Outcome.LOST, "the queue lost this request (Redis restarted "
+                                                                "without persistence?); it was not computed, retry")
                     if raw is not None:
                         try:
                             await self.r.delete(key)
@@ -187,8 +188,8 @@ class RedisQueue:
                 except (RedisError, OSError) as e:
                     down_since = down_since or time.monotonic()
                     if time.monotonic() - down_since > DOWN_GRACE_S:
-                        return Result(job.id, 503, f"lost contact with the queue while waiting ({type(e).__name__}); "
-                                                   f"the request may not have run, retry")
+                        return Result(job.id, Outcome.LOST, f"lost contact with the queue while waiting "
+                                                            f"({type(e).__name__}); the request may not have run, retry")
         finally:
             self.waiters.pop(job.id, None)
 
@@ -199,7 +200,7 @@ class RedisQueue:
         except (RedisError, OSError) as e:
             log.warning("could not cancel %s (%s); it runs to the end", job.id, e)
 
-    async def status(self) -> dict:
+    async def status(self) -> QueueStatus:
         return {"redis": self.redis_ok, "workers": dict(self.live), "depth": dict(self.depths)}
 
     async def _listen(self):
@@ -258,10 +259,14 @@ class RedisQueue:
 
 
 class RedisWorkerTransport:
-    """Worker side: read (XREADGROUP), re-claim dead workers' entries (XAUTOCLAIM), answer, heartbeat."""
+    """Worker side: read (XREADGROUP), re-claim dead workers' entries (XAUTOCLAIM), answer, heartbeat.
+    Without attached hooks (a transport alone) it heartbeats as ready and claims one entry at a time."""
 
-    def __init__(self, settings, models: list[str], metrics, worker=None):
-        self.settings, self.models, self.metrics, self.worker = settings, list(models), metrics, worker
+    def __init__(self, settings, models: list[str], metrics):
+        self.settings, self.models, self.metrics = settings, list(models), metrics
+        self.hooks: WorkerHooks | None = None
+        self.held: dict[str, Job] = {}  # handed out by fetch, not completed yet: ours while we heartbeat
+        self.draining = False
         self.keys = Keys(settings.key_prefix)
         self.streams = [self.keys.stream(m) for m in self.models]
         self.consumer = settings.worker_id
@@ -270,6 +275,12 @@ class RedisWorkerTransport:
         self._tasks: list[asyncio.Task] = []
         self._closed = False
         self._leave = self.r.register_script(LEAVE)
+
+    def attach(self, hooks: WorkerHooks):
+        self.hooks = hooks
+
+    def drain(self):
+        self.draining = True
 
     async def start(self):
         await self._ensure_groups(retry=True)
@@ -309,6 +320,11 @@ class RedisWorkerTransport:
 
     # -- reading --------------------------------------------------------------------------------
     async def fetch(self, count: int, timeout: float) -> list[Job]:
+        jobs = await self._fetch(count, timeout)
+        self.held.update((j.id, j) for j in jobs)
+        return jobs
+
+    async def _fetch(self, count: int, timeout: float) -> list[Job]:
         if self.backlog:
             out, self.backlog = self.backlog[:count], self.backlog[count:]
             return out
@@ -381,7 +397,7 @@ class RedisWorkerTransport:
         while not self._closed:
             await asyncio.sleep(max(0.05, min(1.0, idle / 2e3)))
             try:
-                room = self.worker.capacity() if self.worker else 1
+                room = self.hooks.capacity() if self.hooks else 1
                 if room <= 0 or self.backlog:
                     continue
                 for s in self.streams:
@@ -400,12 +416,12 @@ class RedisWorkerTransport:
                 log.exception("reclaim failed")
 
     async def _watch_cancels(self):
-        """Cancel markers of the requests this worker holds: running ones leave the batch before the
-        next step (Worker.cancel), ones still in the backlog are answered without running."""
+        """Cancel markers of the requests this worker holds: handed-out ones leave the batch before
+        the next step (the worker's cancel hook), ones still in the backlog are answered without running."""
         while not self._closed:
             await asyncio.sleep(CANCEL_POLL_S)
             try:
-                jobs = (self.worker.held() if self.worker else []) + self.backlog
+                jobs = list(self.held.values()) + self.backlog
                 if not jobs:
                     continue
                 marks = await self.r.mget([self.keys.cancel(j.id) for j in jobs])
@@ -414,10 +430,11 @@ class RedisWorkerTransport:
                     continue
                 for j in [j for j in self.backlog if j.id in gone]:
                     self.backlog.remove(j)
-                    await self.complete(j, Result(j.id, 499, "cancelled by the client before it started"))
+                    await self.complete(j, Result(j.id, Outcome.CANCELLED, "cancelled by the client before it "
+                                                                           "started"))
                 for jid in gone:
-                    if self.worker:
-                        self.worker.cancel(jid)
+                    if self.hooks and jid in self.held:
+                        self.hooks.cancel(jid)
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError):
@@ -429,6 +446,12 @@ class RedisWorkerTransport:
     async def complete(self, job: Job, result: Result):
         """SET the result, wake the API, then XACK + XDEL: the entry is released only once the
         answer is stored. Retried while Redis is down, up to a minute past the deadline."""
+        try:
+            await self._complete(job, result)
+        finally:
+            self.held.pop(job.id, None)
+
+    async def _complete(self, job: Job, result: Result):
         give_up = job.deadline + 60
         delay = 0.05
         while True:
@@ -463,8 +486,8 @@ class RedisWorkerTransport:
                                    "worker": self.consumer, "time": str(time.time())},
                   maxlen=DLQ_MAXLEN, approximate=True)
         if job is not None:
-            res = Result(job.id, 500, f"request failed and was moved to the dead-letter stream {self.keys.dead!r}: "
-                                      f"{error}", worker=self.consumer)
+            res = Result(job.id, Outcome.DEAD_LETTER, f"request failed and was moved to the dead-letter stream "
+                                                      f"{self.keys.dead!r}: {error}", worker=self.consumer)
             pipe.set(self.keys.result(job.id), res.dumps(), ex=self.settings.result_ttl_s)
             if job.reply:
                 pipe.publish(job.reply, job.id)
@@ -477,7 +500,7 @@ class RedisWorkerTransport:
         hb = self.settings.heartbeat_s
         while not self._closed:
             try:
-                info = self.worker.status() if self.worker else {"ready": True, "models": self.models}
+                info = self.hooks.status() if self.hooks else {"ready": True, "models": self.models}
                 await self.r.set(self.keys.worker(self.consumer), json.dumps({**info, "time": time.time()}),
                                  px=int(max(3 * hb, 1.0) * 1000))
                 await self.r.sadd(self.keys.workers, self.consumer)
@@ -494,8 +517,8 @@ class RedisWorkerTransport:
         """Reset the idle time of the entries we hold and still own, so XAUTOCLAIM leaves them be."""
         held = {}
         # a draining worker runs no more of its backlog: let those entries idle out to other workers
-        backlog = [] if self.worker and self.worker.stopping else self.backlog
-        for j in (self.worker.held() if self.worker else []) + backlog:
+        backlog = [] if self.draining else self.backlog
+        for j in list(self.held.values()) + backlog:
             if j.entry:
                 held.setdefault(j.stream, set()).add(j.entry)
         for s, ids in held.items():

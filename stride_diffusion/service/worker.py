@@ -8,7 +8,9 @@ Two threads of control share the task table under one lock:
 - the event loop: intake from the transport (in-process queue or Redis), writing answers (raw uint8
   pixels: the API process encodes them), heartbeats.
 
-The same code runs over the in-process queue (embedded mode) and over Redis Streams.
+The same code runs over the in-process queue (embedded mode) and over Redis Streams: the worker
+calls a `transport.Transport` and hands it `WorkerHooks` (capacity, cancel, status), nothing more.
+Every answer is a Result with an `Outcome`; the API alone turns it into an HTTP status.
 """
 from __future__ import annotations
 
@@ -23,13 +25,14 @@ import numpy as np
 import torch
 
 from stride_diffusion.solvers.executor import Stepper, sample, seeded_noise
-from stride_diffusion.solvers.network import enable_tf32
+from stride_diffusion.solvers.network import enable_tf32, set_compile_cache
 
-from .engine import Engine
-from .jobs import Job, Result
+from .engine import Engine, FinishedImage
+from .jobs import Job, Outcome, Result
 from .metrics import Metrics
 from .models import Registry
 from .policy import Waiting, plan
+from .transport import Transport, WorkerHooks
 
 log = logging.getLogger("stride.worker")
 INTAKE_BLOCK_S = 0.5  # longest blocking read; new work wakes it at once (and it is under the Redis socket timeout)
@@ -56,8 +59,11 @@ class Task:
 
 
 class Worker:
-    def __init__(self, registry: Registry, settings, transport, metrics: Metrics, name: str = "worker"):
+    def __init__(self, registry: Registry, settings, transport: Transport | None, metrics: Metrics,
+                 name: str = "worker"):
         self.registry, self.settings, self.transport, self.metrics, self.name = registry, settings, transport, metrics, name
+        if transport is not None:
+            transport.attach(WorkerHooks(self.capacity, self.cancel, self.status))
         self.engine: Engine | None = None
         self.tasks: dict[str, Task] = {}
         self.ready = False
@@ -86,35 +92,47 @@ class Worker:
         if cuda:
             enable_tf32()
         # the networks come in the dtype the artifact records or --dtype asks for (cast when loaded)
+        if s.compile:
+            log.info("compile cache: %s", set_compile_cache(s.compile_cache))
         self.engine = Engine(self.registry, s.steps, s.device, self.metrics, None, s.graphs, buckets(s.max_batch),
-                             update=s.update)
+                             update=s.update, compile=s.compile, compile_mode=s.compile_mode, sdpa=s.sdpa,
+                             fuse_qkv=s.fuse_qkv)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            for net in self.engine.networks():  # CUDA graphs per (network, batch bucket), CFG rows included
+            for net in self.engine.networks():  # attention check, compile, CUDA graphs per (network, batch bucket)
                 net.capture()
+                log.info("network %s: attention kernels %s%s%s", type(net.inner).__name__, net.attention or "none",
+                         f", {net.fused} q/k/v projections fused" if net.fused else "",
+                         f", compiled ({net.compile_mode}) in {net.compile_seconds:.1f} s for buckets "
+                         f"{sorted(net.buckets)}" if net.compile_seconds is not None else "")
+            if s.compile or s.warmup:  # every decoder at batch 1 and 2 (compiled: its two graphs)
+                secs = self.engine.warm_decoders()
+                if s.compile:
+                    log.info("decoders compiled in %.1f s", secs)
             if not s.warmup:
                 return
             for e in self.registry:
-                for variant in ["", *e.variants]:  # the base network, then each secant network
-                    key = e.stepper_key(variant)
+                for network in e.samplers.networks(s.steps):  # the base network, then each own one (secant)
+                    key = e.network_key(network)
                     model = self.engine.steppers[key].model
-                    for b in buckets(s.max_batch):  # one model call per batch size the engine may form
+                    tables = [t for t in (self._warm_table(e, network, n) for n in s.steps) if t is not None]
+                    for b in buckets(s.max_batch) if tables else ():  # one model call per batch size the engine may form
                         st = Stepper(model, self.engine.steppers[key].window, s.device, update=s.update)
-                        st.add([self._warm_table(e, variant, s.steps[-1])] * b,
-                               seeded_noise(range(b), e.shape, device=s.device), [0] * b, 1.0)
+                        st.add([tables[-1]] * b, seeded_noise(range(b), e.shape, device=s.device), [0] * b, 1.0)
                         st.step()
-                    for n in s.steps:  # and every step count's table, end to end, and the decoder
-                        y = sample(model, self._warm_table(e, variant, n), seeded_noise([0], e.shape, device=s.device),
+                    for table in tables:  # and every step count's table, end to end, and the decoder
+                        y = sample(model, table, seeded_noise([0], e.shape, device=s.device),
                                    torch.zeros(1, dtype=torch.long), update=s.update)
                         self.engine.pixels(key, y)
         log.info("warm-up done in %.1f s (buckets %s, steps %s)", time.perf_counter() - t0, buckets(s.max_batch), s.steps)
 
     @staticmethod
-    def _warm_table(e, variant: str, n: int):
-        if variant:
-            return e.table(variant, n)
-        auto = e.resolve(n)
-        return e.table(e.default_solver(n) if auto in e.variants else auto, n)
+    def _warm_table(e, network: str, n: int):
+        """The table a warm-up runs on `network` at n steps: the auto-pick's where it runs there, else
+        the default's, else the first of the network's samplers that serves n (None: none does)."""
+        ss = e.samplers
+        s = next((s for s in (ss.best(n)[0], ss.default(n), *ss) if s.network == network and s.serves(n)), None)
+        return s.table(n) if s is not None else None
 
     def status(self) -> dict:
         return {"id": self.name, "ready": self.ready, "models": self.registry.names(), "steps": self.settings.steps,
@@ -128,14 +146,9 @@ class Worker:
         with self.lock:
             return self.settings.max_batch - self.engine.rows - self._waiting_rows()
 
-    def held(self) -> list[Job]:
-        """Jobs this worker owns (for the transport's ownership refresh)."""
-        with self.lock:
-            return [t.job for t in self.tasks.values()]
-
     def cancel(self, job_id: str):
         """The client went away: the step loop drops the request's rows before its next step (it
-        alone touches the engine mid-run) and answers it 499."""
+        alone touches the engine mid-run) and answers it CANCELLED."""
         with self.work:
             self.cancelled.add(job_id)
             self.work.notify()
@@ -150,6 +163,8 @@ class Worker:
             return
         self.stopping, self.ready = True, False
         self.metrics.worker_draining.set(1)
+        if self.transport is not None:
+            self.transport.drain()
         with self.work:
             self.work.notify()
 
@@ -217,11 +232,13 @@ class Worker:
             return
         try:
             entry = self.registry[job.model]
-            table = entry.table(job.solver, job.steps)
+            sampler = entry.samplers[job.solver]
+            table = sampler.table(job.steps)
         except Exception as e:  # API and worker disagree on models/solvers: a configuration error
-            self._answer(Task(job, None, 1), Result(job.id, 500, f"worker {self.name} cannot run this request: {e}"))
+            self._answer(Task(job, None, 1), Result(job.id, Outcome.REFUSED,
+                                                    f"worker {self.name} cannot run this request: {e}"))
             return
-        rows = entry.rows_per_guided_image(job.solver) if job.guidance != 1 else 1
+        rows = sampler.rows_per_image(job.guidance)
         self.tasks[job.id] = Task(job, table, rows)
 
     def _answer(self, t: Task, result: Result):  # under the lock, from either thread
@@ -243,7 +260,7 @@ class Worker:
     async def _deliver(self, t: Task, result: Result):
         try:
             await self.transport.complete(t.job, result)
-            self.metrics.worker_results.labels(str(result.status)).inc()
+            self.metrics.worker_results.labels(result.outcome.value).inc()
         except Exception:
             log.exception("could not deliver the result of %s", t.job.id)
         finally:
@@ -276,21 +293,21 @@ class Worker:
                     log.exception("step failed")
                     with self.lock:
                         for jid in list(self.engine.jobs):
-                            self._answer(self.tasks[jid], Result(jid, 500, f"model call failed: {type(e).__name__}: "
-                                                                          f"{e}", worker=self.name))
+                            self._answer(self.tasks[jid], Result(jid, Outcome.FAILED, f"model call failed: "
+                                                                 f"{type(e).__name__}: {e}", worker=self.name))
                         self.engine.reset()
                     continue
                 self._collect(done)
 
-    def _collect(self, done):
+    def _collect(self, done: list[FinishedImage]):
         finished = []
         with self.lock:
             self.engine.release(done)
-            for jid, i, y in done:
-                t = self.tasks.get(jid)
+            for img in done:
+                t = self.tasks.get(img.job_id)
                 if t is None or t.answered:
                     continue
-                t.done[i] = y
+                t.done[img.index] = img.pixels
                 if len(t.done) == t.job.n:
                     t.answered = True
                     finished.append(t)
@@ -305,8 +322,8 @@ class Worker:
             t = self.tasks.get(jid)
             if t is not None and not t.answered:
                 self.engine.drop(jid)
-                self._answer(t, Result(jid, 499, f"cancelled by the client after {len(t.done)} of {t.job.n} images",
-                                       worker=self.name))
+                self._answer(t, Result(jid, Outcome.CANCELLED, f"cancelled by the client after {len(t.done)} of "
+                                                               f"{t.job.n} images", worker=self.name))
         self.cancelled.clear()
         for t in list(self.tasks.values()):  # running requests: the deadline is checked before every step
             if not t.answered and t.next > 0 and now >= t.job.deadline:
@@ -329,5 +346,5 @@ class Worker:
     def _expire(self, t: Task, now: float):  # under the lock
         self.engine.drop(t.job.id)
         where = "before it was started" if t.next == 0 else f"after {len(t.done)} of {t.job.n} images"
-        self._answer(t, Result(t.job.id, 504, f"deadline passed {where}; the request was dropped, not finished",
-                               worker=self.name, queue_ms=1e3 * ((t.started or now) - t.job.enqueued)))
+        self._answer(t, Result(t.job.id, Outcome.EXPIRED, f"deadline passed {where}; the request was dropped, "
+                               "not finished", worker=self.name, queue_ms=1e3 * ((t.started or now) - t.job.enqueued)))

@@ -1,7 +1,8 @@
 """stride's inference core: schedules, parameterisations, grids, coefficient tables, the executor."""
 from .analytic import GaussianMixture
 from .builders import SOLVERS, build, make_table, theoretical_order
-from .executor import Stepper, sample, seeded_noise
+from .contracts import Denoiser
+from .executor import StepOutput, Stepper, sample, seeded_noise
 from .grids import make_grid
 from .param import PARAMS, convert
 from .schedules import EDMSchedule, FlowSchedule, Schedule, VPLinearSchedule, VPSchedule, schedule_from_json
@@ -10,10 +11,12 @@ from .table import Table
 __all__ = [
     "PARAMS",
     "SOLVERS",
+    "Denoiser",
     "EDMSchedule",
     "FlowSchedule",
     "GaussianMixture",
     "Schedule",
+    "StepOutput",
     "Stepper",
     "Table",
     "VPLinearSchedule",

@@ -16,7 +16,11 @@ from .schedules import F64, Schedule
 
 
 class GaussianMixture:
+    """A model (solvers.contracts) without weights: guidance by two CFG branches."""
+
     guidance_input = False
+    guidance_range = None
+    net = None
 
     def __init__(self, schedule: Schedule, param: str, means, scales, classes, weights=None, shape=None):
         self.schedule, self.param = schedule, param
@@ -57,15 +61,6 @@ class GaussianMixture:
         t = torch.as_tensor(t, dtype=F64).reshape(-1, 1)
         A, B = convert(self.param, "x0", self.schedule.alpha(t), self.schedule.sigma(t))
         return ((x0 - A * xf) / B).to(x.dtype).reshape(x.shape)  # the output whose x0 is exact
-
-    def sample_data(self, labels, generator=None) -> torch.Tensor:
-        labels = torch.as_tensor(labels, dtype=torch.long)
-        out = []
-        for c in labels.tolist():
-            idx = (self.classes == c).nonzero().flatten()
-            i = idx[torch.multinomial(self.weights[idx], 1, generator=generator)].item()
-            out.append(self.means[i] + self.scales[i] * torch.randn(self.means.shape[1], generator=generator, dtype=F64))
-        return torch.stack(out)
 
     def exact_solution(self, x, t, s, label):
         """The probability-flow ODE from (x, t) to time s; one component per class only."""

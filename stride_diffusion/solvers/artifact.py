@@ -2,6 +2,7 @@
 
     model.json / model.safetensors            the denoiser (format stride.model/1)
     decoder.safetensors                       an imported model's VAE, optional
+    tiny_decoder.safetensors                  its tiny decoder (AutoencoderTiny, TAESD), optional
     classifier.json / classifier.safetensors  the quality classifier (stride.classifier/1), optional
     solvers/<name>.json                       learned solvers, optional (see SOLVER_LOADERS)
     eval.json                                 quality per sampler x NFE (stride.eval/1), optional
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 import warnings
 from collections.abc import Callable
@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import learned
-from .adapters import DTYPES, Adapter, IdentityDecoder, VAEDecoder, adapter_class, dtype_name
+from .adapters import DTYPES, Adapter, IdentityDecoder, TinyDecoder, VAEDecoder, adapter_class, dtype_name
 from .nets import build_net
 from .nets.diffusers_nets import set_time_freq_shift
 from .param import check_param
@@ -251,6 +251,7 @@ class Artifact:
     classifier_meta: dict | None = None
     solvers: dict = field(default_factory=dict)  # name -> Table
     decoder: object = None  # finished samples -> images (solvers.adapters.decoders); identity by default
+    tiny_decoder: object = None  # the optional second decoder of a latent model (adapter 'tiny_decoder')
 
     @property
     def schedule(self) -> Schedule:
@@ -299,6 +300,9 @@ def load_artifact(path, device="cpu", dtype: str | None = None, weights: bool = 
                 null_class=ad.get("null_class"), dtype=dt)
     art = Artifact(path.name, path, model, meta, meta["weights"]["sha256"])
     art.decoder = read_decoder(path, meta, shape, str(where), device, dtype, weights)
+    tiny = (meta.get("adapter") or {}).get("tiny_decoder")
+    if tiny:
+        art.tiny_decoder = read_decoder(path, meta, shape, f"{where} (tiny_decoder)", device, dtype, weights, tiny)
     if weights and (path / "classifier.json").exists():
         where = path / "classifier.json"
         cm = read_json(where)
@@ -319,16 +323,18 @@ def load_artifact(path, device="cpu", dtype: str | None = None, weights: bool = 
 
 
 def read_decoder(path: Path, meta: dict, shape, where: str, device="cpu", dtype: str | None = None,
-                 weights: bool = True):
-    """The adapter section's `decoder` -> a decoder; none means identity over the data range."""
-    dec = (meta.get("adapter") or {}).get("decoder") or {"kind": "identity"}
+                 weights: bool = True, record: dict | None = None):
+    """A decoder record (default: the adapter section's `decoder`) -> a decoder; none means identity
+    over the data range."""
+    dec = record or (meta.get("adapter") or {}).get("decoder") or {"kind": "identity"}
     if dec.get("kind") == "identity":
         return IdentityDecoder(shape, meta["data"].get("range", (-1.0, 1.0)))
-    if dec.get("kind") == "vae":
+    cls = {"vae": VAEDecoder, "tiny": TinyDecoder}.get(dec.get("kind"))
+    if cls is not None:
         vae = read_net(path, dec, f"{where} (decoder)", device, weights)
-        return VAEDecoder(vae, shape, dec["scaling_factor"], dec.get("shift_factor"),
-                          dtype_name(dtype or dec.get("dtype", "float32")))
-    raise ValueError(f"{where}: unknown decoder kind {dec.get('kind')!r}; allowed: ['identity', 'vae']")
+        return cls(vae, shape, dec["scaling_factor"], dec.get("shift_factor"),
+                   dtype_name(dtype or dec.get("dtype", "float32")))
+    raise ValueError(f"{where}: unknown decoder kind {dec.get('kind')!r}; allowed: ['identity', 'tiny', 'vae']")
 
 
 def default_guidance(art: Artifact) -> float:
@@ -337,7 +343,3 @@ def default_guidance(art: Artifact) -> float:
         if src.get("default_guidance") is not None:
             return float(src["default_guidance"])
     return 1.0
-
-
-def param_count(net) -> int:
-    return sum(math.prod(p.shape) for p in net.parameters())

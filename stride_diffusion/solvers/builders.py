@@ -220,13 +220,12 @@ SOLVERS = tuple(BUILDERS)
 
 
 def default_grid(schedule: Schedule, solver: str) -> str:
-    """Per schedule family and solver, the grid with the lowest geometric-mean FD over NFE 3-10 on
-    the demo models' selection seeds (README, 'Defaults from measurement', which has the numbers).
-    Flow: uniform in t for every solver (DPM-Solver++ 2M 0.54 vs 0.70 on log-SNR, UniPC 0.44 vs 0.67,
-    DDIM 0.89 vs 2.50). VP: DDIM and DPM-Solver++ 2M uniform in t (their log-SNR grids break down at
-    NFE <= 4), UniPC EDM's rho-spacing, 3M log-SNR (the only grid measured); Euler, Heun, iPNDM in
-    rho-spacing (not re-measured). Other schedules (EDM, continuous VP), unmeasured: log-SNR for the
-    exponential integrators, rho-spacing for the rest."""
+    """Per schedule family and solver, the grid with the lowest mean FD over NFE 3-10 on the demo
+    models' selection seeds (docs/results.md tabulates the mean FD of every grid).
+    Flow: uniform in t for every solver. VP: DDIM and DPM-Solver++ 2M uniform in t (their log-SNR
+    grids break down at NFE <= 4), UniPC EDM's rho-spacing, 3M log-SNR (the only grid measured);
+    Euler, Heun, iPNDM in rho-spacing (not re-measured). Other schedules (EDM, continuous VP),
+    unmeasured: log-SNR for the exponential integrators, rho-spacing for the rest."""
     if schedule.name == "flow":
         return "uniform"
     if schedule.name == "vp":
@@ -249,8 +248,8 @@ def make_table(solver: str, schedule: Schedule, param: str, nfe: int, grid: str 
 
     `solver` may carry its grid as 'name/grid' (e.g. 'dpmpp-2m/logsnr'). Heun always ends with an
     Euler step, as EDM does: a corrector there would evaluate the model at t_min, where a velocity
-    (or eps) prediction is poorly determined (on the digits flow model it costs 10x in FD). So
-    nfe // 2 + 1 intervals, the first nfe - that many of them Heun steps.
+    (or eps) prediction is poorly determined. So nfe // 2 + 1 intervals, the first nfe - that many
+    of them Heun steps.
     """
     if "/" in solver:
         solver, grid = solver.split("/", 1)

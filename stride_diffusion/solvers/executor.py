@@ -1,9 +1,8 @@
 """The executor: one loop for every table and every model.
 
-A model is any callable `model(x, t, s, label) -> out` with attributes `schedule`, `param`,
-`num_classes` (label == num_classes is the null class of classifier-free guidance) and `shape`.
-A model with `guidance_input = True` takes the scale as a fifth argument and costs one evaluation
-per step; for the others both CFG branches go into one model call.
+A model is a `solvers.contracts.Denoiser`, `model(x, t, s, label[, w]) -> out` (the contract is
+written there). A model with `guidance_input = True` takes the scale as a fifth argument and costs
+one evaluation per step; for the others both CFG branches go into one model call.
 
 `Stepper` holds samples that may each run a different table and sit at a different step, so a
 server can let requests join and leave between steps; `sample` is the one-shot loop over it.
@@ -16,9 +15,11 @@ packed tensors (floats, indices), calls the model, and launches the update.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
+from .contracts import Denoiser, check_model, guidance_input
 from .table import Table
 from .update import update_fn
 
@@ -47,18 +48,26 @@ def table_rows(t: Table, window: int) -> list[list[float]]:
     return torch.cat([torch.stack([t.tau, t.s, t.hx, t.hd, t.c], 1), b], 1).tolist()
 
 
+class StepOutput(NamedTuple):
+    """The samples a step finished: their ids, and their states [F, *shape] on the device."""
+
+    ids: list
+    states: torch.Tensor
+
+
 class Stepper:
-    def __init__(self, model, window: int, device="cpu", dtype=torch.float32, update=None,
+    def __init__(self, model: Denoiser, window: int, device="cpu", dtype=torch.float32, update=None,
                  guidance_interval: tuple[float, float] | None = None):
         """update: the fused update, a callable or a name for `solvers.update.update_fn` ('auto',
         'torch', 'triton'; None reads STRIDE_UPDATE)."""
+        check_model(model)
         self.model, self.window = model, int(window)
         self.update = update if callable(update) else update_fn(update)
         self.device, self.dtype = torch.device(device), dtype
         self.cdtype = torch.float64 if dtype == torch.float64 else torch.float32
         self.guidance_interval = guidance_interval
         self.dim = math.prod(model.shape)
-        self.guidance_input = bool(getattr(model, "guidance_input", False))
+        self.guidance_input = guidance_input(model)
         self.pin = self.device.type == "cuda"
         # device state, one row per sample
         self.y = torch.zeros(0, self.dim, device=self.device, dtype=dtype)
@@ -75,11 +84,6 @@ class Stepper:
 
     def __len__(self):
         return len(self.ids)
-
-    @property
-    def active(self) -> int:
-        """Samples with evaluations left."""
-        return sum(k < n for k, n in zip(self.k, self.n))
 
     def _rows(self, t: Table) -> list:
         hit = self._tables.get(id(t))
@@ -169,20 +173,20 @@ class Stepper:
             v = getattr(self, name)
             setattr(self, name, [v[i] for i in keep])
 
-    def pop_done_batch(self) -> tuple[list, torch.Tensor]:
-        """Remove finished samples; returns (their ids, their states [F, *shape] on the device)."""
+    def pop_done_batch(self) -> StepOutput:
+        """Remove finished samples; returns their ids and their states [F, *shape] on the device."""
         done = [i for i, (k, n) in enumerate(zip(self.k, self.n)) if k >= n]
         if not done:
-            return [], self.y.new_zeros(0, *self.model.shape)
+            return StepOutput([], self.y.new_zeros(0, *self.model.shape))
         ids = [self.ids[i] for i in done]
         out = self.y.index_select(0, self._upload(done, torch.long)).reshape(len(done), *self.model.shape)
         self._keep([i for i, (k, n) in enumerate(zip(self.k, self.n)) if k < n])
-        return ids, out
+        return StepOutput(ids, out)
 
     def pop_done(self):
         """Remove finished samples; returns [(id, sample [*shape])]."""
-        ids, out = self.pop_done_batch()
-        return list(zip(ids, out))
+        done = self.pop_done_batch()
+        return list(zip(done.ids, done.states))
 
     def remove(self, ids):
         """Drop samples before they finish (an expired request)."""
@@ -206,7 +210,7 @@ def _host_list(v, B: int, kind) -> list:
 
 
 @torch.no_grad()
-def sample(model, tables, noise, labels, guidance=1.0, update=None, guidance_interval=None) -> torch.Tensor:
+def sample(model: Denoiser, tables, noise, labels, guidance=1.0, update=None, guidance_interval=None) -> torch.Tensor:
     """Run `tables` (one Table for all, or one per sample) from `noise` [B, *shape]."""
     B = noise.shape[0]
     if isinstance(tables, Table):

@@ -116,7 +116,7 @@ def secant_from_teacher(model, guidance_range=None):
 
 
 class SecantModel:
-    """A secant net as the executor's model (flow schedule on [0, 1], 'flow' output = average dx/dt).
+    """A secant net as a model (solvers.contracts; flow schedule on [0, 1], 'flow' output = average dx/dt).
 
     `guidance_input` models take the scale as a fifth argument (one evaluation per guided step);
     a request's scale should lie in `guidance_range` (the net clamps to it as a last guard)."""

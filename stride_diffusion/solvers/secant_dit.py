@@ -110,9 +110,9 @@ class SecantDiT(nn.Module):
     @classmethod
     def from_teacher(cls, model, guidance_range=None) -> SecantDiT:
         """`model`: an adapter (solvers.adapters) around a DiTTransformer2DModel with a flow time map."""
-        if getattr(model, "time_map", None) not in TIME_MAPS:
+        if model.time_map not in TIME_MAPS:
             raise ValueError(f"a DiT secant net needs a flow teacher (time map in {list(TIME_MAPS)}); this "
-                             f"model's is {getattr(model, 'time_map', None)!r} on the {model.schedule.name} "
+                             f"model's is {model.time_map!r} on the {model.schedule.name} "
                              "schedule: import a SiT checkpoint (`stride offline import dit-checkpoint FILE "
                              "--schedule flow`)")
         net = model.net

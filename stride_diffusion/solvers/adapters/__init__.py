@@ -16,14 +16,13 @@ null class, output channels, latent shape, decoder, dtype and class names; `ADAP
 the network.
 """
 from .base import DTYPES, Adapter, dtype_name
-from .decoders import IdentityDecoder, VAEDecoder
+from .decoders import IdentityDecoder, TinyDecoder, VAEDecoder
 from .discrete import DiscreteIndex, discrete_index
 from .reversed_flow import ReversedFlow
 from .stride_net import StrideNet
 
 ADAPTERS = {"stride": StrideNet, "dit": DiscreteIndex, "unet2d": DiscreteIndex, "sit": ReversedFlow}
 TIME_MAPS = sorted({cls.time_map for cls in ADAPTERS.values()})
-DECODERS = {"identity": IdentityDecoder, "vae": VAEDecoder}
 
 
 def adapter_class(kind: str, time_map: str | None = None):
@@ -40,7 +39,6 @@ def adapter_class(kind: str, time_map: str | None = None):
 
 __all__ = [
     "ADAPTERS",
-    "DECODERS",
     "DTYPES",
     "TIME_MAPS",
     "Adapter",
@@ -48,6 +46,7 @@ __all__ = [
     "IdentityDecoder",
     "ReversedFlow",
     "StrideNet",
+    "TinyDecoder",
     "VAEDecoder",
     "adapter_class",
     "discrete_index",

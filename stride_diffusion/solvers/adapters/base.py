@@ -1,19 +1,14 @@
-"""The contract every adapter implements, and the one place where dtype and shape are handled.
+"""The adapter base: a network trained elsewhere as stride's model, and the one place where dtype
+and shape are handled.
 
-A model, for the executor, the offline tools and the service, is
-
-    model(x, t, s, label) -> out
-
-x      [B, *shape] (or [B, prod(shape)]) float32 state; out has x's shape and dtype (float32)
-t, s   [B] or scalar stride times (s is the end time; only secant networks use it)
-label  [B] int64 class indices; label == num_classes is the null row of classifier-free guidance
-
-with attributes `schedule` (solvers.schedules.Schedule), `param` (eps | x0 | v | flow, what `out`
-is), `shape` (C, H, W; H != W allowed), `num_classes`, `secant`, `sha256` (of the weights) and
-`guidance_input = False` (both CFG branches go into one call). An adapter maps that onto one
-network convention: its time variable, its output, its null-class index and label dtype. The
-network may run in bfloat16 / float16 (`dtype`); the input is cast to it and the output back to
-float32, so solver state and coefficients never leave float32.
+An adapter is a model in the sense of `solvers.contracts` (the contract is written there):
+`model(x, t, s, label) -> out` with `schedule`, `param`, `num_classes`, `shape`, and
+`guidance_input = False` (both CFG branches go into one call), `guidance_range = None`, `net` (the
+wrapped network). On top of it an adapter carries `time_map` (its kind's time convention),
+`null_class` (the network's own null index), `secant`, `sha256` (of the weights), `device` and
+`dtype`. It maps the contract onto one network convention: its time variable, its output, its
+null-class index and label dtype. The network may run in bfloat16 / float16 (`dtype`); the input is
+cast to it and the output back to x's dtype, so solver state and coefficients never leave float32.
 """
 from __future__ import annotations
 
@@ -43,6 +38,7 @@ class Adapter:
     """Base adapter: subclasses define `forward(x, t, s, label)` on the network's own terms."""
 
     guidance_input = False
+    guidance_range = None
     time_map = "identity"
 
     def __init__(self, net, schedule: Schedule, param: str, shape, num_classes: int, *, secant: bool = False,
@@ -60,7 +56,7 @@ class Adapter:
         return next(self.net.parameters()).device
 
     def to_channels_last(self) -> Adapter:
-        """NHWC weights and inputs: ~1.4x faster small convolutions on CPU (oneDNN)."""
+        """NHWC weights and inputs: the layout in which oneDNN runs small convolutions fastest on the CPU."""
         if len(self.shape) == 3:
             self.net.to(memory_format=torch.channels_last)
             self.channels_last = True

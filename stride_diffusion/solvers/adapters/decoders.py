@@ -6,6 +6,13 @@
 Identity for pixel models (the data range is mapped onto [-1, 1]); a VAE for latent models:
 `vae.decode(z / scaling_factor + shift_factor)`, as diffusers' pipelines do (shift 0 when the VAE
 has none: the Stable Diffusion VAE). The VAE may run in bfloat16 / float16; its output is float32.
+A latent model may also carry a tiny decoder (`TinyDecoder`: diffusers' AutoencoderTiny, the TAESD
+layout) beside its VAE, which a request selects with decoder=tiny: a fraction of the VAE's cost, at
+a cost in quality (benchmarks/tiny_decoder.py measures it against the VAE on the same latents).
+
+`optimize` (the worker calls it once, at load): channels_last weights and inputs (cuDNN's fast
+layout for these convolutions on CUDA) and `torch.compile` of the decode, with the batch dimension
+dynamic (one graph for batch 1, one for every batch >= 2: decoded batches vary with what finishes).
 """
 from __future__ import annotations
 
@@ -43,14 +50,49 @@ class VAEDecoder:
         to_dtype(self.vae, self.dtype)
         self.scaling_factor, self.shift_factor = float(scaling_factor), float(shift_factor or 0.0)
         _, h, w = latent_shape
-        f = 2 ** (len(vae.config.block_out_channels) - 1)  # each down block but the last halves the size
+        f = self.upscale(vae.config)
         self.image_shape = (int(vae.config.out_channels), h * f, w * f)
+        self.channels_last, self.compiled = False, None
+
+    @staticmethod
+    def upscale(config) -> int:
+        return 2 ** (len(config.block_out_channels) - 1)  # each down block but the last halves the size
+
+    def optimize(self, channels_last: bool = False, compile: bool = False, compile_mode: str = "default"):
+        """channels_last weights and inputs; torch.compile of the decode (batch dimension dynamic)."""
+        if channels_last:
+            torch.nn.Module.to(self.vae, memory_format=torch.channels_last)
+            self.channels_last = True
+        if compile and self.compiled is None:
+            from stride_diffusion.solvers.network import compile_fn
+
+            self.compiled = compile_fn(self._decode, compile_mode, shapes=2, dynamic=None)
+        return self
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(z, return_dict=False)[0]
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         p = next(self.vae.parameters())
-        z = z.to(device=p.device, dtype=torch.float32) / self.scaling_factor + self.shift_factor
-        return self.vae.decode(z.to(p.dtype)).sample.float().clamp(-1, 1)
+        z = (z.to(device=p.device, dtype=torch.float32) / self.scaling_factor + self.shift_factor).to(p.dtype)
+        if self.channels_last:
+            z = z.contiguous(memory_format=torch.channels_last)
+        if self.compiled is not None:
+            torch._dynamo.maybe_mark_dynamic(z, 0)  # one graph for every batch >= 2
+            return self.compiled(z).float().clamp(-1, 1)
+        return self._decode(z).float().clamp(-1, 1)
 
     def to_json(self) -> dict:
         return {"kind": self.kind, "scaling_factor": self.scaling_factor, "shift_factor": self.shift_factor,
                 "dtype": self.dtype, "image_shape": list(self.image_shape)}
+
+
+class TinyDecoder(VAEDecoder):
+    """diffusers AutoencoderTiny's decoder half (TAESD): decodes the diffusion latents as they are
+    (its scaling factor is 1; diffusers' pipelines divide by it all the same, and so does this)."""
+
+    kind = "tiny"
+
+    @staticmethod
+    def upscale(config) -> int:
+        return int(config.upsampling_scaling_factor) ** (len(config.num_decoder_blocks) - 1)

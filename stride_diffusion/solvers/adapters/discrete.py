@@ -27,7 +27,7 @@ class DiscreteIndex(Adapter):
     time_map = "discrete"
 
     def __init__(self, net, schedule, param, shape, num_classes, **kw):
-        if getattr(schedule, "name", None) != "vp":
+        if schedule.name != "vp":
             raise ValueError(f"time map 'discrete' needs the discrete VP schedule, got {schedule!r}")
         super().__init__(net, schedule, param, shape, num_classes, **kw)
 

@@ -13,7 +13,7 @@ class ReversedFlow(Adapter):
     time_map = "reversed-flow"
 
     def __init__(self, net, schedule, param, shape, num_classes, **kw):
-        if getattr(schedule, "name", None) != "flow" or param != "flow":
+        if schedule.name != "flow" or param != "flow":
             raise ValueError(f"time map 'reversed-flow' needs the flow schedule and param, got {schedule!r}, {param!r}")
         super().__init__(net, schedule, param, shape, num_classes, **kw)
 

@@ -5,7 +5,7 @@ beyond torch.
 """
 from __future__ import annotations
 
-DIFFUSERS_CLASSES = ("DiTTransformer2DModel", "UNet2DModel", "AutoencoderKL")
+DIFFUSERS_CLASSES = ("DiTTransformer2DModel", "UNet2DModel", "AutoencoderKL", "AutoencoderTiny")
 PREFIX = "diffusers."
 
 

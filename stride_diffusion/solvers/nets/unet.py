@@ -4,9 +4,10 @@ Time is taken in the schedule's own units (flow t in [0, 1], VP t in (0, 1]) and
 `time_scale` before the sinusoidal embedding, so both schedules see DDPM-like frequencies. The
 class embedding has one extra row, index `num_classes`, the null class of classifier-free guidance.
 
-`secant: true` adds an end-time input s (issue #6): emb = temb(t) + gate * (temb2(s) - temb2(t)).
-The bracket is exactly zero at s = t, so f(x, t, t) is the instantaneous model whatever the
-weights; with temb2 a copy of temb and gate = 0 (`init_secant_from`), f(x, t, s) = v(x, t) for all s.
+`secant: true` adds the end-time input s of a secant model (solvers/secant.py):
+emb = temb(t) + gate * (temb2(s) - temb2(t)). The bracket is exactly zero at s = t, so f(x, t, t) is
+the instantaneous model whatever the weights; with temb2 a copy of temb and gate = 0
+(`init_secant_from`), f(x, t, s) = v(x, t) for all s.
 """
 from __future__ import annotations
 
