@@ -8,7 +8,7 @@ Sources: each demo artifact's `eval.json` (the main tables, the KID tables, `bes
 guidance tables), its secant files (`secant*.json`: recipe chain, iterations, CPU minutes) and
 `benchmarks/results/*.json`. The prose around the tables is `scripts/results_template.md`, where
 `{{name arg}}` stands for a table or a number computed here (see FILLERS). Nothing is typed twice:
-edit the template or re-run a measurement, then `--write`; `tests/test_results_doc.py` fails when the
+edit the template or re-run a measurement, then `--write`; `tests/deploy/test_results_doc.py` fails when the
 committed files and this script disagree.
 """
 from __future__ import annotations

@@ -15,7 +15,7 @@ ld3    only the grid is learned, by the solver search's loss and optimiser (offl
 
 Both write ordinary searched-form solver files (`gits-SOLVER-nfeN.json`, `ld3-SOLVER-nfeN.json`):
 a grid and the solver's coefficient matrix on it, which build exactly `builders.build(solver,
-grid)` (tests/test_learned.py checks it). Fitting samples come from the `grid` seed stream.
+grid)` (tests/offline/test_learned.py checks it). Fitting samples come from the `grid` seed stream.
 """
 from __future__ import annotations
 

@@ -99,7 +99,7 @@ def dpmpp(ctx: _Ctx, order: int = 2, lower_order_final: bool | None = None) -> T
 
     Third order: the reference code's D2 = (D1_0 - D1_1) / (r0 + r1) estimates h^2 x0''/2, while the
     phi_3 term of the exponential integrator multiplies h^2 x0''; as published the method measures
-    second order (tests/test_convergence.py). We use 2 * D2, which measures third order.
+    second order (tests/solvers/test_convergence.py). We use 2 * D2, which measures third order.
     """
     n, a, sg, lam = ctx.n, ctx.alpha, ctx.sigma, ctx.lam
     lof = _lower_order_final(n) if lower_order_final is None else lower_order_final

@@ -165,7 +165,7 @@ def test_quality_script_runs_at_tiny_size(tmp_path):
     import subprocess
     import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = tmp_path / "tiny.md"
     p = subprocess.run([sys.executable, "benchmarks/tiny_decoder.py", "--tiny", "--n", "6", "--batch", "3", "--reps", "1",
                         "--out", str(out)], cwd=root, capture_output=True, text=True, timeout=300, check=False)

@@ -11,7 +11,7 @@ import tarfile
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PARTS = ["setup", "check", "update-fp32", "update-bf16", "network", "service", "compile", "peers"]
 
 

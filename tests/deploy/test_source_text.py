@@ -8,7 +8,7 @@ import subprocess
 import tokenize
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OUTSIDE = re.compile(r"shared/research|\bresearch/\w+\.md|DESIGN\.md|\bissue #?\d+|(?<![\w/#])#\d+\b", re.IGNORECASE)
 FOLDERS = ("stride_diffusion", "benchmarks", "scripts", "tests", "docker", "deploy", "docs")
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 LIVE_SECTIONS = ("HTTP API",)  # `## ` sections whose curl commands and Python run against the demo server
 DEMO_PORT = "127.0.0.1:8000"
@@ -265,7 +265,7 @@ def check_command(cmd: list[str], known: dict, cwd: Path) -> Path:
     if tool in ("kubectl", "kustomize"):
         check_kube(tool, args, cwd)
         return cwd
-    pytest.fail(f"README command with no check in tests/test_readme.py: {shlex.join(cmd)}")
+    pytest.fail(f"README command with no check in tests/deploy/test_readme.py: {shlex.join(cmd)}")
 
 
 # -- tests ----------------------------------------------------------------------------------------------------

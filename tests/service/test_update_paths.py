@@ -64,7 +64,7 @@ def arts(tmp_path_factory) -> dict:
     # a class-conditional pixel UNet with v-prediction (the scheduler config says so)
     unet_pipeline(d / "unet-pipe", scheduler=ddim(prediction_type="v_prediction"))
     assert cli.main(["import", "diffusers", str(d / "unet-pipe"), "--name", "unet-v", "--out", str(d / "unet-v")]) == 0
-    # SiT: a DiT-layout checkpoint on the flow schedule (as tests/test_offline_imported.py builds it)
+    # SiT: a DiT-layout checkpoint on the flow schedule (as tests/offline/test_offline_imported.py builds it)
     from test_import import diffusers_to_dit
 
     net = tiny_dit(seed=3)
