@@ -66,3 +66,26 @@ def grid_from_scheduler(scheduler, n_train=1000) -> torch.Tensor:
     the last step lands on the chain's first index (set_alpha_to_one=False / final_sigmas_type='sigma_min')."""
     ts = [int(t) for t in scheduler.timesteps]
     return torch.tensor([(i + 1) / n_train for i in ts] + [1 / n_train], dtype=torch.float64)
+
+
+def diffusers_to_dit(sd: dict, depth: int) -> dict:
+    """The inverse of the importer's key map, written independently: DiT repository layout."""
+    b0 = "transformer_blocks.0.norm1.emb."
+    out = {"x_embedder.proj.weight": sd["pos_embed.proj.weight"], "x_embedder.proj.bias": sd["pos_embed.proj.bias"],
+           "t_embedder.mlp.0.weight": sd[b0 + "timestep_embedder.linear_1.weight"],
+           "t_embedder.mlp.0.bias": sd[b0 + "timestep_embedder.linear_1.bias"],
+           "t_embedder.mlp.2.weight": sd[b0 + "timestep_embedder.linear_2.weight"],
+           "t_embedder.mlp.2.bias": sd[b0 + "timestep_embedder.linear_2.bias"],
+           "y_embedder.embedding_table.weight": sd[b0 + "class_embedder.embedding_table.weight"],
+           "final_layer.adaLN_modulation.1.weight": sd["proj_out_1.weight"],
+           "final_layer.adaLN_modulation.1.bias": sd["proj_out_1.bias"],
+           "final_layer.linear.weight": sd["proj_out_2.weight"], "final_layer.linear.bias": sd["proj_out_2.bias"]}
+    for i in range(depth):
+        n, b = f"transformer_blocks.{i}.", f"blocks.{i}."
+        for p in ("weight", "bias"):
+            out[f"{b}attn.qkv.{p}"] = torch.cat([sd[f"{n}attn1.to_{c}.{p}"] for c in "qkv"])
+            out[f"{b}attn.proj.{p}"] = sd[f"{n}attn1.to_out.0.{p}"]
+            out[f"{b}mlp.fc1.{p}"] = sd[f"{n}ff.net.0.proj.{p}"]
+            out[f"{b}mlp.fc2.{p}"] = sd[f"{n}ff.net.2.{p}"]
+            out[f"{b}adaLN_modulation.1.{p}"] = sd[f"{n}norm1.linear.{p}"]
+    return out

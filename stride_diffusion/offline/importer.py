@@ -249,6 +249,11 @@ def write_artifact(out: Path, name: str | None, net, arch_kind: str, schedule, p
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         write_json(tmp / "model.json", meta)
+        # mkdtemp makes 0700 (and the files 0600 under a strict umask): a container running as another
+        # user, or a bind mount, could not read the artifact. World-readable as written, as `cp` would.
+        for f in tmp.iterdir():
+            f.chmod(0o644)
+        tmp.chmod(0o755)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

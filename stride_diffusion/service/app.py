@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from . import openai_api, openapi, playground
+from . import openai_api, openapi, playground, stream
 from .encode import MEDIA, Encoder
 from .jobs import Job, Outcome, Result
 from .limits import Guard, request_id
@@ -109,9 +109,7 @@ class Service:
         """Queue validated parameters, wait for the images (cancelled if the client goes away),
         record the metrics: the one path that /generate and /v1/images/generations share.
         Failures raise ApiError."""
-        now = time.time()
-        job = Job(request_id(request.scope), p.entry.name, p.steps, p.solver, p.label, p.n, p.seed, p.guidance, p.format,
-                  now + self.settings.deadline_s, now, quality=p.quality, decoder=p.decoder)
+        job = self.new_job(request, p)
         retry = {"Retry-After": str(self.settings.retry_after_s)}
         try:
             await self.queue.submit(job)
@@ -131,6 +129,11 @@ class Service:
         self.metrics.responses.labels("200").inc()
         return job, res
 
+    def new_job(self, request: Request, p: GenerateParams) -> Job:
+        now = time.time()
+        return Job(request_id(request.scope), p.entry.name, p.steps, p.solver, p.label, p.n, p.seed, p.guidance,
+                   p.format, now + self.settings.deadline_s, now, quality=p.quality, decoder=p.decoder)
+
     @staticmethod
     def stride_headers(job: Job, res: Result) -> dict:
         return {"X-Stride-Solver": res.solver, "X-Stride-NFE": str(res.nfe), "X-Stride-Queue-Ms": f"{res.queue_ms:.1f}",
@@ -138,6 +141,8 @@ class Service:
                 "X-Stride-Model": job.model, "X-Stride-Request-Id": job.id, "X-Stride-Guidance": f"{job.guidance:g}"}
 
     async def generate(self, request: Request) -> Response:
+        if stream.wants_stream(request):  # Accept: text/event-stream: the streamed answer (service/stream.py)
+            return await stream.generate(self, request)
         t0 = time.perf_counter()
         self.check_key(request)
         try:
@@ -241,6 +246,10 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     @app.post("/generate", summary="Generate images", response_class=Response)
     async def generate(request: Request):
         return await svc.generate(request)
+
+    @app.post("/generate/stream", include_in_schema=False)  # Server-Sent Events: service/stream.py
+    async def generate_stream(request: Request):
+        return await stream.generate(svc, request)
 
     @app.get("/models", summary="Served models: classes, shape, schedule, step counts")
     async def models(request: Request):

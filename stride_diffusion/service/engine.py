@@ -123,6 +123,16 @@ class Engine:
             if ids:
                 st.remove(ids)
 
+    def progress(self, job_ids) -> dict[str, int]:
+        """The fewest evaluations done by a running image of each job in `job_ids` (host lists: no
+        device sync)."""
+        out: dict[str, int] = {}
+        for st in self.steppers.values():
+            for (jid, _), k in zip(st.ids, st.k):
+                if jid in job_ids and k < out.get(jid, k + 1):
+                    out[jid] = k
+        return out
+
     def pixels(self, key: str, y: torch.Tensor, decoder: str | None = None) -> torch.Tensor:
         """Finished states [F, *shape] -> uint8 images [F, H, W, C] on the device, through the model's
         decoder named `decoder` (None: its own)."""

@@ -46,6 +46,7 @@ class Job:
     reply: str = ""  # Redis pub/sub channel of the waiting API
     quality: int | None = None  # jpeg / webp
     decoder: str | None = None  # the model's decoder to use (ModelEntry.decoders); None: its own
+    progress: bool = False  # streamed: the worker publishes step events on `reply` (service/stream.py)
     # worker-side bookkeeping, not serialised
     entry: str = field(default="", compare=False)
     stream: str = field(default="", compare=False)
@@ -61,6 +62,8 @@ class Job:
             d.pop(k)
         if d["decoder"] is None:  # absent: a worker of the previous version reads the job too
             del d["decoder"]
+        if not d["progress"]:
+            del d["progress"]
         return json.dumps(d)
 
     @classmethod

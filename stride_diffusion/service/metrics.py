@@ -34,6 +34,9 @@ class Metrics:
         self.rejected = Counter("stride_rejected_total", "Requests refused or failed, by reason", ["reason"],
                                 registry=r)
         self.queue_depth = Gauge("stride_queue_depth", "Requests queued or running", ["model"], registry=r)
+        self.streams = Counter("stride_stream_requests", "Streamed /generate requests admitted", registry=r)
+        self.stream_first_event_seconds = Histogram("stride_stream_first_event_seconds", "Streamed requests: "
+                                                    "arrival to the first event (queued)", buckets=LATENCY, registry=r)
         self.workers_live = Gauge("stride_workers_live", "Workers with a live heartbeat (ready ones)", ["model"],
                                   registry=r)
         # worker side

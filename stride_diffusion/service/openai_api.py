@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 
 from .labels import class_index, closest
 from .openapi import RESULT_HEADERS, RETRY_AFTER, sampler_branches
-from .params import SEED_MAX, ApiError, parse
+from .params import JSON_TYPES, SEED_MAX, ApiError, parse
 
 EXTRA_FIELDS = ("steps", "seed", "guidance", "solver")  # stride's, beside OpenAI's
 
@@ -114,7 +114,7 @@ def operation(registry, settings, auth: bool) -> dict:
 class OpenAIError(ApiError):
     """An ApiError whose body has OpenAI's shape; invalid values are 400 there, not 422."""
 
-    CODES: ClassVar[dict[int, str]] = {401: "invalid_api_key", 404: "model_not_found", 413: "request_too_large", 503: "unavailable",
+    CODES: ClassVar[dict[int, str]] = {401: "invalid_api_key", 404: "model_not_found", 413: "request_too_large", 415: "unsupported_media_type", 503: "unavailable",
              504: "timeout"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None, headers=None):
@@ -172,10 +172,15 @@ FIELDS = tuple(ImagesBody.model_fields)
 
 
 async def read_object(request: Request) -> dict:
+    raw = await request.body()
+    media = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+    if raw.strip() and media not in JSON_TYPES:
+        raise OpenAIError(415, f"the body must be JSON sent as 'Content-Type: application/json' (got "
+                               f"{(request.headers.get('content-type') or '')[:80]!r})", "content-type")
     try:
-        body = json.loads(await request.body() or b"null")
-    except (ValueError, UnicodeDecodeError) as err:
-        raise OpenAIError(400, f"body is not valid JSON: {err}") from None
+        body = json.loads(raw or b"null")
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:  # RecursionError: nested too deeply
+        raise OpenAIError(400, f"body is not valid JSON: {str(err)[:200]}") from None
     if not isinstance(body, dict):
         raise OpenAIError(400, f"body must be a JSON object with fields {list(FIELDS)}")
     return body

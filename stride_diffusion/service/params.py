@@ -181,6 +181,9 @@ def parse(raw: dict, registry: Registry, settings) -> GenerateParams:
     seed = _int("seed", raw["seed"], f"in 0..{SEED_MAX}", [0, SEED_MAX]) if "seed" in raw else _rng.randrange(2 ** 31)
     if not 0 <= seed <= SEED_MAX:
         raise ApiError(422, f"seed must be in 0..{SEED_MAX} (got {seed})", "seed", [0, SEED_MAX])
+    if seed + n - 1 > SEED_MAX:  # image i uses seed + i: every returned seed stays in range
+        raise ApiError(422, f"seed + n - 1 must be at most {SEED_MAX}: with n {n} the seed must be in "
+                            f"0..{SEED_MAX - n + 1} (got {seed})", "seed", [0, SEED_MAX - n + 1])
 
     g = raw.get("guidance")
     guidance = e.default_guidance if g is None else _float("guidance", g, 0.0, settings.guidance_max)

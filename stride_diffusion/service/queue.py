@@ -9,6 +9,8 @@ from collections import deque
 from .jobs import Job, Outcome, Result
 from .transport import WAIT_GRACE_S, QueueStatus, Rejected, WorkerHooks
 
+RATE_WINDOW_S = 60.0  # completions counted for a queued request's expected wait
+
 
 class LocalQueue:
     def __init__(self, settings, models: list[str]):
@@ -17,6 +19,8 @@ class LocalQueue:
         self.arrived = asyncio.Event()
         self.futures: dict[str, tuple[str, asyncio.Future]] = {}  # id -> (model, future): queued or running
         self.hooks: WorkerHooks | None = None  # the in-process worker
+        self.watchers: dict[str, asyncio.Queue] = {}  # id -> progress events of a streamed request
+        self.completed: deque[float] = deque()  # when requests were answered OK (the measured rate)
 
     def attach(self, hooks: WorkerHooks):
         self.hooks = hooks
@@ -63,6 +67,43 @@ class LocalQueue:
         return {"redis": None, "workers": {m: int(ready) for m in self.models},
                 "depth": {m: self.depth(m) for m in self.models}}
 
+    # -- progress of streamed requests (service/stream.py) ------------------------------------------
+    def watch(self, job: Job) -> asyncio.Queue:
+        """Progress events of `job` (dicts with an 'event' key) arrive on the returned queue."""
+        q = self.watchers[job.id] = asyncio.Queue()
+        return q
+
+    def unwatch(self, job: Job):
+        self.watchers.pop(job.id, None)
+
+    def watched(self, job_id: str) -> bool:
+        """Called by the worker's step thread: does anyone wait for this job's progress?"""
+        return job_id in self.watchers
+
+    def progress(self, events: list):
+        """On the event loop: [(job id, event)] from the worker."""
+        for jid, ev in events:
+            q = self.watchers.get(jid)
+            if q is not None:
+                q.put_nowait(ev)
+
+    def position(self, job: Job) -> tuple[int, float | None]:
+        """Requests of its model queued or running ahead of `job`, and the expected wait (s) at the
+        completion rate of the last RATE_WINDOW_S (None before two completions)."""
+        ahead = 0
+        for jid, (model, _) in self.futures.items():
+            if jid == job.id:
+                break
+            ahead += model == job.model
+        now = time.monotonic()
+        while self.completed and self.completed[0] < now - RATE_WINDOW_S:
+            self.completed.popleft()
+        if not ahead:
+            return 0, 0.0
+        if len(self.completed) < 2:
+            return ahead, None
+        return ahead, round(ahead * max(now - self.completed[0], 1e-3) / len(self.completed), 3)
+
     # -- worker side ----------------------------------------------------------------------------
     async def fetch(self, count: int, timeout: float) -> list[Job]:
         if not self.queue and timeout > 0:
@@ -80,6 +121,8 @@ class LocalQueue:
         item = self.futures.get(job.id)
         if item and not item[1].done():
             item[1].set_result(result)
+            if result.ok:
+                self.completed.append(time.monotonic())
 
     def drain(self):
         pass  # what is queued stays for this process's worker: nothing else could run it

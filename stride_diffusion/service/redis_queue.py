@@ -68,13 +68,27 @@ return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 """
 
 
-def connect(settings) -> aioredis.Redis:
+POOL_WAIT_S = 5.0  # a command waits this long for a free pooled connection before failing (queue_unavailable)
+WORKER_CONNECTIONS = 64  # a worker's concurrent commands: its blocking read, heartbeat, re-claims, answers
+
+
+def pool_size(settings, n_models: int) -> int:
+    """API side: one connection per request that may be in flight (queue_limit per model: its XADD and
+    result polls), plus the subscriber and the refresher; past it commands wait (BlockingConnectionPool)."""
+    return settings.queue_limit * max(1, n_models) + 8
+
+
+def connect(settings, max_connections: int = WORKER_CONNECTIONS) -> aioredis.Redis:
     """Fail fast: one quick retry (a pooled connection gone stale after a Redis restart), no
-    multi-second backoff; timeouts above the longest blocking read."""
+    multi-second backoff; timeouts above the longest blocking read. The pool is bounded and blocking:
+    a command past `max_connections` in flight waits up to POOL_WAIT_S for a free connection
+    (redis-py's default pool raises MaxConnectionsError at once)."""
     kw = dict(socket_timeout=5.0, socket_connect_timeout=2.0, retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1))
     if settings.redis_url.startswith("rediss://") and settings.redis_ca_cert:
         kw["ssl_ca_certs"] = settings.redis_ca_cert
-    return aioredis.from_url(settings.redis_url, **kw)
+    pool = aioredis.BlockingConnectionPool.from_url(settings.redis_url, max_connections=max_connections,
+                                                    timeout=POOL_WAIT_S, **kw)
+    return aioredis.Redis.from_pool(pool)
 
 
 class Keys:
@@ -114,10 +128,11 @@ class RedisQueue:
 
     def __init__(self, settings, models: list[str]):
         self.settings, self.models, self.keys = settings, list(models), Keys(settings.key_prefix)
-        self.r = connect(settings)
+        self.r = connect(settings, pool_size(settings, len(self.models)))
         self.api_id = uuid.uuid4().hex[:12]
         self.channel = self.keys.channel(self.api_id)
         self.waiters: dict[str, asyncio.Event] = {}
+        self.watchers: dict[str, asyncio.Queue] = {}  # id -> progress events of a streamed request
         self.live: dict[str, int] = {m: 0 for m in models}
         self.depths: dict[str, int] = {m: 0 for m in models}
         self.redis_ok = False
@@ -200,6 +215,15 @@ class RedisQueue:
         except (RedisError, OSError) as e:
             log.warning("could not cancel %s (%s); it runs to the end", job.id, e)
 
+    def watch(self, job: Job) -> asyncio.Queue:
+        """Progress of `job` (published by its worker on our reply channel) arrives on this queue."""
+        job.progress = True
+        q = self.watchers[job.id] = asyncio.Queue()
+        return q
+
+    def unwatch(self, job: Job):
+        self.watchers.pop(job.id, None)
+
     async def status(self) -> QueueStatus:
         return {"redis": self.redis_ok, "workers": dict(self.live), "depth": dict(self.depths)}
 
@@ -213,7 +237,9 @@ class RedisQueue:
                     ev.set()
                 while not self._closed:
                     msg = await ps.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                    if msg and msg.get("type") == "message":
+                    if msg and msg.get("type") == "message" and msg["data"][:1] == b"{":  # progress
+                        self._progress(msg["data"])
+                    elif msg and msg.get("type") == "message":
                         ev = self.waiters.get(_s(msg["data"]))
                         if ev:
                             ev.set()
@@ -228,6 +254,13 @@ class RedisQueue:
             finally:
                 with contextlib.suppress(Exception):  # closing a dead connection may fail any way
                     await ps.aclose()
+
+    def _progress(self, data: bytes):
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            ev = json.loads(data)
+            q = self.watchers.get(ev.pop("id"))
+            if q is not None:
+                q.put_nowait(ev)
 
     async def _refresh_once(self):
         k = self.keys
@@ -275,12 +308,34 @@ class RedisWorkerTransport:
         self._tasks: list[asyncio.Task] = []
         self._closed = False
         self._leave = self.r.register_script(LEAVE)
+        self._publishing: set[asyncio.Task] = set()  # progress messages on their way
 
     def attach(self, hooks: WorkerHooks):
         self.hooks = hooks
 
     def drain(self):
         self.draining = True
+
+    def watched(self, job_id: str) -> bool:
+        """Called by the worker's step thread: is this a streamed request?"""
+        job = self.held.get(job_id)
+        return job is not None and job.progress and bool(job.reply)
+
+    def progress(self, events: list):
+        """On the event loop: publish [(job id, event)] on each request's reply channel (rate-limited
+        by the worker: progress_ms), fire and forget."""
+        msgs = [(self.held[jid].reply, json.dumps({"id": jid, **ev})) for jid, ev in events if jid in self.held]
+        if msgs:
+            task = asyncio.create_task(self._publish(msgs))
+            self._publishing.add(task)
+            task.add_done_callback(self._publishing.discard)
+
+    async def _publish(self, msgs):
+        with contextlib.suppress(RedisError, OSError):
+            pipe = self.r.pipeline(transaction=False)
+            for channel, msg in msgs:
+                pipe.publish(channel, msg)
+            await pipe.execute(raise_on_error=False)
 
     async def start(self):
         await self._ensure_groups(retry=True)

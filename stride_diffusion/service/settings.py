@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     deadline_s: float = Field(
         30.0, gt=0, description="per-request deadline; past it the request is answered 504 and dropped")
     retry_after_s: int = Field(1, ge=1, description="Retry-After on 503")
+    progress_ms: float = Field(
+        100.0, ge=0, description="streamed requests: at most one step event each per this many ms (0: every step)")
 
     # what a request may ask for
     steps: Annotated[list[int], NoDecode] = Field(

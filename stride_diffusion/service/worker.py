@@ -56,6 +56,8 @@ class Task:
     done: dict = field(default_factory=dict)  # index -> uint8 image [H, W, C]
     started: float | None = None
     answered: bool = False
+    step_sent: int = 0  # streamed requests: the last step event (k) and when it was sent
+    step_sent_at: float = 0.0
 
 
 class Worker:
@@ -76,6 +78,10 @@ class Worker:
         self.room: asyncio.Event | None = None  # set when a step frees rows: intake may read more
         self._pending: set[asyncio.Task] = set()
         self.cancelled: set[str] = set()  # ids whose client went away: dropped before the next step
+        # progress of streamed requests (optional on a transport): watched(id) from the step thread,
+        # progress([(id, event)]) on the event loop
+        self._watched = getattr(transport, "watched", None)
+        self._progress = getattr(transport, "progress", None)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def warm_up(self):
@@ -219,12 +225,19 @@ class Worker:
             except asyncio.TimeoutError:
                 pass
             return
-        jobs = await self.transport.fetch(free, INTAKE_BLOCK_S)
-        if jobs:
+        # Claim by rows, not by count: one entry at a time while rows are free (a request of n images at
+        # guidance holds n x rows_per_image), so a worker never holds more than it can start (at most one
+        # request past its batch) and the rest stays in the queue for other workers.
+        timeout = INTAKE_BLOCK_S
+        while free > 0:
+            jobs = await self.transport.fetch(1, timeout)
+            if not jobs:
+                return
             with self.work:
                 for job in jobs:
                     self._accept(job)
                 self.work.notify()
+            timeout, free = 0, self.capacity()
 
     def _accept(self, job: Job):  # under the lock
         if job.id in self.tasks:  # redelivered to us while we still hold it
@@ -311,10 +324,28 @@ class Worker:
                 if len(t.done) == t.job.n:
                     t.answered = True
                     finished.append(t)
+            if self._watched is not None:
+                self._report(finished)
         if finished:
             self.loop.call_soon_threadsafe(self._spawn, self._finish(finished, time.time()))
         if done:
             self.loop.call_soon_threadsafe(self.room.set)
+
+    def _report(self, finished: list[Task]):  # under the lock: step events of streamed requests
+        now, every, events = time.time(), self.settings.progress_ms / 1e3, []
+        ended = {t.job.id for t in finished}
+        watched = [t for t in self.tasks.values() if t.started is not None and self._watched(t.job.id)
+                   and (not t.answered or t.job.id in ended)]
+        ks = self.engine.progress({t.job.id for t in watched}) if watched else {}
+        for t in watched:
+            n = t.job.steps
+            k = n if t.job.id in ended else 0 if t.next < t.job.n else min(n, ks.get(t.job.id, 0))
+            if k > t.step_sent and (k == n or now - t.step_sent_at >= every):
+                t.step_sent, t.step_sent_at = k, now
+                elapsed = round(1e3 * (now - t.started), 1)
+                events.append((t.job.id, {"event": "step", "k": k, "n": n, "elapsed_ms": elapsed}))
+        if events:
+            self.loop.call_soon_threadsafe(self._progress, events)
 
     def _schedule(self) -> float | None:  # under the lock; returns when to decide again if idle
         now = time.time()
@@ -340,6 +371,8 @@ class Worker:
             t.next += k
             if t.started is None:
                 t.started = now
+                if self._watched is not None and self._watched(jid):
+                    self.loop.call_soon_threadsafe(self._progress, [(jid, {"event": "started"})])
         self.metrics.rows_in_flight.set(self.engine.rows)
         return p.wake
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from service_fixtures import ApiServer
-from tiny_models import ddim, dit_pipeline, tiny_dit, tiny_unet, tiny_vae
+from tiny_models import ddim, diffusers_to_dit, dit_pipeline, tiny_dit, tiny_unet, tiny_vae
 
 from stride_diffusion.offline import cli
 from stride_diffusion.service import images
@@ -93,29 +93,6 @@ def test_imported_dit_serves_decoded_rgb_and_auto_pick_without_eval(tmp_path):
         assert m["image"] == {"width": 16, "height": 16, "channels": 3}
     finally:
         srv.stop()
-
-
-def diffusers_to_dit(sd: dict, depth: int) -> dict:
-    """The inverse of the importer's key map, written independently: DiT repository layout."""
-    b0 = "transformer_blocks.0.norm1.emb."
-    out = {"x_embedder.proj.weight": sd["pos_embed.proj.weight"], "x_embedder.proj.bias": sd["pos_embed.proj.bias"],
-           "t_embedder.mlp.0.weight": sd[b0 + "timestep_embedder.linear_1.weight"],
-           "t_embedder.mlp.0.bias": sd[b0 + "timestep_embedder.linear_1.bias"],
-           "t_embedder.mlp.2.weight": sd[b0 + "timestep_embedder.linear_2.weight"],
-           "t_embedder.mlp.2.bias": sd[b0 + "timestep_embedder.linear_2.bias"],
-           "y_embedder.embedding_table.weight": sd[b0 + "class_embedder.embedding_table.weight"],
-           "final_layer.adaLN_modulation.1.weight": sd["proj_out_1.weight"],
-           "final_layer.adaLN_modulation.1.bias": sd["proj_out_1.bias"],
-           "final_layer.linear.weight": sd["proj_out_2.weight"], "final_layer.linear.bias": sd["proj_out_2.bias"]}
-    for i in range(depth):
-        n, b = f"transformer_blocks.{i}.", f"blocks.{i}."
-        for p in ("weight", "bias"):
-            out[f"{b}attn.qkv.{p}"] = torch.cat([sd[f"{n}attn1.to_{c}.{p}"] for c in "qkv"])
-            out[f"{b}attn.proj.{p}"] = sd[f"{n}attn1.to_out.0.{p}"]
-            out[f"{b}mlp.fc1.{p}"] = sd[f"{n}ff.net.0.proj.{p}"]
-            out[f"{b}mlp.fc2.{p}"] = sd[f"{n}ff.net.2.{p}"]
-            out[f"{b}adaLN_modulation.1.{p}"] = sd[f"{n}norm1.linear.{p}"]
-    return out
 
 
 def dit_embedding(t, dim=256):
@@ -298,3 +275,20 @@ def test_a_truncated_checkpoint_is_named_as_such(tmp_path, capsys):
     (tmp_path / "cut.pt").write_bytes((tmp_path / "ok.pt").read_bytes()[:40])
     assert run("dit-checkpoint", tmp_path / "cut.pt", "--name", "x", "--out", tmp_path / "x") == 2
     assert "not a readable torch checkpoint" in capsys.readouterr().err and no_leftovers(tmp_path, "x")
+
+
+def test_imported_artifact_is_world_readable_under_a_strict_umask(tmp_path):
+    """The Docker image runs as a non-root user: an artifact written 0700/0600 (mkdtemp) was unreadable there."""
+    import os
+
+    src = nonsquare_unet(tmp_path)
+    old = os.umask(0o077)
+    try:
+        assert run("diffusers", src, "--name", "ns", "--out", tmp_path / "ns", "--vae", tmp_path / "vae",
+                   "--class-names", tmp_path / "names.txt") == 0
+    finally:
+        os.umask(old)
+    out = tmp_path / "ns"
+    assert out.stat().st_mode & 0o777 == 0o755
+    files = list(out.iterdir())
+    assert files and all(f.stat().st_mode & 0o777 == 0o644 for f in files), [(f.name, oct(f.stat().st_mode)) for f in files]

@@ -9,8 +9,7 @@ import httpx
 import pytest
 import torch
 from service_fixtures import ApiServer
-from test_import import diffusers_to_dit
-from tiny_models import dit_pipeline, tiny_dit, tiny_vae
+from tiny_models import diffusers_to_dit, dit_pipeline, tiny_dit, tiny_vae
 
 from stride_diffusion.offline import cli
 from stride_diffusion.service import images

@@ -65,7 +65,7 @@ def arts(tmp_path_factory) -> dict:
     unet_pipeline(d / "unet-pipe", scheduler=ddim(prediction_type="v_prediction"))
     assert cli.main(["import", "diffusers", str(d / "unet-pipe"), "--name", "unet-v", "--out", str(d / "unet-v")]) == 0
     # SiT: a DiT-layout checkpoint on the flow schedule (as tests/offline/test_offline_imported.py builds it)
-    from test_import import diffusers_to_dit
+    from tiny_models import diffusers_to_dit
 
     net = tiny_dit(seed=3)
     with torch.no_grad():  # a non-trivial function of its inputs
