@@ -2,7 +2,8 @@
 
 `create_app` wires the queue to the settings: the in-process queue and an in-process worker
 (embedded mode, no REDIS_URL), or Redis with a worker in this process too (role 'all') or not
-(role 'api'). Here, and only here, a request's `Outcome` becomes an HTTP status and a metric reason.
+(role 'api'). A request's `Outcome` becomes an HTTP status and a metric reason here, through the one
+table in http_status.py.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import openai_api, openapi, playground, stream
 from .encode import MEDIA, Encoder
+from .http_status import FAILURES, REJECTED_STATUS
 from .jobs import Job, Outcome, Result
 from .limits import Guard, request_id
 from .metrics import Metrics
@@ -32,16 +34,6 @@ from .worker import Worker
 
 log = logging.getLogger("stride.api")
 CANCEL_WAIT_S = 1.0  # how long a cancelled wait may take to unwind (redis-py can sit in a command)
-REJECTED_STATUS = 503  # not admitted (Rejected): answered with Retry-After
-# a request that did not end OK: the HTTP status it is answered with, and the rejected-metric reason
-FAILURES = {
-    Outcome.CANCELLED: (499, "cancelled"),
-    Outcome.EXPIRED: (504, "deadline"),
-    Outcome.FAILED: (500, "error"),
-    Outcome.REFUSED: (500, "error"),
-    Outcome.DEAD_LETTER: (500, "dead_letter"),
-    Outcome.LOST: (503, "lost"),  # not run: answered with Retry-After
-}
 
 class Service:
     def __init__(self, settings: Settings, registry: Registry | None = None):

@@ -31,6 +31,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from .encode import MEDIA
+from .http_status import FAILURES, REJECTED_STATUS
 from .params import ApiError, merge, parse
 from .transport import Rejected
 
@@ -47,7 +48,6 @@ def sse(event: str, data: dict) -> bytes:
 
 async def generate(svc, request: Request):
     """Validate and admit as POST /generate does, then stream the request's events."""
-    from .app import FAILURES, REJECTED_STATUS  # app imports this module
 
     t0 = time.perf_counter()
     svc.check_key(request)

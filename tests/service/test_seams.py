@@ -12,7 +12,8 @@ from service_fixtures import metric_value
 from starlette.requests import Request
 
 from stride_diffusion.service import app as app_module
-from stride_diffusion.service.app import FAILURES, Service
+from stride_diffusion.service.app import Service
+from stride_diffusion.service.http_status import FAILURES
 from stride_diffusion.service.jobs import Job, Outcome, Result
 from stride_diffusion.service.metrics import Metrics
 from stride_diffusion.service.models import Registry, analytic_entry
