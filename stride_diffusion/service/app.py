@@ -132,17 +132,21 @@ class Service:
                 "X-Stride-Compute-Ms": f"{res.compute_ms:.1f}", "X-Stride-Seed": str(job.seed),
                 "X-Stride-Model": job.model, "X-Stride-Request-Id": job.id, "X-Stride-Guidance": f"{job.guidance:g}"}
 
+    async def parse_request(self, request: Request):
+        """The key, then the query or JSON body as GenerateParams; an ApiError is counted and re-raised."""
+        self.check_key(request)
+        try:
+            raw = merge(request.query_params.multi_items(), await request.body(), request.headers.get("content-type"))
+            return parse(raw, self.registry, self.settings)
+        except ApiError as e:
+            self.count_invalid(e)
+            raise
+
     async def generate(self, request: Request) -> Response:
         if stream.wants_stream(request):  # Accept: text/event-stream: the streamed answer (service/stream.py)
             return await stream.generate(self, request)
         t0 = time.perf_counter()
-        self.check_key(request)
-        try:
-            raw = merge(request.query_params.multi_items(), await request.body(), request.headers.get("content-type"))
-            p = parse(raw, self.registry, self.settings)
-        except ApiError as e:
-            self.count_invalid(e)
-            raise
+        p = await self.parse_request(request)
         job, res = await self.run(request, p, t0)
         headers = self.stride_headers(job, res)
         e = self.registry[job.model]

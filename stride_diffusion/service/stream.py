@@ -32,7 +32,7 @@ from fastapi.responses import StreamingResponse
 
 from .encode import MEDIA
 from .http_status import FAILURES, REJECTED_STATUS
-from .params import ApiError, merge, parse
+from .params import ApiError
 from .transport import Rejected
 
 MEDIA_TYPE = "text/event-stream"
@@ -50,13 +50,7 @@ async def generate(svc, request: Request):
     """Validate and admit as POST /generate does, then stream the request's events."""
 
     t0 = time.perf_counter()
-    svc.check_key(request)
-    try:
-        raw = merge(request.query_params.multi_items(), await request.body(), request.headers.get("content-type"))
-        p = parse(raw, svc.registry, svc.settings)
-    except ApiError as e:
-        svc.count_invalid(e)
-        raise
+    p = await svc.parse_request(request)
     job, queue = svc.new_job(request, p), svc.queue
     watch = getattr(queue, "watch", None)
     events = watch(job) if watch else None
