@@ -23,6 +23,9 @@
 #                1/2/4/8 steps unguided, and guided (w 1.5 or 4 per request), PNG, p50/p99 per step
 #                count (embedded; Redis too when redis-server is there)
 #                                                                  -> realsize_service_cuda(_service).{md,json}
+#   fp8          DiT-XL/2 with --dtype fp8 (torchao float8, row-wise) vs bf16: network call by batch
+#                (CUDA graphs), final latents' RMS difference on the same seeds (4 steps, CFG 4);
+#                needs sm_89+ and torchao (optional in setup)  -> fp8_cuda.{md,json}
 #   compile      DiT-XL/2 bf16 compiled per bucket (inductor, fused q/k/v) + CUDA graphs against the
 #                graphs-only rows, with compile time, the attention kernel checked and the largest
 #                difference from eager; the SD VAE and a TAESD-layout tiny decoder, channels_last and
@@ -68,11 +71,11 @@ MODE=gpu
 OUT=${STRIDE_GPU_OUT:-}
 WH=${STRIDE_GPU_WHEELHOUSE:-}
 ARCHIVE=default ONLY='' BUDGET='' VERBOSE=0 INSTALL_PROJECT=0
-PARTS=(setup check update-fp32 update-bf16 network service compile peers)
+PARTS=(setup check update-fp32 update-bf16 network service fp8 compile peers)
 # seconds per part on a GPU; their sum exceeds the budget on purpose: a part that finishes early leaves
 # its time to the later ones, and none starts with more than the budget has left
-declare -A LIMIT=([setup]=60 [check]=90 [update-fp32]=30 [update-bf16]=30 [network]=90 [service]=150 [compile]=240
-                  [peers]=300)
+declare -A LIMIT=([setup]=60 [check]=90 [update-fp32]=30 [update-bf16]=30 [network]=90 [service]=150 [fp8]=60
+                  [compile]=240 [peers]=300)
 declare -A LIMIT_SET=()
 
 usage() { sed -n '2,/^# shellcheck/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
@@ -137,10 +140,12 @@ say() { echo "== $(elapsed) s: $*"; }
 # -- the parts (each runs in a fresh bash under `timeout`, with the variables exported above) ------
 
 part_setup() {
-    reqs=("torch>=2.4" "triton>=3.0")
+    reqs=("torch>=2.4" "triton>=3.0") opt=()
     while read -r line; do
+        case $line in *"# optional"*) optional=1 ;; *) optional=0 ;; esac
         line=${line%%#*}; line=$(echo "$line" | xargs)
-        [ -n "$line" ] && reqs+=("$line")
+        [ -n "$line" ] || continue
+        if [ "$optional" = 1 ]; then opt+=("$line"); else reqs+=("$line"); fi
     done < "$ROOT/benchmarks/gpu_requirements.txt"
     missing() {  # the requirements whose import fails or whose version is outside the range
         "$PY" - "$@" <<'EOF'
@@ -189,6 +194,15 @@ EOF
         still=$(missing "${reqs[@]}")
         [ -z "$still" ] || { echo "still missing: $(echo $still)"; exit 1; }
     fi
+    need=$(missing "${opt[@]}")  # optional: a part that needs one reports what is missing
+    if [ -n "$need" ]; then
+        echo "optional, missing: $(echo $need)"
+        if [ "$MODE" = gpu ]; then
+            # shellcheck disable=SC2086
+            if [ -n "$WH" ]; then "$PY" -m pip install -q --no-index --find-links "$WH" $need
+            else "$PY" -m pip install -q --retries 1 --timeout 15 $need; fi || echo "not installed (the part says so)"
+        fi
+    fi
     if [ "$INSTALL_PROJECT" = 1 ]; then
         if [ "$MODE" = dry ]; then
             "$PY" -m pip install --dry-run --no-index --no-build-isolation --no-deps -e "$ROOT" || exit 1
@@ -209,7 +223,7 @@ EOF
         "$PY" - <<'EOF'
 import platform, torch
 print("python", platform.python_version(), "| torch", torch.__version__, "| CUDA", torch.version.cuda)
-for m in ("triton", "diffusers", "fastapi", "pydantic", "numpy"):
+for m in ("triton", "diffusers", "fastapi", "pydantic", "numpy", "torchao"):
     try:
         print(m, __import__(m).__version__)
     except Exception as e:
@@ -237,6 +251,7 @@ if [ "$MODE" = gpu ]; then
     NET=(--dits XL/2 --min-seconds 0.3 --batches-cuda 1,8,32,64,128 --decode-batches 1,8)
     # max batch 128 rows: 64 guided images (2 rows each) fit one call, as in the ceiling at occupancy 64
     SVC=(--concurrency 64 --duration 8 --warmup 3 --ceiling-seconds 2 --ceiling-occupancy 64 --max-batch 128)
+    FP8=(--dit XL/2 --batches 8,64,128 --samples 16)
     COMP=(--dits XL/2 --dtypes bf16 --min-seconds 0.3 --batches-cuda 8,64,128 --decode-batches 1,8,32
           --decoders vae,vae-cl,vae-compiled,tiny,tiny-compiled)
     PEERS=(--batches 1,8,32,64 --seconds 4 --compile-batches 1,best --concurrency 64 --duration 8 --warmup 3)
@@ -247,6 +262,7 @@ else  # the same commands at tiny sizes on the CPU; the update runs the Triton k
     NET=(--tiny --min-seconds 0.02 --batches 1,2)
     SVC=(--tiny --min-seconds 0.02 --concurrency 2 --duration 1 --warmup 0.3 --ceiling-seconds 0.3
          --ceiling-occupancy 2 --max-batch 4)
+    FP8=(--tiny --batches 1,2 --samples 2 --min-seconds 0.02 --allow-refusal)  # refused off sm_89+: bf16 rows only
     COMP=(--tiny --min-seconds 0.02 --batches 2 --decode-batches 1,2 --decoders vae,tiny-compiled)
     PEERS=(--tiny --seconds 0.3 --concurrency 2 --duration 1 --warmup 0.3 --ceiling-seconds 0.2 --max-batch 4)
 fi
@@ -267,6 +283,7 @@ set_cmd() {  # CMD: the command line of a part
                       --out "$OUT/realsize_net_cuda.md") ;;
         service) CMD=("$PY" benchmarks/realsize.py "${DEV[@]}" "${SVC[@]}" --parts ceiling,service --modes "$MODES"
                       --guidance 1,1.5/4 --out "$OUT/realsize_service_cuda.md") ;;
+        fp8) CMD=("$PY" benchmarks/fp8.py "${DEV[@]}" "${FP8[@]}" --out "$OUT/fp8_cuda.md") ;;
         compile) CMD=("$PY" benchmarks/realsize.py "${DEV[@]}" "${COMP[@]}" --parts network,decode --compile --fuse-qkv
                       --out "$OUT/realsize_compile_cuda.md") ;;
         peers) CMD=("$PY" benchmarks/peers.py "${DEV[@]}" "${PEERS[@]}" --out "$OUT/peers_cuda.md") ;;

@@ -23,7 +23,8 @@ Checks (`--checks`, default all):
   the reference's RMS (the sample's scale), divided by 2w - 1 (a guided output u + w (c - u) carries
   the network's rounding about |1 - w| + |w| times); the worst request must be within 1.4e-2 in
   bfloat16 and 5e-3 in float32 (TF32 on CUDA). The uint8 images the engine returns (decoded by the
-  VAE on the device) are reported against the reference's.
+  VAE on the device) are reported against the reference's. Then the same requests with the whole
+  step as one graph per bucket (the default) against the network's graphs alone: within 1e-6.
 - service: one request per adapter kind through the service (the API with its embedded worker on
   the device, in this process, over HTTP): stride flow (artifacts/digits), stride VP
   (artifacts/digits-vp), a diffusers DiT with learned sigma and a VAE, a diffusers UNet with
@@ -68,6 +69,7 @@ from stride_diffusion.solvers.update import fused_update_torch, update_fn
 CHECKS = ("kernel", "graphs", "served", "service")
 STEPS = (1, 2, 4, 8)
 SERVED_TOL = {"bfloat16": 1.4e-2, "float32": 5e-3}
+STEP_GRAPH_TOL = 1e-6  # the same kernels on the same bucket shapes: equal but for a cuBLAS choice
 KERNEL_TOL = 1e-5  # both compute in float32 from the same inputs: rounding order only
 SERVICE_TOL = 1.5  # mean |difference| of the PNG against the reference, levels of 255
 
@@ -259,9 +261,10 @@ def engine_kw(**kw):
     return {k: v for k, v in kw.items() if k in params}
 
 
-def run_engine(entry, reqs, dev, update, max_batch):
+def run_engine(entry, reqs, dev, update, max_batch, step_graph=True):
     """The worker's engine on `dev`: requests join in two waves between steps; returns
-    ({id: final state on the CPU}, {id: uint8 image})."""
+    ({id: final state on the CPU}, {id: uint8 image}, steps run by the whole-step graph).
+    step_graph False: the network's graphs only, the rest of the step eager."""
     from stride_diffusion.service.engine import Engine
     from stride_diffusion.service.jobs import Job
     from stride_diffusion.service.models import Registry
@@ -283,9 +286,18 @@ def run_engine(entry, reqs, dev, update, max_batch):
     images = {}
     samplers = {jid: entry.samplers.resolve(s, "auto", w) for jid, s, w, _, _ in reqs}
     tables = {jid: samplers[jid].table(s) for jid, s, *_ in reqs}  # outside inference mode (autograd)
+    graph_steps = []
+    for st in eng.steppers.values():
+        if not step_graph or getattr(st, "graph", None) is None:
+            st.graph = None
+            continue
+        step = st.graph.step
+        st.graph.step = lambda b, *args, step=step: (graph_steps.append(b), step(b, *args))
     with torch.inference_mode():
         for net in eng.networks():
             net.capture()
+        if step_graph and hasattr(eng, "capture_steps"):
+            eng.capture_steps()
         waves = [reqs[: len(reqs) // 2], reqs[len(reqs) // 2:]]
         for i in range(200):
             if i in (0, 2) and waves:
@@ -298,7 +310,7 @@ def run_engine(entry, reqs, dev, update, max_batch):
             images.update({jid: img for jid, _, img in out})
             if not waves and not eng.busy:
                 break
-    return states, images
+    return states, images, graph_steps
 
 
 def pixels(entry, y):
@@ -324,7 +336,7 @@ def check_served(a, dev, rep, tmp):
     for dt in ("bfloat16", "float32"):
         entry = ModelEntry.from_artifact(art, str(dev), dt, steps=list(STEPS))
         t0 = time.perf_counter()
-        states, images = run_engine(entry, reqs, dev, a.update, 32)  # <= 24 rows: every call in a bucket
+        states, images, graph_steps = run_engine(entry, reqs, dev, a.update, 32)  # <= 24 rows: all in buckets
         secs = time.perf_counter() - t0
         missing = [r[0] for r in reqs if r[0] not in states or r[0] not in images]
         if missing:
@@ -346,6 +358,13 @@ def check_served(a, dev, rep, tmp):
                 + "; by guidance " + ", ".join(f"{w:g}: {e:.1e}" for w, e in by_w.items())
                 + f"; not divided by 2w - 1: {raw:.1e}; images mean |diff| {px:.2f} levels (worst request); "
                   f"{secs:.1f} s")
+        # the whole step as one graph (solvers/step_graph.py) against the network's graphs alone
+        plain, _, _ = run_engine(entry, reqs, dev, a.update, 32, step_graph=False)
+        diff = max(rms_rel(states[jid], plain[jid]) for jid, *_ in reqs)
+        mode = "replayed" if dev.type == "cuda" else "eager on its static buffers"
+        rep.add("served", f"{dt} whole-step graph ({mode}, {len(graph_steps)} steps) vs the network's graphs "
+                          "alone, same requests, RMS error / RMS", bool(graph_steps) and diff <= STEP_GRAPH_TOL,
+                diff, STEP_GRAPH_TOL, "bit for bit" if diff == 0 else "")
         del entry
         if dev.type == "cuda":
             torch.cuda.empty_cache()

@@ -191,7 +191,10 @@ def ceiling(entry: ModelEntry, steps, occupancy: int, seconds: float, split: boo
     each a request of n = 1 with the step count of `steps_of(steps, i)` and the guidance scale of
     `guidance_of(guidance, i)`, the sampler the service picks. Returns (images/s, CPU ms per image,
     {network, update, decode, rest} seconds per image when split: perf_counter on the CPU, CUDA
-    events on CUDA (see Clock); rest = wall time less the three)."""
+    events on CUDA (see Clock); rest = wall time less the three). The images/s and CPU time are the
+    engine's as the worker runs it (the whole step as one graph per bucket where it has one); the
+    split comes from a second run of half the time with the step's launches separate (a graph's
+    inside cannot be timed), so its parts add up to that run's time per image, not to 1 / images/s."""
     from stride_diffusion.service.worker import buckets
 
     eng = Engine(Registry([entry]), sorted(set(MIXED) | ({int(steps)} if steps != "mixed" else set())), device,
@@ -199,13 +202,9 @@ def ceiling(entry: ModelEntry, steps, occupancy: int, seconds: float, split: boo
     with torch.inference_mode():
         for net in eng.networks():
             net.capture()
+        eng.capture_steps()
     K = entry.num_classes
     clocks = {k: Clock(device) for k in ("network", "update", "decode")}
-    if split:
-        for st in eng.steppers.values():
-            st.model = _Timed(st.model, clocks["network"])
-            st.update = clocks["update"].wrap(st.update)
-        eng.pixels = clocks["decode"].wrap(eng.pixels)
     tables = {}
     for n in (MIXED if steps == "mixed" else [int(steps)]):  # outside inference mode: tables may use autograd
         for w in guidance_scales(guidance):
@@ -224,33 +223,45 @@ def ceiling(entry: ModelEntry, steps, occupancy: int, seconds: float, split: boo
     i = 0
     for i in range(occupancy):
         admit(i)
-    done = 0
-    with torch.inference_mode():
-        warm_end = time.perf_counter() + min(1.0, seconds / 3)
-        while True:
-            out = eng.step()
-            eng.release(out)
-            for _ in out:
-                i += 1
-                admit(i)
-            if time.perf_counter() >= warm_end:
-                break
-        for c in clocks.values():
-            c.reset()
-        t0, c0 = time.perf_counter(), self_cpu()
-        while time.perf_counter() - t0 < seconds or done < 3 * occupancy:
-            out = eng.step()
-            eng.release(out)
-            for _ in out:
-                i += 1
-                admit(i)
-            done += len(out)
-    wall = time.perf_counter() - t0
+
+    def run(seconds):
+        """Warm, then step for `seconds`: (images, wall seconds, CPU seconds)."""
+        nonlocal i
+        done = 0
+        with torch.inference_mode():
+            warm_end = time.perf_counter() + min(1.0, seconds / 3)
+            while True:
+                out = eng.step()
+                eng.release(out)
+                for _ in out:
+                    i += 1
+                    admit(i)
+                if time.perf_counter() >= warm_end:
+                    break
+            for c in clocks.values():
+                c.reset()
+            t0, c0 = time.perf_counter(), self_cpu()
+            while time.perf_counter() - t0 < seconds or done < 3 * occupancy:
+                out = eng.step()
+                eng.release(out)
+                for _ in out:
+                    i += 1
+                    admit(i)
+                done += len(out)
+        return done, time.perf_counter() - t0, self_cpu() - c0
+
+    done, wall, cpu = run(seconds)
     parts = None
     if split:
-        parts = {k: c.seconds() / done for k, c in clocks.items()}
-        parts["rest"] = wall / done - sum(parts.values())
-    return done / wall, 1e3 * (self_cpu() - c0) / done, parts
+        for st in eng.steppers.values():
+            st.graph = None  # the plain step: network and update launched (and timed) one by one
+            st.model = _Timed(st.model, clocks["network"])
+            st.update = clocks["update"].wrap(st.update)
+        eng.pixels = clocks["decode"].wrap(eng.pixels)
+        n, w, _ = run(seconds / 2)
+        parts = {k: c.seconds() / n for k, c in clocks.items()}
+        parts["rest"] = w / n - sum(parts.values())
+    return done / wall, 1e3 * cpu / done, parts
 
 
 # -- one load run ------------------------------------------------------------------------------------
@@ -452,13 +463,15 @@ def main(argv=None):
                     ceil_c, ceil_cpu, ceil_parts = measure_ceiling(entry, s, g, c)
                     pids = srv.pids()
                     cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
-                    main0 = main_thread_seconds(pids["server"]) if mode == "embedded" else None
+                    main0 = {k: main_thread_seconds(p) for k, p in pids.items() if k in ("server", "api")}
                     busy0, t_run0 = machine_busy_seconds(), time.perf_counter()
                     me0, calls0 = self_cpu(), scrape(srv.metrics_url, "stride_model_calls_total")
                     rows0 = scrape(srv.metrics_url, "stride_batch_rows_sum")
                     timers = {"step": (srv.metrics_url, "stride_step_duration_seconds_sum"),
                               "decode": (srv.metrics_url, "stride_decode_seconds_sum"),
                               "encode": (srv.url + "/metrics", "stride_encode_seconds_sum")}
+                    if srv.metrics_url != srv.url + "/metrics":  # Redis: the worker encodes /generate's images
+                        timers["encode in the worker"] = (srv.metrics_url, "stride_encode_seconds_sum")
                     t0s = {k: scrape(*v) for k, v in timers.items()}
                     win, span, total = asyncio.run(load(srv.url, s, c, a.warmup, a.duration, a.max_requests,
                                                         entry.num_classes, g))
@@ -493,8 +506,8 @@ def main(argv=None):
                         "cpu_ms_per_image": {k: 1e3 * (cpu1[k] - cpu0[k]) / n_all for k in pids} |
                                             {"client": 1e3 * (me1 - me0) / n_all},
                     }
-                    if main0 is not None:
-                        row["cpu_ms_per_image"]["server_event_loop"] = 1e3 * (main_thread_seconds(pids["server"]) - main0) / n_all
+                    for k, m0 in main0.items():  # of which its main thread's: the event loop (HTTP, Redis, JSON)
+                        row["cpu_ms_per_image"][f"{k}_event_loop"] = 1e3 * (main_thread_seconds(pids[k]) - m0) / n_all
                     row["ratio"] = row["images_per_s"] / row["ceiling"]
                     api_cpu = row["cpu_ms_per_image"].get("api", row["cpu_ms_per_image"].get("server_event_loop"))
                     cp = ceil_parts or {}
@@ -505,7 +518,8 @@ def main(argv=None):
                         "rest of the ceiling": 1e3 * cp["rest"] if cp else None,
                         "step: network + update": 1e3 * spent["step"] / n_all,
                         "decode + copy": 1e3 * spent["decode"] / n_all,
-                        "encode (pool, incl. wait)": 1e3 * spent["encode"] / n_all,
+                        "encode (pool, incl. wait)": 1e3 * sum(v for k, v in spent.items() if k.startswith("encode"))
+                                                     / n_all,
                         "HTTP + API CPU": api_cpu, "client CPU": row["cpu_ms_per_image"]["client"]}
                     row["split_timing"] = SPLIT_TIMING[torch.device(a.device).type == "cuda"]
                     rows.append(row)
@@ -574,12 +588,14 @@ def render(rows, what, threads, load_avg, a) -> str:
     keys = sorted({k for r in rows for k in r["cpu_ms_per_image"]})
     out += ["", "CPU milliseconds per image, by process (whole run, warm-up included), beside the ceiling's "
             "(1 thread). `service / ceiling` = CPU the service processes (not the client) spend per image over "
-            "what the executor alone spends: the machine-independent part of the overhead.", "",
+            "what the executor alone spends: the machine-independent part of the overhead. `api_event_loop`, "
+            "`server_event_loop`: the part of that process's CPU spent in its main thread (the event loop: HTTP, "
+            "Redis, JSON); the rest of it is its pool threads (encoding, the embedded worker).", "",
             "| mode | steps | guidance | conc. | " + " | ".join(keys) + " | ceiling | service / ceiling |",
             "|---|---:|---|---:|" + "---:|" * (len(keys) + 2)]
     for r in rows:
         c = r["cpu_ms_per_image"]
-        service = sum(v for k, v in c.items() if k not in ("client", "server_event_loop"))
+        service = sum(v for k, v in c.items() if k in ("api", "redis", "server", "worker"))  # parts: once
         out.append(f"| {r['mode']} | {r['steps']} | {r['guidance']} | {r['concurrency']} | " +
                    " | ".join(f"{c[k]:.2f}" if k in c else "" for k in keys) +
                    f" | {r['ceiling_cpu_ms_per_image']:.2f} | {service / r['ceiling_cpu_ms_per_image']:.2f} |")

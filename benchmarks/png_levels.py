@@ -1,7 +1,8 @@
 """PNG zlib level against size and time: the numbers behind `--png-level` (service.encode).
 
-One 256x256 RGB image encoded at levels 0..9 by the service's own `image_bytes`, one thread, the
-best of `--repeats` timings (the machine may be shared). Two images: gradients plus Gaussian noise
+One 256x256 RGB image encoded at levels 0..9 by the service's own `image_bytes` (`png_bytes`: the Up
+filter on every row), one thread, the best of `--repeats` timings (the machine may be shared); and,
+for comparison, by PIL (its per-row choice of filter, what the service used before). Two images: gradients plus Gaussian noise
 of 4 grey levels (compresses about like a decoded photo-like sample; benchmarks/realsize.py's encode
 part uses the same), and a smooth one (gradients only: flat regions, like many small-class samples).
 
@@ -34,11 +35,14 @@ def test_images(size: int = 256) -> dict:
             "smooth": np.clip(smooth, 0, 255).astype(np.uint8)}
 
 
-def rle_png(img) -> bytes:
-    """Level 1 with zlib's Z_RLE strategy (not a service setting: a comparison row)."""
+def pil_png(img, level: int, rle: bool = False) -> bytes:
+    """PIL's PNG at `level` (with zlib's Z_RLE strategy when rle): comparison rows, not settings."""
     buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG", compress_level=1, compress_type=zlib.Z_RLE)
+    Image.fromarray(img).save(buf, format="PNG", compress_level=level, **({"compress_type": zlib.Z_RLE} if rle else {}))
     return buf.getvalue()
+
+
+PIL_ROWS = {"pil 1": dict(level=1), "pil 6": dict(level=6), "pil 1 rle": dict(level=1, rle=True)}
 
 
 def measure(fn, min_s: float, repeats: int) -> float:
@@ -61,8 +65,8 @@ def main(argv=None):
     a = ap.parse_args(argv)
     rows = []
     for name, img in test_images(a.size).items():
-        for level in [*range(10), "1 rle"]:
-            fn = (lambda img=img: rle_png(img)) if level == "1 rle" else \
+        for level in [*range(10), *PIL_ROWS]:
+            fn = (lambda img=img, kw=PIL_ROWS[level]: pil_png(img, **kw)) if level in PIL_ROWS else \
                 (lambda img=img, level=level: image_bytes(img, "png", png_level=level))
             s = measure(fn, a.min_seconds, a.repeats)
             rows.append({"image": name, "level": level, "ms": 1e3 * s, "bytes": len(fn())})
@@ -76,12 +80,13 @@ def main(argv=None):
              "| level | noisy ms | noisy bytes | noisy ratio | smooth ms | smooth bytes | smooth ratio |",
              "|---:|---:|---:|---:|---:|---:|---:|"]
     by = {(r["image"], r["level"]): r for r in rows}
-    for level in [*range(10), "1 rle"]:
+    for level in [*range(10), *PIL_ROWS]:
         n, s = by[("noisy", level)], by[("smooth", level)]
         lines.append(f"| {level} | {n['ms']:.2f} | {n['bytes']} | {n['bytes'] / raw:.2f} | {s['ms']:.2f} | "
                      f"{s['bytes']} | {s['bytes'] / raw:.2f} |")
-    lines += ["", f"Ratio: PNG bytes / raw bytes ({raw}). `1 rle`: level 1 with zlib's Z_RLE strategy, for "
-              "comparison (not a setting): smaller and faster on the noisy image, larger on the smooth one.", ""]
+    lines += ["", f"Ratio: PNG bytes / raw bytes ({raw}). Levels 0..9: the service's writer (`png_bytes`, the Up "
+              "filter on every row). `pil N`: PIL at level N (a filter chosen per row), what the service used "
+              "before; `pil 1 rle`: with zlib's Z_RLE strategy. For comparison, not settings.", ""]
     text = "\n".join(lines)
     print(text)
     if a.out:

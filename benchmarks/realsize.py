@@ -355,7 +355,7 @@ def part_ceiling(a, device, report, art, what):
             r = {"steps": s, "occupancy": occ, "images_per_s": ips, "cpu_ms_per_image": cpu_ms}
             for k in ("network", "update", "decode", "rest"):
                 r[f"{k}_ms_per_image"] = 1e3 * parts[k]
-            r["network_share"] = parts["network"] / (1 / ips)
+            r["network_share"] = parts["network"] / sum(parts.values())  # of the split run's time
             rows.append(r)
             print(f"ceiling steps {s} occupancy {occ}: {ips:.1f} img/s  network {100 * r['network_share']:.0f}% of "
                   f"the time", flush=True)

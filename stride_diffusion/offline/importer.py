@@ -20,6 +20,7 @@ import inspect
 import json
 import pickle
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,6 +38,7 @@ from stride_diffusion.solvers.artifact import (
     write_weights,
 )
 from stride_diffusion.solvers.nets.diffusers_nets import set_time_freq_shift
+from stride_diffusion.solvers.samplers.pipeline import check_scheduler
 from stride_diffusion.solvers.schedules import FlowSchedule, VPSchedule
 
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
@@ -52,6 +54,11 @@ def _diffusers():
     except ImportError as e:
         raise ValueError("importing needs diffusers: pip install 'stride[diffusers]'") from e
     return diffusers
+
+
+def warn(message: str) -> None:
+    """What the import cannot honour, said on stderr where the user sees it (the import goes on)."""
+    print(f"stride offline import: WARNING: {message}", file=sys.stderr)
 
 
 def _clean(config) -> dict:
@@ -132,20 +139,37 @@ def schedule_from_scheduler(cfg: dict, where: str):
 
 # -- the pieces of an artifact -----------------------------------------------------------------------
 
+def _id2label(d: dict, where: str) -> list:
+    """Names by index from an id2label mapping: {"0": "tench", ...} (a pipeline's model_index.json, or
+    one holding it under "id2label"), or ImageNet's class index {"0": ["n01440764", "tench"], ...}."""
+    d = d.get("id2label", d)
+    try:
+        names = [d[str(i)] if str(i) in d else d[i] for i in range(len(d))]
+    except KeyError as e:
+        raise ValueError(f"{where}: id2label has no entry {e}; its keys must be 0..{len(d) - 1}") from e
+    return [n[-1] if isinstance(n, list) and n else n for n in names]
+
+
 def _class_names(num_classes: int, class_names_file, id2label) -> tuple[list, str]:
     if class_names_file:
         p = Path(class_names_file)
         if not p.is_file():
             raise ValueError(f"--class-names {p}: no such file")
         text = p.read_text()
-        names = json.loads(text) if p.suffix == ".json" else [ln.strip() for ln in text.splitlines() if ln.strip()]
+        try:
+            names = json.loads(text) if p.suffix == ".json" else [ln.strip() for ln in text.splitlines() if ln.strip()]
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--class-names {p}: not valid JSON ({e}); give a JSON list or id2label, or a "
+                             "text file with one name a line") from e
         if isinstance(names, dict):
-            names = [names[str(i)] for i in range(len(names))]
+            names = _id2label(names, f"--class-names {p}")
         src = f"file {p.name}"
     elif id2label:
-        names = [id2label[str(i)] if str(i) in id2label else id2label[i] for i in range(len(id2label))]
+        names = _id2label(id2label, "model_index.json")
         src = "id2label"
     else:
+        warn(f"the model has no class names (no id2label in its folder): its {num_classes} classes are named "
+             f"0..{num_classes - 1}; pass --class-names FILE (one name a line, or JSON id2label) to name them")
         return [str(i) for i in range(num_classes)], "indices"
     if len(names) != num_classes:
         raise ValueError(f"{len(names)} class names ({src}) for a network with {num_classes} classes")
@@ -169,6 +193,8 @@ def _vae(vae_dir, latent_shape, dtype: str):
     rec = {"kind": "vae", "architecture": {"kind": "diffusers.AutoencoderKL", "config": _clean(vae.config)},
            "scaling_factor": dec.scaling_factor, "shift_factor": dec.shift_factor, "dtype": dtype,
            "image_shape": list(dec.image_shape)}
+    from stride_diffusion.solvers.adapters.decoders import fit_latent_rgb
+    rec["preview"] = fit_latent_rgb(dec, latent_shape)  # streamed previews: latents -> RGB, fitted once here
     return vae, rec, shas
 
 
@@ -341,6 +367,11 @@ def import_diffusers(src, out, *, name=None, dtype="float32", null_class=None, c
         num_classes = rows - 1  # the last embedding is the CFG null class unless --null-class says otherwise
         ss = c.sample_size if isinstance(c.sample_size, (list, tuple)) else (c.sample_size, c.sample_size)
         default_shape, kind = (c.in_channels, *ss), "unet2d"
+    refused, notes = check_scheduler(sched_cfg)
+    if refused:
+        raise ValueError(f"{d / 'scheduler' / 'scheduler_config.json'}: " + "; ".join(refused))
+    for note in notes:
+        warn(note)
     if sched_cfg is not None:
         schedule, param = schedule_from_scheduler(sched_cfg, str(d / "scheduler" / "scheduler_config.json"))
     else:  # a bare model folder: DDPM's chain, the DiT / DDPM convention
@@ -355,7 +386,8 @@ def import_diffusers(src, out, *, name=None, dtype="float32", null_class=None, c
     tiny, tdec, tshas = _tiny_decoder(tiny_decoder, shape, dtype, v)
     adapter = _adapter(kind, time_map, c.out_channels, num_classes, null_class, shape, dtype, names_src, rows,
                        network=cls, sources=({**shas, **vshas, **tshas}))
-    source = {"kind": "diffusers", "path": str(d.resolve()), "scheduler": sched_cfg}
+    source = {"kind": "diffusers", "path": str(d.resolve()), "scheduler": sched_cfg,  # whole, for solver=pipeline
+              "scheduler_class": (sched_cfg or {}).get("_class_name"), "scheduler_notes": notes}
     return write_artifact(Path(out), name, net, arch_kind, schedule, param, adapter, names, v, dec, source, command,
                           tiny, tdec)
 
@@ -468,7 +500,9 @@ def add_parser(subparsers):
         q.add_argument("--dtype", default="fp32", help="network and decoder: fp32, bf16 or fp16")
         q.add_argument("--null-class", type=int, default=None,
                        help="the network's label index of the CFG null class (default: num_classes)")
-        q.add_argument("--class-names", default=None, help="file: one name a line, or a JSON list")
+        q.add_argument("--class-names", default=None, metavar="FILE",
+                       help="one name a line, or JSON: a list, or id2label ({\"0\": \"tench\", ...}; ImageNet's "
+                            "class index with [wnid, name] values too)")
         q.add_argument("--latent-shape", default=None, help="C,H,W when not the config's (non-square allowed)")
         q.add_argument("--time-map", default=None, help="check the kind's time map (discrete, reversed-flow)")
     im.set_defaults(func=run)

@@ -21,9 +21,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import openai_api, openapi, playground, stream
 from .encode import MEDIA, Encoder
+from .http_limits import BodyDeadline
 from .http_status import FAILURES, REJECTED_STATUS
 from .jobs import Job, Outcome, Result
-from .limits import Guard, request_id
+from .limits import Guard, clip, request_id
 from .metrics import Metrics
 from .models import Registry, load_registry
 from .params import ApiError, GenerateParams, merge, parse
@@ -53,12 +54,12 @@ class Service:
     async def lifespan(self, app):
         s, names = self.settings, self.registry.names()
         if s.embedded:
-            self.queue = LocalQueue(s, names)
+            self.queue = LocalQueue(s, names, cost=self.work)
             self.worker = Worker(self.registry, s, self.queue, self.metrics, name="embedded")
         else:
             from .redis_queue import RedisQueue, RedisWorkerTransport
 
-            self.queue = RedisQueue(s, names)
+            self.queue = RedisQueue(s, names, cost=self.work)
             await self.queue.start()
             if s.role == "all":
                 self.transport = RedisWorkerTransport(s, names, self.metrics)
@@ -97,11 +98,13 @@ class Service:
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                            headers={"WWW-Authenticate": "Bearer"})
 
-    async def run(self, request: Request, p: GenerateParams, t0: float) -> tuple[Job, Result]:
+    async def run(self, request: Request, p: GenerateParams, t0: float, encode: bool = False) -> tuple[Job, Result]:
         """Queue validated parameters, wait for the images (cancelled if the client goes away),
-        record the metrics: the one path that /generate and /v1/images/generations share.
+        record the metrics: the one path that /generate and /v1/images/generations share. encode:
+        the worker encodes the body (Job.encode; a worker of the previous version sends pixels).
         Failures raise ApiError."""
         job = self.new_job(request, p)
+        job.encode = encode
         retry = {"Retry-After": str(self.settings.retry_after_s)}
         try:
             await self.queue.submit(job)
@@ -120,6 +123,10 @@ class Service:
         self.metrics.compute_seconds.labels(*labels).observe(max(0.0, res.compute_ms / 1e3))
         self.metrics.responses.labels("200").inc()
         return job, res
+
+    def work(self, job: Job) -> int:
+        """Row-steps of a job (images x rows per image x steps): what admission by work counts."""
+        return job.n * job.steps * self.registry[job.model].samplers[job.solver].rows_per_image(job.guidance)
 
     def new_job(self, request: Request, p: GenerateParams) -> Job:
         now = time.time()
@@ -147,7 +154,7 @@ class Service:
             return await stream.generate(self, request)
         t0 = time.perf_counter()
         p = await self.parse_request(request)
-        job, res = await self.run(request, p, t0)
+        job, res = await self.run(request, p, t0, encode=p.format != "json")  # json: the meta is the API's
         headers = self.stride_headers(job, res)
         e = self.registry[job.model]
         meta = None
@@ -156,6 +163,8 @@ class Service:
                     "n": job.n, "steps": job.steps, "solver": res.solver, "nfe": res.nfe, "guidance": job.guidance,
                     "seed": job.seed, "seeds": job.seeds, "queue_ms": round(res.queue_ms, 2),
                     "compute_ms": round(res.compute_ms, 2)}
+        if res.encoded == job.format:  # encoded by the worker, in its own pool
+            return Response(res.pixels, media_type=MEDIA[job.format], headers=headers)
         t1 = time.perf_counter()
         body = await self.encoder(res.images(), job.format, job.quality, e.display_scale, meta)
         self.metrics.encode_seconds.labels(job.format).observe(time.perf_counter() - t1)
@@ -230,12 +239,14 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
                   description="Few-step class-conditional diffusion sampling. Latency is about NFE x one model call.")
     app.state.service = svc
     app.add_middleware(Guard, on_error=svc.count_error, new_id=svc.new_id)
+    app.add_middleware(BodyDeadline, timeout_s=settings.body_timeout_s, min_rate=settings.body_min_rate)
     openapi.install(app, svc, operations={"/v1/images/generations": openai_api.operation})
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):
         svc.metrics.responses.labels(str(e.status)).inc()
         rid = request_id(request.scope)  # every error names the request, as the logs do
+        e.detail, e.field = clip(e.detail), clip(e.field, 200)  # a message may quote the input: bounded
         return JSONResponse({**e.body(), "request_id": rid}, status_code=e.status,
                             headers={**(e.headers or {}), "X-Stride-Request-Id": rid})
 
@@ -256,6 +267,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     async def solvers(request: Request):
         svc.check_key(request)
         return {"models": {e.name: {"steps": e.samplers.choices(settings.steps), "available": ["auto", *e.samplers.names()],
+                                    "grids": {s.name: s.grid for s in e.samplers if s.listed},
                                     "eval": e.samplers.rows} for e in svc.registry}}
 
     @app.get("/healthz", summary="Liveness: the API process answers")

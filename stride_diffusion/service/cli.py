@@ -82,9 +82,11 @@ def run_api(settings: Settings, log_level: str):
     import uvicorn
 
     from .app import create_app
+    from .http_limits import raise_open_files, server_options
 
+    raise_open_files(settings.max_connections)
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level, timeout_keep_alive=30)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level, **server_options(settings))
 
 
 async def run_worker(settings: Settings):
@@ -147,7 +149,7 @@ def main(argv=None) -> int:
             run_loop(run_worker(settings))
         else:
             run_api(settings, args.log_level)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:  # a missing artifact, a setting this machine cannot run
         print(f"stride serve: {e}", file=sys.stderr)
         return 2
     return 0

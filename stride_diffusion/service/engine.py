@@ -27,6 +27,7 @@ from stride_diffusion.solvers.network import Network, dtype_of
 from .images import quantize
 from .metrics import Metrics
 from .models import Registry
+from .previews import Previews
 
 
 def _low_precision(model) -> bool:
@@ -70,18 +71,29 @@ class Engine:
             for k, (m, w) in e.steppers(steps_offered).items():
                 if dt is not None or _low_precision(m) or wrap:
                     m = Network(m, dt, buckets, graphs, static=static, **opts)
-                self.steppers[k] = Stepper(m, w, self.device, update=update)
+                step_graph = isinstance(m, Network) and bool(m.buckets)  # solvers/step_graph.py
+                self.steppers[k] = Stepper(m, w, self.device, update=update, step_graph=step_graph)
                 self.model_of[k] = e.name  # metrics label
             for dec in e.decoders.values():
                 if hasattr(dec, "optimize"):
                     dec.optimize(channels_last=self.device.type == "cuda", compile=compile, compile_mode=compile_mode)
         self.jobs: dict[str, Admitted] = {}
+        self.previews = Previews(registry, self.model_of)  # streamed requests' previews (service/previews.py)
         self.incoming: dict[str, list] = {}  # stepper key -> admitted images not yet in the Stepper
         self.pending: list = []  # CUDA: (event, pinned host pixels, ids) copied during the next step
         self.timings: list = []  # CUDA: (histogram, start event, end event) not yet read back
 
     def networks(self) -> list:
         return [st.model for st in self.steppers.values() if isinstance(st.model, Network)]
+
+    def capture_steps(self) -> float:
+        """Capture every Stepper's whole-step graphs (CUDA with graphs; after the networks' own
+        `capture`, before any request); returns the seconds it took."""
+        t0 = time.perf_counter()
+        for st in self.steppers.values():
+            if st.graph is not None:
+                st.graph.capture()
+        return time.perf_counter() - t0
 
     @property
     def rows(self) -> int:
@@ -98,6 +110,8 @@ class Engine:
         self.incoming.setdefault(key, []).append((job, table, first, count))
         a = self.jobs.setdefault(job.id, Admitted(rows_per_image, 0, getattr(job, "decoder", None)))
         a.images += count
+        if getattr(job, "preview", 0):
+            self.previews.want(job.id, job.preview)
 
     def _flush(self):
         for key, items in self.incoming.items():
@@ -179,7 +193,10 @@ class Engine:
                     continue
                 name = self.model_of[key]
                 t0, ev0 = self._clock(), st.evaluations
+                pv = self.previews.before(key, st, self.jobs) if self.previews.every else None
                 st.step()
+                if pv is not None:
+                    self.previews.after(pv, st)
                 done = st.pop_done_batch()
                 if self.metrics and st.evaluations > ev0:
                     rows = st.evaluations - ev0

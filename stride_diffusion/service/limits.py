@@ -15,6 +15,14 @@ from .params import ApiError
 
 log = logging.getLogger("stride.api")
 MAX_BODY = 64 * 1024
+DETAIL_MAX = 500  # characters of an error's message, and 200 of the field it names: what input they quote is cut
+
+
+def clip(text: str | None, limit: int = DETAIL_MAX) -> str | None:
+    """An error's text cut to `limit` characters: a 60 KB key or value is not echoed back whole."""
+    if text is None or len(text) <= limit:
+        return text
+    return text[:limit - 30] + f"... ({len(text)} characters)"
 
 
 class BodyTooLarge(ApiError):

@@ -37,6 +37,11 @@ class Metrics:
         self.streams = Counter("stride_stream_requests", "Streamed /generate requests admitted", registry=r)
         self.stream_first_event_seconds = Histogram("stride_stream_first_event_seconds", "Streamed requests: "
                                                     "arrival to the first event (queued)", buckets=LATENCY, registry=r)
+        self.preview_frames = Counter("stride_stream_preview_frames", "Streamed requests: preview events sent",
+                                      registry=r)
+        self.stream_first_preview_seconds = Histogram("stride_stream_first_preview_seconds", "Streamed requests "
+                                                      "with previews: arrival to the first preview event",
+                                                      buckets=LATENCY, registry=r)
         self.workers_live = Gauge("stride_workers_live", "Workers with a live heartbeat (ready ones)", ["model"],
                                   registry=r)
         # worker side
@@ -51,8 +56,9 @@ class Metrics:
         self.decode_seconds = Histogram("stride_decode_seconds", "Finished samples -> uint8 pixels on the host "
                                         "(decoder, quantisation, copy), per step that finished some", ["model"],
                                         buckets=STEP, registry=r)
-        self.encode_seconds = Histogram("stride_encode_seconds", "API process: pixels -> response body (in the "
-                                        "encoder pool)", ["format"], buckets=STEP, registry=r)
+        self.encode_seconds = Histogram("stride_encode_seconds", "pixels -> response body, in an encoder pool: "
+                                        "the worker's for /generate's images, the API's for the rest", ["format"],
+                                        buckets=STEP, registry=r)
         self.worker_ready = Gauge("stride_worker_ready", "1 once this process's worker has warmed up", registry=r)
         self.worker_draining = Gauge("stride_worker_draining", "1 once this worker was told to stop: it takes no "
                                      "new work and finishes what it holds", registry=r)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from stride_diffusion.solvers.contracts import guidance_input, guidance_range, input_dtype
+from stride_diffusion.solvers.contracts import guidance_input, guidance_range, input_dtype, network
 from stride_diffusion.solvers.samplers import SamplerSet, load_samplers
 
 
@@ -35,12 +35,19 @@ class ModelEntry:
     @classmethod
     def from_artifact(cls, path: str, device: str = "cpu", dtype: str | None = None, steps=None, variants=None,
                       weights: bool = True) -> ModelEntry:
-        """`dtype`: the network's and decoder's (None: what the artifact records); `steps`, `variants`:
-        which own-network samplers (secant) to load (`load_samplers`); weights=False reads metadata
-        only (an API process)."""
+        """`dtype`: the network's and decoder's (None: what the artifact records; 'fp8': bf16 with the
+        transformer's token-wise linears in float8, `solvers.fp8`); `steps`, `variants`: which
+        own-network samplers (secant) to load (`load_samplers`); weights=False reads metadata only
+        (an API process)."""
         from stride_diffusion.solvers.artifact import default_guidance, load_artifact
+        from stride_diffusion.solvers.fp8 import fp8_refusal, to_fp8
 
-        art = load_artifact(path, device, dtype, weights=weights)
+        fp8 = dtype == "fp8"
+        if fp8 and weights and fp8_refusal(device):  # before reading gigabytes of weights
+            raise ValueError(fp8_refusal(device))
+        art = load_artifact(path, device, "bf16" if fp8 else dtype, weights=weights)
+        if fp8 and weights:
+            to_fp8(network(art.model), device)
         meta = dict(art.meta)
         data = meta.get("data", {})
         names = data.get("class_names") or meta.get("class_names") or list(range(art.model.num_classes))

@@ -156,7 +156,8 @@ def generate_operation(registry, settings, auth: bool) -> dict:
         "422": _err("invalid value: names the field and the allowed values"),
         "500": _err("failed (e.g. moved to the dead-letter stream after repeated worker deaths, or an internal "
                     "error: the body carries the request id it was logged under)"),
-        "503": _err("queue full, no live worker, or the queue unreachable", RETRY_AFTER),
+        "503": _err("queue full (in requests, or in work that would not finish before the deadline), no live "
+                    "worker, or the queue unreachable", RETRY_AFTER),
         "504": _err("the deadline passed before the images were done"),
     }
     if auth:
@@ -199,8 +200,35 @@ def build(app, svc, operations: dict) -> dict:
         for p in ("/generate", "/models", "/solvers", "/v1/images/generations"):
             for op in paths.get(p, {}).values():
                 op["security"] = [{"bearer": []}]
+        _redact(doc, served_names(svc.registry))
     app.openapi_schema = doc
     return doc
+
+
+def served_names(registry) -> set[str]:
+    """What /models and /solvers tell only a client with the key: models, classes, samplers, decoders."""
+    out = set(registry.names())
+    for e in registry:
+        out |= {*e.class_names, *e.samplers.names(), *(s.name for s in e.samplers), *e.decoders}
+    return out
+
+
+def _redact(node, secret: set[str]):
+    """With an API key the open document names nothing that /models protects: a request body keeps
+    each field's type and bounds but loses its per-model branches, and a list of values that holds a
+    served name is dropped (the field's description points to /models)."""
+    if isinstance(node, list):
+        for v in node:
+            _redact(v, secret)
+        return
+    if not isinstance(node, dict):
+        return
+    if isinstance(node.get("properties"), dict) and isinstance(node.get("anyOf"), list):
+        del node["anyOf"]  # the (model, sampler family) branches of a request body
+    if any(isinstance(v, str) and v in secret for v in node.get("enum") or ()):
+        del node["enum"]
+    for v in node.values():
+        _redact(v, secret)
 
 
 def install(app, svc, docs_path: str = "/docs", operations: dict | None = None):
@@ -216,8 +244,14 @@ def install(app, svc, docs_path: str = "/docs", operations: dict | None = None):
                                    swagger_ui_parameters={"validatorUrl": None})  # no call to validator.swagger.io
 
     for name in DOC_FILES:
-        async def asset(name=name):
-            return FileResponse(STATIC / name)
+        app.add_api_route(f"{docs_path}/{name}", _asset(STATIC / name), methods=["GET"], include_in_schema=False)
 
-        app.add_api_route(f"{docs_path}/{name}", asset, methods=["GET"], include_in_schema=False)
+
+def _asset(path: Path):
+    """A route serving one packaged file. Its handler takes no parameter: FastAPI would read one as a
+    query parameter, and ?name=../../.. would serve any file the process can read."""
+    async def asset():
+        return FileResponse(path)
+
+    return asset
 

@@ -18,6 +18,8 @@ from .labels import class_index
 from .models import ModelEntry, Registry
 
 SEED_MAX = 2 ** 32 - 1
+PREVIEW_EVERY_MAX = 1000
+_BOOL = {"1": True, "true": True, "0": False, "false": False}
 _rng = random.Random(secrets.randbits(64))  # seeds need not be secret; os.urandom per request is slow on some VMs
 
 
@@ -37,6 +39,12 @@ class GenerateBody(BaseModel):
     decoder: str | None = Field(None, description="latents -> pixels: one of the model's `decoders` (GET /models); "
                                                   "'tiny' where the model has a tiny decoder (faster, lower quality); "
                                                   "default the model's own")
+    preview: bool = Field(False, description="streamed requests (POST /generate/stream): `preview` events with a "
+                                             "small image of the current clean-image estimate; the plain answer "
+                                             "ignores it")
+    preview_every: int | None = Field(None, ge=1, le=PREVIEW_EVERY_MAX,
+                                      description="a preview every k steps (default 1); given alone it turns "
+                                                  "previews on")
 
 
 FIELDS = tuple(GenerateBody.model_fields)
@@ -74,20 +82,23 @@ class GenerateParams:
     format: str
     quality: int | None = None
     decoder: str | None = None  # None: the model's own
+    preview: int = 0  # streamed: a preview every `preview` steps; 0: none
 
 
 def _no_duplicates(pairs):
     out = {}
     for k, v in pairs:
         if k in out:
-            raise ApiError(422, f"body gives {k!r} more than once", k)
+            raise ApiError(422, f"body gives {_show(k)} more than once", k)
         out[k] = v
     return out
 
 
 def _query_value(k: str, v: str):
     """A query string as the JSON value it stands for: numbers for the numeric fields, else the string."""
-    if k in ("n", "seed", "steps", "quality") or k == "class_label" and _INT.match(v):
+    if k == "preview":
+        return _BOOL.get(v.strip().lower(), v)
+    if k in ("n", "seed", "steps", "quality", "preview_every") or k == "class_label" and _INT.match(v):
         return int(v) if _INT.match(v) else v  # a non-integer string is refused by the field's check
     if k == "guidance":
         if _FLOAT.match(v):
@@ -101,13 +112,13 @@ def merge(query_items, body: bytes, content_type: str | None = None) -> dict:
     out = {}
     for k, v in query_items:
         if k in out:
-            raise ApiError(422, f"query parameter {k!r} given more than once", k)
+            raise ApiError(422, f"query parameter {_show(k)} given more than once", k)
         out[k] = _query_value(k, v)
     if body.strip():
         media = (content_type or "").split(";")[0].strip().lower()
         if media not in JSON_TYPES:
             raise ApiError(415, f"the body must be JSON sent as 'Content-Type: application/json' (got "
-                                f"{content_type!r})", "content-type", list(JSON_TYPES))
+                                f"{_show(content_type)})", "content-type", list(JSON_TYPES))
         try:
             data = json.loads(body, object_pairs_hook=_no_duplicates)
         except (ValueError, UnicodeDecodeError, RecursionError) as e:
@@ -116,7 +127,7 @@ def merge(query_items, body: bytes, content_type: str | None = None) -> dict:
             raise ApiError(422, f"body must be a JSON object with fields {list(FIELDS)}, got {type(data).__name__}")
         for k, v in data.items():
             if k in out:
-                raise ApiError(422, f"{k!r} given both as a query parameter and in the body", k)
+                raise ApiError(422, f"{_show(k)} given both as a query parameter and in the body", k)
             out[k] = v
     unknown = sorted(set(out) - set(FIELDS))
     if unknown:
@@ -203,7 +214,8 @@ def parse(raw: dict, registry: Registry, settings) -> GenerateParams:
     try:
         solver = e.samplers.resolve(steps, solver, guidance).name
     except SolverError as err:
-        raise ApiError(422, str(err), err.field, solvers if err.allowed is None else err.allowed) from None
+        msg = str(err).replace(repr(solver), _show(solver))  # a long unknown name is not echoed whole
+        raise ApiError(422, msg, err.field, solvers if err.allowed is None else err.allowed) from None
 
     fmt = raw.get("format", "png")
     if fmt not in FORMATS:
@@ -219,4 +231,15 @@ def parse(raw: dict, registry: Registry, settings) -> GenerateParams:
                        "decoder", list(e.decoders))
     if decoder == e.decoder.kind:
         decoder = None  # the model's own, named
-    return GenerateParams(e, label, n, seed, guidance, steps, solver, fmt, quality, decoder)
+    preview = raw.get("preview", False)
+    if not isinstance(preview, bool):
+        raise ApiError(422, f"preview must be true or false (1 or 0 in the query) (got {_show(preview)})", "preview",
+                       [True, False])
+    every = raw.get("preview_every")
+    if every is not None:
+        every = _int("preview_every", every, f"in 1..{PREVIEW_EVERY_MAX}", [1, PREVIEW_EVERY_MAX])
+        if not 1 <= every <= PREVIEW_EVERY_MAX:
+            raise ApiError(422, f"preview_every must be in 1..{PREVIEW_EVERY_MAX} (got {every})", "preview_every",
+                           [1, PREVIEW_EVERY_MAX])
+    preview = (every or 1) if preview or every is not None else 0
+    return GenerateParams(e, label, n, seed, guidance, steps, solver, fmt, quality, decoder, preview)

@@ -51,3 +51,23 @@ def plan(waiting: list[Waiting], free_rows: int, busy: bool, max_batch: int, max
         if free <= 0:
             break
     return out
+
+
+# -- admission by work ---------------------------------------------------------------------------
+# A request costs rows x steps (n images x rows per image x steps): model-call rows, the unit a
+# worker's throughput is measured in. What is queued or running ahead of a request must be done
+# before it is, so at `rate` row-steps/s it finishes (queued + work) / rate from now at the soonest.
+ADMIT_SHARE = 0.7  # of the deadline: the estimate leaves out partly filled batches, decoding, encoding, contention
+
+
+def work_cap(rate: float | None, deadline_s: float) -> float:
+    """Row-steps that may be queued or running, counting the new request, for it to finish within
+    its deadline at the measured `rate` (row-steps/s of every worker of the model); 0: no rate yet."""
+    return rate * ADMIT_SHARE * deadline_s if rate else 0.0
+
+
+def over_capacity(queued: float, work: float, rate: float, deadline_s: float) -> str:
+    """The refusal of a request of `work` row-steps behind `queued` ones: what it would wait."""
+    return (f"over capacity: {queued:.0f} row-steps queued or running and this request's {work:.0f} take about "
+            f"{(queued + work) / rate:.1f} s at the measured {rate:.0f} row-steps/s, past {ADMIT_SHARE:g} of the "
+            f"{deadline_s:g} s deadline; retry later or ask for fewer images or steps")

@@ -7,14 +7,17 @@ import time
 from collections import deque
 
 from .jobs import Job, Outcome, Result
+from .policy import over_capacity, work_cap
 from .transport import WAIT_GRACE_S, QueueStatus, Rejected, WorkerHooks
 
 RATE_WINDOW_S = 60.0  # completions counted for a queued request's expected wait
 
 
 class LocalQueue:
-    def __init__(self, settings, models: list[str]):
+    def __init__(self, settings, models: list[str], cost=None):
         self.settings, self.models = settings, list(models)
+        self.cost = cost  # job -> row-steps (admission by work, service/policy.py); None: count requests only
+        self.work: dict[str, tuple[str, int]] = {}  # id -> (model, row-steps): admitted, not answered yet
         self.queue: deque[Job] = deque()
         self.arrived = asyncio.Event()
         self.futures: dict[str, tuple[str, asyncio.Future]] = {}  # id -> (model, future): queued or running
@@ -37,6 +40,13 @@ class LocalQueue:
             raise Rejected("no_worker", "the worker is not ready yet (warming up)")
         if self.depth(job.model) >= self.settings.queue_limit:
             raise Rejected("queue_full", f"queue full ({self.settings.queue_limit} requests queued or running)")
+        work = self.cost(job) if self.cost else 0
+        rate = self.hooks.status().get("rate")
+        queued = sum(w for m, w in self.work.values() if m == job.model)
+        cap = work_cap(rate, self.settings.deadline_s)
+        if cap and queued + work > cap:
+            raise Rejected("queue_full", over_capacity(queued, work, rate, self.settings.deadline_s))
+        self.work[job.id] = (job.model, work)
         self.futures[job.id] = (job.model, asyncio.get_running_loop().create_future())
         self.queue.append(job)
         self.arrived.set()
@@ -118,6 +128,7 @@ class LocalQueue:
         return out
 
     async def complete(self, job: Job, result: Result):
+        self.work.pop(job.id, None)
         item = self.futures.get(job.id)
         if item and not item[1].done():
             item[1].set_result(result)

@@ -32,6 +32,7 @@ import json
 import logging
 import time
 import uuid
+from collections import deque
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -39,21 +40,41 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError, ResponseError
 
 from .jobs import Job, Outcome, Result
+from .policy import over_capacity, work_cap
+from .queue import RATE_WINDOW_S
 from .transport import WAIT_GRACE_S, QueueStatus, Rejected, WorkerHooks
 
 log = logging.getLogger("stride.redis")
 GROUP = "workers"
 POLL_S = 0.5  # API: re-read the result key this often even without a wake-up
-DOWN_GRACE_S = 2.0  # API: how long Redis may be unreachable while a request waits before it is LOST
+DOWN_POLL_S = 0.25  # API: while Redis is unreachable, try it again this often
 DLQ_MAXLEN = 10000
 CANCEL_POLL_S = 0.1  # worker: how often it looks for cancel markers of the requests it holds
 LONG_BLOCK_S = 0.2  # waits shorter than this are not left to Redis's blocking timeout (see fetch)
 
-# Admission in one round trip and atomically: refuse when the stream already holds `limit` entries.
+# Admission in one round trip and atomically: refuse when the stream already holds `limit` entries
+# (ARGV[1]), or, given a work cap (ARGV[5], row-steps, service/policy.py), when the work of its entries
+# (field 'work': the stream holds exactly what is queued or running) plus this request's (ARGV[4])
+# passes it; the reply then carries that queued work. A streamed request's progress/preview wishes go
+# in a further field, 'watch' (Job.watch): a worker of the previous version reads 'job' alone and
+# runs it, without progress.
 ADMIT = """
 local n = redis.call('XLEN', KEYS[1])
 if n >= tonumber(ARGV[1]) then return {0, n} end
-return {1, redis.call('XADD', KEYS[1], '*', 'job', ARGV[2])}
+local cap = tonumber(ARGV[5])
+if cap > 0 then
+  local queued = 0
+  for _, e in ipairs(redis.call('XRANGE', KEYS[1], '-', '+')) do
+    local f = e[2]
+    for i = 1, #f, 2 do
+      if f[i] == 'work' then queued = queued + tonumber(f[i + 1]) end
+    end
+  end
+  if queued + tonumber(ARGV[4]) > cap then return {0, n, queued} end
+end
+local f = {'job', ARGV[2], 'work', ARGV[4]}
+if ARGV[3] ~= '' then f[5] = 'watch'; f[6] = ARGV[3] end
+return {1, redis.call('XADD', KEYS[1], '*', unpack(f)), n}
 """
 
 
@@ -126,15 +147,19 @@ def _s(v) -> str:
 class RedisQueue:
     """API side: admit (XADD), wait for the result, know which workers are alive."""
 
-    def __init__(self, settings, models: list[str]):
+    def __init__(self, settings, models: list[str], cost=None):
         self.settings, self.models, self.keys = settings, list(models), Keys(settings.key_prefix)
+        self.cost = cost  # job -> row-steps (admission by work, service/policy.py); None: count requests only
         self.r = connect(settings, pool_size(settings, len(self.models)))
         self.api_id = uuid.uuid4().hex[:12]
         self.channel = self.keys.channel(self.api_id)
         self.waiters: dict[str, asyncio.Event] = {}
         self.watchers: dict[str, asyncio.Queue] = {}  # id -> progress events of a streamed request
+        self.ahead: dict[str, int | None] = {}  # streamed request id -> entries ahead of it when admitted
+        self.done_samples: dict[str, deque] = {m: deque() for m in models}  # (monotonic, entries done)
         self.live: dict[str, int] = {m: 0 for m in models}
         self.depths: dict[str, int] = {m: 0 for m in models}
+        self.rates: dict[str, float] = {m: 0.0 for m in models}  # row-steps/s of the live workers, summed
         self.redis_ok = False
         self._admit = self.r.register_script(ADMIT)
         self._tasks: list[asyncio.Task] = []
@@ -155,22 +180,30 @@ class RedisQueue:
         await self.r.aclose()
 
     async def submit(self, job: Job):
+        if not self.redis_ok:  # what was accepted waits for Redis to come back; nothing new is taken meanwhile
+            raise Rejected("queue_unavailable", "queue unavailable: Redis unreachable, retry later")
         if self.live.get(job.model, 0) == 0:
             raise Rejected("no_worker", f"no live worker serves model {job.model!r}" +
                            ("" if self.redis_ok else " (Redis unreachable)"))
         job.reply = self.channel
         self.waiters[job.id] = asyncio.Event()  # before XADD: the answer may come back at once
+        work, rate = self.cost(job) if self.cost else 0, self.rates.get(job.model, 0.0)
         try:
-            ok, val = await self._admit(keys=[self.keys.stream(job.model)],
-                                        args=[self.settings.queue_limit, job.dumps()])
+            ok, val, *ahead = await self._admit(keys=[self.keys.stream(job.model)],
+                                        args=[self.settings.queue_limit, job.dumps(), job.watch(), work,
+                                              work_cap(rate, self.settings.deadline_s)])
         except (RedisError, OSError) as e:
             self.waiters.pop(job.id, None)
             raise Rejected("queue_unavailable", f"queue unavailable: {type(e).__name__}: {e}") from None
         if not ok:
             self.waiters.pop(job.id, None)
+            if ahead:  # refused by work
+                raise Rejected("queue_full", over_capacity(int(ahead[0]), work, rate, self.settings.deadline_s))
             raise Rejected("queue_full", f"queue full ({int(val)} requests queued or running for {job.model!r}, "
                                          f"limit {self.settings.queue_limit})")
         job.entry, job.stream = _s(val), self.keys.stream(job.model)
+        if job.progress:
+            self.ahead[job.id] = int(ahead[0]) if ahead else None
 
     async def wait(self, job: Job) -> Result:
         ev = self.waiters.setdefault(job.id, asyncio.Event())
@@ -179,9 +212,10 @@ class RedisQueue:
             while True:
                 remaining = hard - time.time()
                 if remaining <= 0:
-                    return Result(job.id, Outcome.EXPIRED, "deadline passed while waiting for a worker")
+                    return Result(job.id, Outcome.EXPIRED, "deadline passed while waiting for a worker" +
+                                  ("" if down_since is None else " (the queue was unreachable)"))
                 try:
-                    await asyncio.wait_for(ev.wait(), min(POLL_S if down_since is None else 0.2, remaining))
+                    await asyncio.wait_for(ev.wait(), min(POLL_S if down_since is None else DOWN_POLL_S, remaining))
                 except asyncio.TimeoutError:
                     pass
                 ev.clear()
@@ -201,10 +235,14 @@ class RedisQueue:
                         return Result.loads(raw)
                     down_since = None
                 except (RedisError, OSError) as e:
+                    # Redis unreachable: the entry comes back with it (AOF) and the worker holding the request
+                    # stores its result once it can, so wait on (up to the deadline); only an outage longer
+                    # than redis_outage_s gives the request up
                     down_since = down_since or time.monotonic()
-                    if time.monotonic() - down_since > DOWN_GRACE_S:
-                        return Result(job.id, Outcome.LOST, f"lost contact with the queue while waiting "
-                                                            f"({type(e).__name__}); the request may not have run, retry")
+                    if time.monotonic() - down_since > self.settings.redis_outage_s:
+                        return Result(job.id, Outcome.LOST, f"the queue was unreachable for more than "
+                                                            f"{self.settings.redis_outage_s:g} s ({type(e).__name__}); "
+                                                            f"the request may not have run, retry")
         finally:
             self.waiters.pop(job.id, None)
 
@@ -223,6 +261,20 @@ class RedisQueue:
 
     def unwatch(self, job: Job):
         self.watchers.pop(job.id, None)
+        self.ahead.pop(job.id, None)
+
+    def position(self, job: Job) -> tuple[int | None, float | None]:
+        """Entries of its model queued or running ahead of `job` when it was admitted, and the expected
+        wait (s) at the rate entries left the stream over the last RATE_WINDOW_S (every worker's,
+        from XINFO STREAM: entries-added minus length; None before a completion was seen)."""
+        ahead = self.ahead.pop(job.id, None)
+        if not ahead:
+            return ahead, None if ahead is None else 0.0
+        s = self.done_samples.get(job.model)
+        if not s or s[-1][1] <= s[0][1]:
+            return ahead, None
+        rate = (s[-1][1] - s[0][1]) / max(s[-1][0] - s[0][0], 1e-3)
+        return ahead, round(ahead / rate, 3)
 
     async def status(self) -> QueueStatus:
         return {"redis": self.redis_ok, "workers": dict(self.live), "depth": dict(self.depths)}
@@ -267,7 +319,7 @@ class RedisQueue:
         try:
             ids = [_s(i) for i in await self.r.smembers(k.workers)]
             vals = await self.r.mget([k.worker(i) for i in ids]) if ids else []
-            live = {m: 0 for m in self.models}
+            live, rates = {m: 0 for m in self.models}, {m: 0.0 for m in self.models}
             for i, v in zip(ids, vals):
                 if v is None:
                     await self.r.srem(k.workers, i)
@@ -277,13 +329,29 @@ class RedisQueue:
                     for m in info.get("models", []):
                         if m in live:
                             live[m] += 1
+                            rates[m] += float(info.get("rate") or 0)
             pipe = self.r.pipeline(transaction=False)
             for m in self.models:
                 pipe.xlen(k.stream(m))
-            self.depths = dict(zip(self.models, map(int, await pipe.execute())))
-            self.live, self.redis_ok = live, True
+            for m in self.models:
+                pipe.xinfo_stream(k.stream(m))
+            res = await pipe.execute(raise_on_error=False)
+            self.depths = dict(zip(self.models, map(int, res[:len(self.models)])))
+            self._sample_done(res[len(self.models):])
+            self.live, self.rates, self.redis_ok = live, rates, True
         except (RedisError, OSError, ValueError):
             self.live, self.redis_ok = {m: 0 for m in self.models}, False
+
+    def _sample_done(self, infos):
+        """Entries that left each model's stream so far (done, cancelled, dead-lettered), for the rate."""
+        now = time.monotonic()
+        for m, info in zip(self.models, infos):
+            if not isinstance(info, dict) or "entries-added" not in info:  # no stream yet, or Redis < 7
+                continue
+            s = self.done_samples[m]
+            s.append((now, int(info["entries-added"]) - int(info["length"])))
+            while len(s) > 2 and s[1][0] < now - RATE_WINDOW_S:
+                s.popleft()
 
     async def _refresh(self):
         while not self._closed:
@@ -309,6 +377,8 @@ class RedisWorkerTransport:
         self._closed = False
         self._leave = self.r.register_script(LEAVE)
         self._publishing: set[asyncio.Task] = set()  # progress messages on their way
+        self.down = False  # the last heartbeat could not reach Redis
+        self.back_at = -float("inf")  # monotonic time Redis answered again after an outage
 
     def attach(self, hooks: WorkerHooks):
         self.hooks = hooks
@@ -404,7 +474,8 @@ class RedisWorkerTransport:
                 return []
             raise
         except (RedisError, OSError) as e:
-            log.warning("read failed (%s); retrying", e)
+            if not self.down:  # an outage is logged once, by the heartbeat
+                log.warning("read failed (%s); retrying", e)
             await asyncio.sleep(0.2)
             return []
         jobs = []
@@ -421,12 +492,14 @@ class RedisWorkerTransport:
                 await self._ack(stream, eid)
                 continue
             try:
-                job = Job.loads(raw)
+                job = Job.loads(raw, fields.get(b"watch"))
             except Exception as e:
                 await self._dead_letter(stream, eid, raw, None, f"unreadable job: {e}")
                 continue
             job.entry, job.stream = eid, stream
             if reclaimed:
+                if job.id in self.held:  # ours already (an entry left idle by an outage): running here
+                    continue
                 n = await self._deliveries(stream, eid)
                 job.deliveries = n
                 if await self.r.exists(self.keys.result(job.id)):  # answered, but died before XACK
@@ -453,7 +526,9 @@ class RedisWorkerTransport:
             await asyncio.sleep(max(0.05, min(1.0, idle / 2e3)))
             try:
                 room = self.hooks.capacity() if self.hooks else 1
-                if room <= 0 or self.backlog:
+                # After an outage every entry looks idle; their workers refresh ownership on their first
+                # heartbeat back, so claim only once Redis has been back for the idle time.
+                if room <= 0 or self.backlog or self.down or time.monotonic() - self.back_at < idle / 1e3:
                     continue
                 for s in self.streams:
                     _, claimed, *_ = await self.r.xautoclaim(s, GROUP, self.consumer, idle, "0-0", count=room)
@@ -500,14 +575,14 @@ class RedisWorkerTransport:
     # -- answering --------------------------------------------------------------------------------
     async def complete(self, job: Job, result: Result):
         """SET the result, wake the API, then XACK + XDEL: the entry is released only once the
-        answer is stored. Retried while Redis is down, up to a minute past the deadline."""
+        answer is stored. Retried while Redis is down, for up to redis_outage_s past the deadline."""
         try:
             await self._complete(job, result)
         finally:
             self.held.pop(job.id, None)
 
     async def _complete(self, job: Job, result: Result):
-        give_up = job.deadline + 60
+        give_up = max(job.deadline, time.time()) + self.settings.redis_outage_s
         delay = 0.05
         while True:
             try:
@@ -560,10 +635,15 @@ class RedisWorkerTransport:
                                  px=int(max(3 * hb, 1.0) * 1000))
                 await self.r.sadd(self.keys.workers, self.consumer)
                 await self._refresh_ownership()
+                if self.down:
+                    log.warning("Redis reachable again")
+                    self.down, self.back_at = False, time.monotonic()
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError):
-                pass
+            except (RedisError, OSError) as e:
+                if not self.down:
+                    log.warning("Redis unreachable (%s); finished results wait for it", e)
+                self.down = True
             except Exception:
                 log.exception("heartbeat failed")
             await asyncio.sleep(hb)

@@ -28,8 +28,10 @@ class Settings(BaseSettings):
         json_schema_extra={"metavar": "DIR", "nargs": "+"})
     device: str = Field("cpu", description="torch device of the worker (cpu, cuda, cuda:1)",
                         json_schema_extra={"metavar": "DEV"})
-    dtype: Literal["fp32", "bf16", "fp16"] | None = Field(
-        None, description="network and decoder precision (fp32, bf16, fp16); default: the artifact's")
+    dtype: Literal["fp32", "bf16", "fp16", "fp8"] | None = Field(
+        None, description="network and decoder precision (fp32, bf16, fp16; fp8: bf16 with a transformer's "
+                          "attention and feed-forward matmuls in float8, on sm_89+ with the fp8 extra); "
+                          "default: the artifact's")
     threads: int | None = Field(
         None, ge=1, description="torch intra-op threads (default: all cores; role all on the CPU: all but one)")
     host: str = Field("127.0.0.1", description="bind address of the API and of the worker's metrics port",
@@ -47,6 +49,19 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(1, ge=1, description="Retry-After on 503")
     progress_ms: float = Field(
         100.0, ge=0, description="streamed requests: at most one step event each per this many ms (0: every step)")
+
+    # slow and surplus clients (service/http_limits.py)
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a connection must send a whole request head (request line and headers) within "
+                                "this long of opening, or of its first byte after a response; else 408 and close")
+    body_timeout_s: float = Field(
+        10.0, gt=0, description="a request body must be complete within this long of its head; else 408 and "
+                                "close, nothing queued")
+    body_min_rate: int = Field(
+        500, ge=0, description="bytes/s a request body must average after its first second; else 408 (0: no floor)")
+    max_connections: int = Field(
+        1024, ge=1, description="open connections; one more evicts the connection owing a request head the "
+                                "longest, else its request gets 503 + Retry-After and it is closed")
 
     # what a request may ask for
     steps: Annotated[list[int], NoDecode] = Field(
@@ -113,6 +128,10 @@ class Settings(BaseSettings):
     max_deliveries: int = Field(
         3, ge=1, description="deliveries before an entry goes to the dead-letter stream")
     result_ttl_s: int = Field(300, ge=1, description="TTL of stored results")
+    redis_outage_s: float = Field(
+        30.0, gt=0, description="Redis may be unreachable this long without failing accepted requests: the API "
+                                "waits on for their results (each up to its deadline), workers keep finished "
+                                "results to store once it is back; new requests get 503 meanwhile")
     drain_timeout_s: float = Field(
         25.0, gt=0, description="worker: on SIGTERM, finish the requests taken for at most this long, then "
                                 "exit; a second SIGTERM stops at once (the orchestrator's grace period must "

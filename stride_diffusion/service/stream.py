@@ -5,11 +5,16 @@ fields (query or JSON body) with the same validation. A request refused before i
 input, a wrong key, a full queue, no worker) gets the plain route's status and JSON body; once
 admitted, the answer is `200 text/event-stream` with these events, each `data` a JSON object:
 
-- `queued`: `position` (requests ahead of it for its model), `expected_wait_s` (position over the
-  measured completion rate; null before anything was measured);
+- `queued`: `position` (requests of its model queued or running ahead of it), `expected_wait_s`
+  (position over the measured completion rate; null before anything was measured). In Redis mode
+  the position is the stream's length when the request was admitted, the rate that of entries
+  leaving the stream (every worker's);
 - `started`: the worker admitted its first image;
 - `step`: `k` of `n` (the slowest image of the request), `elapsed_ms` since `started`; at most one
   every `progress_ms` (the last step is always sent);
+- `preview` (with `preview=1`, every `preview_every` steps): `index`, `k` of `n`, `media_type`,
+  `width`, `height`, `data` (a base64 PNG of at most 64 px a side: the image's current clean-image
+  estimate through the model's cheapest decoder, service/previews.py);
 - `image`: one per image, `index`, `seed`, `media_type` and `data` (the image in base64; PNG unless
   the request asked for jpeg or webp);
 - `done`: the request's id, solver, nfe, seeds, queue_ms, compute_ms;
@@ -17,8 +22,9 @@ admitted, the answer is `200 text/event-stream` with these events, each `data` a
 
 Progress comes from the worker's step loop (host lists, no device sync) through the queue's
 optional `watch` method: queue.LocalQueue hands the worker's events over in-process; with Redis the
-worker publishes them on the request's reply channel (redis_queue.py). Closing the stream cancels
-the request, as a disconnect does on the plain route.
+worker publishes them on the request's reply channel (redis_queue.py). A worker that publishes no
+progress (the previous version) still answers: the stream is then `queued`, `image`s, `done`.
+Closing the stream cancels the request, as a disconnect does on the plain route.
 """
 from __future__ import annotations
 
@@ -52,6 +58,7 @@ async def generate(svc, request: Request):
     t0 = time.perf_counter()
     p = await svc.parse_request(request)
     job, queue = svc.new_job(request, p), svc.queue
+    job.preview = p.preview
     watch = getattr(queue, "watch", None)
     events = watch(job) if watch else None
     try:
@@ -99,6 +106,18 @@ class _Stream(StreamingResponse):
 
 async def _events(svc, job, st: _State, t0: float, failures):
     queue, m, events, waiter = svc.queue, svc.metrics, st.events, st.waiter
+    first_preview = True
+
+    def forward(ev: dict) -> bytes:
+        nonlocal first_preview
+        name = ev.pop("event")
+        if name == "preview":
+            m.preview_frames.inc()
+            if first_preview:
+                m.stream_first_preview_seconds.observe(time.perf_counter() - t0)
+                first_preview = False
+        return sse(name, ev)
+
     try:
         position = getattr(queue, "position", None)
         ahead, wait_s = position(job) if position else (None, None)
@@ -113,11 +132,9 @@ async def _events(svc, job, st: _State, t0: float, failures):
                 if not getter.done():
                     getter.cancel()
             if getter.done() and not getter.cancelled():
-                ev = getter.result()
-                yield sse(ev.pop("event"), ev)
+                yield forward(getter.result())
         while events is not None and not events.empty():  # sent before the result: keep their order
-            ev = events.get_nowait()
-            yield sse(ev.pop("event"), ev)
+            yield forward(events.get_nowait())
         res = await waiter
         st.finished = True
         if not res.ok:

@@ -6,7 +6,8 @@ Two threads of control share the task table under one lock:
   waits on the event loop, so a step costs no thread hand-off (under CPU contention each hand-off
   is a scheduler wake-up, milliseconds);
 - the event loop: intake from the transport (in-process queue or Redis), writing answers (raw uint8
-  pixels: the API process encodes them), heartbeats.
+  pixels, or for a job with `encode` the response body, encoded in this process's pool so that the
+  API only forwards it), heartbeats.
 
 The same code runs over the in-process queue (embedded mode) and over Redis Streams: the worker
 calls a `transport.Transport` and hands it `WorkerHooks` (capacity, cancel, status), nothing more.
@@ -27,11 +28,13 @@ import torch
 from stride_diffusion.solvers.executor import Stepper, sample, seeded_noise
 from stride_diffusion.solvers.network import enable_tf32, set_compile_cache
 
+from .encode import Encoder
 from .engine import Engine, FinishedImage
 from .jobs import Job, Outcome, Result
 from .metrics import Metrics
 from .models import Registry
 from .policy import Waiting, plan
+from .previews import event as preview_event
 from .transport import Transport, WorkerHooks
 
 log = logging.getLogger("stride.worker")
@@ -77,7 +80,9 @@ class Worker:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.room: asyncio.Event | None = None  # set when a step frees rows: intake may read more
         self._pending: set[asyncio.Task] = set()
+        self.encoder = Encoder(settings.encode_threads, settings.png_level)  # jobs with `encode`
         self.cancelled: set[str] = set()  # ids whose client went away: dropped before the next step
+        self.rate: float | None = None  # row-steps/s of a fairly full batch: admission by work (policy.py)
         # progress of streamed requests (optional on a transport): watched(id) from the step thread,
         # progress([(id, event)]) on the event loop
         self._watched = getattr(transport, "watched", None)
@@ -111,6 +116,8 @@ class Worker:
                          f", {net.fused} q/k/v projections fused" if net.fused else "",
                          f", compiled ({net.compile_mode}) in {net.compile_seconds:.1f} s for buckets "
                          f"{sorted(net.buckets)}" if net.compile_seconds is not None else "")
+            if cuda and s.graphs:  # then each model's whole step per bucket (solvers/step_graph.py)
+                log.info("step graphs captured in %.1f s", self.engine.capture_steps())
             if s.compile or s.warmup:  # every decoder at batch 1 and 2 (compiled: its two graphs)
                 secs = self.engine.warm_decoders()
                 if s.compile:
@@ -125,7 +132,14 @@ class Worker:
                     for b in buckets(s.max_batch) if tables else ():  # one model call per batch size the engine may form
                         st = Stepper(model, self.engine.steppers[key].window, s.device, update=s.update)
                         st.add([tables[-1]] * b, seeded_noise(range(b), e.shape, device=s.device), [0] * b, 1.0)
+                        if cuda:  # time this step alone: kernels run asynchronously
+                            torch.cuda.synchronize()
+                        t0 = time.perf_counter()
                         st.step()
+                        if b == s.max_batch:  # the first estimate of the rate, before any load
+                            if cuda:
+                                torch.cuda.synchronize()
+                            self._measure(b, time.perf_counter() - t0)
                     for table in tables:  # and every step count's table, end to end, and the decoder
                         y = sample(model, table, seeded_noise([0], e.shape, device=s.device),
                                    torch.zeros(1, dtype=torch.long), update=s.update)
@@ -143,7 +157,14 @@ class Worker:
     def status(self) -> dict:
         return {"id": self.name, "ready": self.ready, "models": self.registry.names(), "steps": self.settings.steps,
                 "rows": self.engine.rows if self.engine else 0, "max_batch": self.settings.max_batch,
-                "tasks": len(self.tasks)}
+                "tasks": len(self.tasks), "rate": round(self.rate, 1) if self.rate else None}
+
+    def _measure(self, rows: int, seconds: float):
+        """Throughput from a step of at least half a batch (a nearly idle worker's small steps would
+        understate what it does under load), smoothed over about five steps."""
+        if 2 * rows >= self.settings.max_batch and seconds > 0:
+            r = rows / seconds
+            self.rate = r if self.rate is None else 0.8 * self.rate + 0.2 * r
 
     def capacity(self) -> int:
         """Rows free for more work (what the transport may take on without starving other workers)."""
@@ -266,9 +287,22 @@ class Worker:
             job = t.job
             self.metrics.images.labels(job.model, job.solver, str(job.steps)).inc(job.n)
             pixels = np.stack([t.done[i] for i in range(job.n)])
-            self._spawn(self._deliver(t, Result.of_images(job.id, pixels, solver=job.solver, nfe=job.steps,
-                                                          queue_ms=1e3 * (t.started - job.enqueued),
-                                                          compute_ms=1e3 * (end - t.started), worker=self.name)))
+            result = Result.of_images(job.id, pixels, solver=job.solver, nfe=job.steps,
+                                      queue_ms=1e3 * (t.started - job.enqueued), compute_ms=1e3 * (end - t.started),
+                                      worker=self.name)
+            self._spawn(self._encode_and_deliver(t, result) if job.encode else self._deliver(t, result))
+
+    async def _encode_and_deliver(self, t: Task, result: Result):
+        """The response body instead of the pixels (the API forwards it); should encoding fail, the
+        pixels (the API encodes them)."""
+        job, t0 = t.job, time.perf_counter()
+        try:
+            body = await self.encoder(result.images(), job.format, job.quality, self.registry[job.model].display_scale)
+            self.metrics.encode_seconds.labels(job.format).observe(time.perf_counter() - t0)
+            result.pixels, result.shape, result.encoded = body, [], job.format
+        except Exception:
+            log.exception("could not encode the result of %s; sending its pixels", job.id)
+        await self._deliver(t, result)
 
     async def _deliver(self, t: Task, result: Result):
         try:
@@ -300,6 +334,7 @@ class Worker:
                             return
                         self.work.wait(max(0.0, wake - time.time()) if wake is not None else IDLE_WAIT_S)
                         continue
+                rows, t0 = self.engine.rows, time.perf_counter()
                 try:
                     done = self.engine.step()  # without the lock: intake goes on meanwhile
                 except Exception as e:  # a failed model call fails the requests in it, not the worker
@@ -310,6 +345,7 @@ class Worker:
                                                                  f"{type(e).__name__}: {e}", worker=self.name))
                         self.engine.reset()
                     continue
+                self._measure(rows, time.perf_counter() - t0)
                 self._collect(done)
 
     def _collect(self, done: list[FinishedImage]):
@@ -344,8 +380,12 @@ class Worker:
                 t.step_sent, t.step_sent_at = k, now
                 elapsed = round(1e3 * (now - t.started), 1)
                 events.append((t.job.id, {"event": "step", "k": k, "n": n, "elapsed_ms": elapsed}))
-        if events:
-            self.loop.call_soon_threadsafe(self._progress, events)
+        shots = [p for p in self.engine.previews.take() if self._watched(p[0])]
+        if events or shots:  # previews are encoded on the event loop, not in the step thread
+            self.loop.call_soon_threadsafe(self._send_progress, events, shots)
+
+    def _send_progress(self, events: list, shots: list):
+        self._progress(events + [preview_event(*p) for p in shots])
 
     def _schedule(self) -> float | None:  # under the lock; returns when to decide again if idle
         now = time.time()

@@ -18,15 +18,26 @@ from .table import Table
 
 
 class _Ctx:
-    def __init__(self, schedule: Schedule, param: str, grid: torch.Tensor):
+    """A grid of n + 1 times and the (alpha, sigma) the solver uses at each: the schedule's, or given
+    (`alpha`, `sigma`: a diffusers scheduler's own noise levels at the times it feeds the network,
+    sigma = 0 allowed at the end). `land`: (alpha, sigma) of each step's landing point where it is
+    not the next evaluation's (DDIM as diffusers steps it); DDIM alone reads it."""
+
+    def __init__(self, schedule: Schedule, param: str, grid: torch.Tensor, alpha=None, sigma=None, land=None):
         self.schedule, self.param = schedule, check_param(param)
         self.t = torch.as_tensor(grid, dtype=F64)
-        self.alpha = schedule.alpha(self.t)
-        self.sigma = schedule.sigma(self.t)
-        self.lam = schedule.lam(self.t)
+        self.given = alpha is not None
+        self.alpha = torch.as_tensor(alpha, dtype=F64) if self.given else schedule.alpha(self.t)
+        self.sigma = torch.as_tensor(sigma, dtype=F64) if self.given else schedule.sigma(self.t)
+        self.lam = torch.log(self.alpha) - torch.log(self.sigma) if self.given else schedule.lam(self.t)
         self.n = len(self.t) - 1
+        la, ls = land if land is not None else (self.alpha[1:], self.sigma[1:])
+        self.land_alpha, self.land_sigma = torch.as_tensor(la, dtype=F64), torch.as_tensor(ls, dtype=F64)
 
-    def basis(self, target: str, t) -> tuple[float, float]:
+    def basis(self, target: str, t, k: int | None = None) -> tuple[float, float]:
+        if self.given:  # the given noise level of evaluation k (x0 / eps bases: no derivatives)
+            A, B = convert(self.param, target, self.alpha[k], self.sigma[k])
+            return float(A), float(B)
         t = torch.as_tensor(t, dtype=F64)
         a, s = self.schedule.alpha(t), self.schedule.sigma(t)
         da, ds = self.schedule.derivatives(t) if target == "velocity" else (None, None)
@@ -44,7 +55,7 @@ def _table(ctx: _Ctx, name, tau, s, basis, c, B, **meta) -> Table:
     for k in range(n):
         for j in range(lo[k], k + 1):
             b[k, k - j] = B[k, j]
-    hx, hd = zip(*[ctx.basis(q, t) for q, t in zip(basis, tau)])
+    hx, hd = zip(*[ctx.basis(q, t, k) for k, (q, t) in enumerate(zip(basis, tau))])
     meta = {"solver": name, "schedule": ctx.schedule.to_json(), "param": ctx.param, **meta}
     return Table(tau, s, hx, hd, c, b, float(ctx.sigma[0]), name, meta)
 
@@ -80,13 +91,13 @@ def heun(ctx: _Ctx, n_heun: int | None = None) -> Table:
 
 
 def ddim(ctx: _Ctx) -> Table:
-    n, a, sg = ctx.n, ctx.alpha, ctx.sigma
+    n, a, sg, la, ls = ctx.n, ctx.alpha, ctx.sigma, ctx.land_alpha, ctx.land_sigma
     B = torch.zeros(n, n, dtype=F64)
     c = []
     for k in range(n):
-        r = sg[k + 1] / sg[k]
+        r = ls[k] / sg[k]
         c.append(float(r))
-        B[k, k] = a[k + 1] - r * a[k]
+        B[k, k] = la[k] - r * a[k]
     return _table(ctx, "ddim", ctx.t[:-1], ctx.t[1:], ["x0"] * n, c, B)
 
 
@@ -94,19 +105,27 @@ def _lower_order_final(n: int) -> bool:
     return n < 15  # diffusers' rule: below 15 steps a first-order last step is more stable
 
 
-def dpmpp(ctx: _Ctx, order: int = 2, lower_order_final: bool | None = None) -> Table:
+def _final_order(q: int, k: int, n: int, first_order_final: bool) -> int:
+    return 1 if first_order_final and k == n - 1 else q
+
+
+def dpmpp(ctx: _Ctx, order: int = 2, lower_order_final: bool | None = None, published_d2: bool = False,
+          first_order_final: bool = False) -> Table:
     """DPM-Solver++ multistep (data prediction), orders 1-3, as in Lu et al. 2022.
 
     Third order: the reference code's D2 = (D1_0 - D1_1) / (r0 + r1) estimates h^2 x0''/2, while the
     phi_3 term of the exponential integrator multiplies h^2 x0''; as published the method measures
-    second order (tests/solvers/test_convergence.py). We use 2 * D2, which measures third order.
+    second order (tests/solvers/test_convergence.py). We use 2 * D2, which measures third order;
+    published_d2 keeps the reference's (a diffusers scheduler reproduced as it steps).
+    first_order_final: the last step first order whatever the step count (diffusers' rule when the
+    last step lands on sigma = 0, or with euler_at_final).
     """
     n, a, sg, lam = ctx.n, ctx.alpha, ctx.sigma, ctx.lam
     lof = _lower_order_final(n) if lower_order_final is None else lower_order_final
     B = torch.zeros(n, n, dtype=F64)
     c = []
     for k in range(n):
-        q = min(order, k + 1, n - k if lof else order)
+        q = _final_order(min(order, k + 1, n - k if lof else order), k, n, first_order_final)
         h = float(lam[k + 1] - lam[k])
         r_ = float(sg[k + 1] / sg[k])
         ak = float(a[k + 1])
@@ -124,7 +143,7 @@ def dpmpp(ctx: _Ctx, order: int = 2, lower_order_final: bool | None = None) -> T
             d10 = (e[k] - e[k - 1]) / r0
             d11 = (e[k - 1] - e[k - 2]) / r1
             d1 = d10 + r0 / (r0 + r1) * (d10 - d11)
-            d2 = 2 * (d10 - d11) / (r0 + r1)
+            d2 = (1 if published_d2 else 2) * (d10 - d11) / (r0 + r1)
             phi2 = phi1 / h + 1
             phi3 = phi2 / h - 0.5
             B[k] += ak * phi2 * d1 - ak * phi3 * d2
@@ -132,13 +151,17 @@ def dpmpp(ctx: _Ctx, order: int = 2, lower_order_final: bool | None = None) -> T
     return _table(ctx, name, ctx.t[:-1], ctx.t[1:], ["x0"] * n, c, B, order=order, lower_order_final=lof)
 
 
-def unipc(ctx: _Ctx, order: int = 2, lower_order_final: bool | None = None) -> Table:
-    """UniPC with B(h) = expm1(h) ('bh2'), data prediction (Zhao et al. 2023).
+def unipc(ctx: _Ctx, order: int = 2, lower_order_final: bool | None = None, variant: str = "bh2",
+          disable_corrector=(), first_order_final: bool = False) -> Table:
+    """UniPC with B(h) = expm1(h) ('bh2', or h: 'bh1'), data prediction (Zhao et al. 2023).
 
     The corrector of the step that lands on t_k needs the model output at t_k, which the next
     step computes anyway; it is folded into row k as y^c_k = y_k + alpha_k B(h) (P_k - C_k), so the
     model is always evaluated at the predictor state y_k, as in the reference implementation.
+    `disable_corrector`: steps whose landing state is not corrected (diffusers' option of that name).
     """
+    if variant not in ("bh1", "bh2"):
+        raise ValueError(f"unknown UniPC variant {variant!r}; allowed: ['bh1', 'bh2']")
     n, a, sg, lam = ctx.n, ctx.alpha, ctx.sigma, ctx.lam
     lof = _lower_order_final(n) if lower_order_final is None else lower_order_final
     e = torch.eye(n, dtype=F64)
@@ -146,10 +169,10 @@ def unipc(ctx: _Ctx, order: int = 2, lower_order_final: bool | None = None) -> T
     c, prev = [], None
     for k in range(n):
         corr = torch.zeros(n, dtype=F64)
-        if prev is not None:  # correct the state that the previous row predicted
+        if prev is not None and k - 1 not in disable_corrector:  # correct the state the previous row predicted
             aB, pred, cres, rho = prev
             corr = aB * (pred - cres - rho * (e[k] - e[k - 1]))
-        q = min(order, k + 1, n - k if lof else order)
+        q = _final_order(min(order, k + 1, n - k if lof else order), k, n, first_order_final)
         h = float(lam[k + 1] - lam[k])
         rks, d1s = [], []
         for i in range(1, q):
@@ -160,7 +183,7 @@ def unipc(ctx: _Ctx, order: int = 2, lower_order_final: bool | None = None) -> T
         hh = -h
         h_phi_1 = math.expm1(hh)
         h_phi_k = h_phi_1 / hh - 1
-        fact, B_h = 1, math.expm1(hh)
+        fact, B_h = 1, (math.expm1(hh) if variant == "bh2" else hh)
         R, bb = [], []
         for i in range(1, q + 1):
             R.append(rks ** (i - 1))
@@ -178,10 +201,10 @@ def unipc(ctx: _Ctx, order: int = 2, lower_order_final: bool | None = None) -> T
         r_ = float(sg[k + 1] / sg[k])
         ak = float(a[k + 1])
         c.append(r_)
-        B[k] = r_ * corr - ak * h_phi_1 * e[k] - ak * B_h * pred
+        B[k] = r_ * corr - ak * h_phi_1 * e[k] - (ak * B_h * pred if q > 1 else 0)  # bh1 at sigma = 0: B_h = -inf
         prev = (ak * B_h, pred, cres, float(rhos_c[-1]))
     return _table(ctx, f"unipc-{order}", ctx.t[:-1], ctx.t[1:], ["x0"] * n, c, B, order=order,
-                  variant="bh2", lower_order_final=lof)
+                  variant=variant, lower_order_final=lof)
 
 
 def ipndm(ctx: _Ctx, order: int = 4) -> Table:

@@ -20,6 +20,7 @@ from typing import NamedTuple
 import torch
 
 from .contracts import Denoiser, check_model, guidance_input
+from .step_graph import StepGraph
 from .table import Table
 from .update import update_fn
 
@@ -57,9 +58,11 @@ class StepOutput(NamedTuple):
 
 class Stepper:
     def __init__(self, model: Denoiser, window: int, device="cpu", dtype=torch.float32, update=None,
-                 guidance_interval: tuple[float, float] | None = None):
+                 guidance_interval: tuple[float, float] | None = None, step_graph: bool = False):
         """update: the fused update, a callable or a name for `solvers.update.update_fn` ('auto',
-        'torch', 'triton'; None reads STRIDE_UPDATE)."""
+        'torch', 'triton'; None reads STRIDE_UPDATE); step_graph: the whole step as one graph per
+        batch bucket (`solvers.step_graph`; the model must be a Network with buckets; captured by
+        `self.graph.capture()` on CUDA with graphs, eager on the same buffers otherwise)."""
         check_model(model)
         self.model, self.window = model, int(window)
         self.update = update if callable(update) else update_fn(update)
@@ -81,6 +84,9 @@ class Stepper:
         self.w: list[float] = []
         self._tables: dict[int, tuple[Table, list]] = {}
         self.evaluations = 0  # model rows evaluated, CFG rows included
+        self.graph = StepGraph(self, graphs=getattr(model, "graphs", False)) if step_graph else None
+        if self.graph is not None:
+            self.y, self.hist = self.graph.place(self.y, self.hist)
 
     def __len__(self):
         return len(self.ids)
@@ -109,6 +115,8 @@ class Stepper:
         y0 = noise.reshape(B, self.dim).to(device=self.device, dtype=self.cdtype) * init.to(self.device)[:, None]
         self.y = torch.cat([self.y, y0.to(self.dtype)])
         self.hist = torch.cat([self.hist, self.hist.new_zeros(B, self.window, self.dim)])
+        if self.graph is not None:
+            self.y, self.hist = self.graph.place(self.y, self.hist)
         self.ids += ids
         self.rows += [self._rows(t) for t in tables]
         self.k += [0] * B
@@ -133,16 +141,24 @@ class Stepper:
         g = [] if self.guidance_input else [j for j, wi in enumerate(w) if wi != 1]
         G = len(g)
         R = A + G
+        uncond = [-1] * A
+        for m, j in enumerate(g):
+            uncond[j] = A + m
+        labels = [self.labels[i] for i in act]
+        slots = [self.k[i] % W for i in act]
+        bucket = self.graph.bucket(R, self.y) if self.graph is not None and full else None
+        if bucket is not None:  # the same step as one graph launch (solvers/step_graph.py)
+            self.graph.step(bucket, rows, w, labels, uncond, slots, g)
+            self.evaluations += R
+            for i in act:
+                self.k[i] += 1
+            return
         tau = [r[_TAU] for r in rows] + [rows[j][_TAU] for j in g]
         s = [r[_S] for r in rows] + [rows[j][_S] for j in g]
         floats = (tau + s + w + [r[_HX] for r in rows] + [r[_HD] for r in rows] + [r[_C] for r in rows]
                   + [v for r in rows for v in r[_B:]])
-        uncond = [-1] * A
-        for m, j in enumerate(g):
-            uncond[j] = A + m
         null = self.model.num_classes
-        labels = [self.labels[i] for i in act]
-        longs = (labels + [null] * G + uncond + [self.k[i] % W for i in act] + g + ([] if full else act))
+        longs = (labels + [null] * G + uncond + slots + g + ([] if full else act))
         f = self._upload(floats, self.cdtype)
         ix = self._upload(longs, torch.long)
         tau_d, s_d, w_d = f[:R], f[R:2 * R], f[2 * R:2 * R + A]
@@ -169,6 +185,8 @@ class Stepper:
     def _keep(self, keep: list[int]):
         idx = self._upload(keep, torch.long)
         self.y, self.hist = self.y.index_select(0, idx), self.hist.index_select(0, idx)
+        if self.graph is not None:
+            self.y, self.hist = self.graph.place(self.y, self.hist)
         for name in ("ids", "rows", "k", "n", "labels", "w"):
             v = getattr(self, name)
             setattr(self, name, [v[i] for i in keep])

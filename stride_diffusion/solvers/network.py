@@ -12,6 +12,8 @@ one itself:
 - CUDA graphs: one graph per bucket, captured by `capture` at warm-up (largest first, one shared
   memory pool). A call copies its rows into the bucket's static inputs, replays, and returns a view
   of the static output, valid until the next call of this Network: the executor consumes it at once.
+  A Stepper with `step_graph` captures this call together with the rest of its step, on the same
+  bucket buffers (`solvers.step_graph`).
 
 On the CPU the calls are eager; `static=True` runs the same static-buffer path eagerly (what the
 tests exercise of the graph path without a GPU).

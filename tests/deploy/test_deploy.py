@@ -65,10 +65,11 @@ def serve_services(compose) -> dict:
 
 
 def stride_env(svc) -> dict:
+    """A service's environment as compose sets it with no variable given: `${VAR:-default}` is its default."""
     env = svc.get("environment") or {}
     if isinstance(env, list):  # the KEY=VALUE list form
         env = dict(e.split("=", 1) if "=" in e else (e, None) for e in env)
-    return env
+    return {k: re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", v) if isinstance(v, str) else v for k, v in env.items()}
 
 
 def flag(argv, name):
@@ -81,6 +82,22 @@ def test_compose_file_is_valid(profile):
     cmd = [*compose_cmd(), "-f", str(COMPOSE), *(["--profile", profile] if profile else []), "config", "-q"]
     r = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, f"{' '.join(cmd)}:\n{r.stderr}"
+
+
+@pytest.mark.parametrize("artifacts", [None, "artifacts/mine,artifacts/digits"])
+def test_compose_serves_the_artifacts_stride_artifacts_names(artifacts, tmp_path):
+    """`STRIDE_ARTIFACTS=... docker compose up` serves an imported model: the rendered config gives the
+    API and every worker the same list (the digits model when it is unset)."""
+    env = {k: v for k, v in os.environ.items() if k != "STRIDE_ARTIFACTS"}
+    if artifacts:
+        env["STRIDE_ARTIFACTS"] = artifacts
+    r = subprocess.run([*compose_cmd(), "-f", str(COMPOSE), "--profile", "cpu", "--profile", "gpu", "config"],
+                       check=False, capture_output=True, text=True, cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stderr
+    (tmp_path / "rendered.yaml").write_text(r.stdout)
+    services = load_yaml(tmp_path / "rendered.yaml")["services"]
+    for name in ("api", "worker", "worker-cpu"):
+        assert services[name]["environment"]["STRIDE_ARTIFACTS"] == (artifacts or "artifacts/digits"), name
 
 
 def test_compose_services_have_the_intended_shape(compose):
@@ -425,6 +442,8 @@ def test_topology_every_dashboard_query_returns_data(topology):
         with ThreadPoolExecutor(8) as pool:
             codes = list(pool.map(generate, reqs))
         assert all(c == 200 for _, c in codes), codes
+        streamed = json.dumps({"class_label": 3, "steps": 4, "preview": True}).encode()  # the streaming panel
+        assert http(f"{api}/generate/stream", streamed, timeout=30)[0] == 200
         sent, images = sent + len(reqs), images + sum(1 + i % 2 for _, i in reqs)
         wait_for("Prometheus to scrape every image",
                  lambda n=images: sum(finite(prom_query(port, "sum(stride_images_total)"))) >= n, 30, procs)

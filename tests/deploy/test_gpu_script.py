@@ -12,7 +12,7 @@ import tarfile
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PARTS = ["setup", "check", "update-fp32", "update-bf16", "network", "service", "compile", "peers"]
+PARTS = ["setup", "check", "update-fp32", "update-bf16", "network", "service", "fp8", "compile", "peers"]
 
 
 def gpu_sh(*args, **env):
@@ -41,7 +41,8 @@ def test_gpu_script_smoke(tmp_path):
     assert "| service | PASS |" in p.stdout  # the table ends the run's output too
     names = {f.name for f in tmp_path.iterdir()}
     for stem in ("check", "solver_update_fp32_cuda", "solver_update_bf16_cuda", "realsize_net_cuda",
-                 "realsize_service_cuda", "realsize_service_cuda_service", "realsize_compile_cuda", "peers_cuda"):
+                 "realsize_service_cuda", "realsize_service_cuda_service", "fp8_cuda", "realsize_compile_cuda",
+                 "peers_cuda"):
         assert {f"{stem}.md", f"{stem}.json"} <= names, names
     assert {f"{n}.log" for n in PARTS} | {"env.txt", "summary.md"} <= names
 
@@ -80,6 +81,15 @@ def test_gpu_script_smoke(tmp_path):
     md = (tmp_path / "realsize_service_cuda.md").read_text()
     assert "Latency of the mixed runs by each request's step count" in md and "| embedded | 1.5/4 | 2 |" in md
 
+    # the whole step as one graph per bucket (eager on its buffers here) gives the network-graph step's states
+    steps = [r for r in check["rows"] if r["check"] == "served" and "whole-step graph" in r["name"]]
+    assert len(steps) == 2 and all(r["value"] == 0 for r in steps), steps
+    # fp8: refused on the CPU, saying why; bf16 timed and its latents against fp32 beside it
+    f8 = json.loads((tmp_path / "fp8_cuda.json").read_text())
+    assert "compute capability 8.9+" in f8["refusal"] and {r["dtype"] for r in f8["network"]} == {"bf16"}
+    assert 0 < f8["latents_rel_rms"]["bf16 vs fp32"] < 0.05
+    assert "fp8 not run here: --dtype fp8:" in (tmp_path / "fp8_cuda.md").read_text()
+
     # the compiled network against eager on the same inputs, its attention checked; the decoders compiled
     comp = json.loads((tmp_path / "realsize_compile_cuda.json").read_text())
     compiled = [r for r in comp["network"] if r["mode"].startswith("compiled")]
@@ -105,7 +115,7 @@ def test_gpu_script_dry_run_records_failures_and_goes_on(tmp_path):
     parts = summary(out)
     assert {k: v["status"] for k, v in parts.items()} == {
         "setup": "PASS", "check": "SKIP", "update-fp32": "FAIL", "update-bf16": "TIMEOUT", "network": "PASS",
-        "service": "SKIP", "compile": "SKIP", "peers": "SKIP"}, log
+        "service": "SKIP", "fp8": "SKIP", "compile": "SKIP", "peers": "SKIP"}, log
     assert parts["update-bf16"]["seconds"] < 15
     setup = (out / "setup.log").read_text()
     assert "installing nothing" in setup and "pip install --dry-run --no-index" in setup

@@ -170,7 +170,7 @@ def check_curl(args: list[str], known: dict[str, set[str]]):
 
     method, path, query, body = curl_request(args)
     assert path in known and method in known[path], f"curl {method} {path}: no such route ({sorted(known)})"
-    if path == "/generate":
+    if path in ("/generate", "/generate/stream"):
         for k in [*query, *(body or {})]:
             assert k in FIELDS, f"curl {path}: {k!r} is not a request field ({FIELDS})"
 
@@ -356,6 +356,9 @@ def test_http_api_commands_run_against_the_demo_server(demo, tmp_path):
             elif "format=json" in line:
                 body = json.loads(r.stdout)
                 assert len(body["images"]) == 4 and body["seeds"] == [body["seed"] + i for i in range(4)]
+            elif "/generate/stream" in line:  # Server-Sent Events
+                events = re.findall(r"^event: (\w+)$", r.stdout.decode(), re.MULTILINE)
+                assert events[0] == "queued" and events[-2:] == ["image", "done"] and "preview" in events, events
             else:
                 json.loads(r.stdout)
             ran += 1
@@ -365,7 +368,8 @@ def test_http_api_commands_run_against_the_demo_server(demo, tmp_path):
 def test_openai_example_runs_against_the_demo_server(demo, tmp_path):
     pytest.importorskip("openai")
     port = demo[0]
-    (code,) = [body for section, lang, body in readme_blocks() if section in LIVE_SECTIONS and lang == "python"]
+    (code,) = [body for section, lang, body in readme_blocks() if section in LIVE_SECTIONS and lang == "python"
+               and "import base64, openai" in body]
     code = code.replace(DEMO_PORT, f"127.0.0.1:{port}")
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                        check=False)
@@ -375,6 +379,22 @@ def test_openai_example_runs_against_the_demo_server(demo, tmp_path):
     for i in range(4):
         with Image.open(tmp_path / f"seven-{i}.png") as im:
             assert im.size == (128, 128)
+
+
+def test_stream_client_example_prints_progress_and_saves_the_image(demo, tmp_path):
+    port = demo[0]
+    (code,) = [body for section, lang, body in readme_blocks() if section in LIVE_SECTIONS and lang == "python"
+               and "/generate/stream" in body]
+    code = code.replace(DEMO_PORT, f"127.0.0.1:{port}")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       check=False)
+    assert r.returncode == 0, r.stderr
+    printed = [line.split(" ", 1)[0] for line in r.stdout.splitlines()]
+    assert printed[0] == "queued" and printed[-1] == "done" and {"step", "preview"} <= set(printed), r.stdout
+    from PIL import Image
+
+    with Image.open(tmp_path / "stream-0.png") as im:
+        assert im.size == (128, 128)
 
 
 def test_library_example_prints_what_docs_library_md_shows():

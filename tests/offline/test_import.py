@@ -1,6 +1,7 @@
 """`stride offline import` as a user runs it: tiny random diffusers models saved with save_pretrained
 (or a DiT-layout .pt), imported by the CLI, loaded, sampled and served; and the refusals: exit 2,
 a message naming the problem, nothing written."""
+import base64
 import json
 import math
 
@@ -70,6 +71,15 @@ def test_non_square_latents_import_sample_and_serve(tmp_path):
         m = httpx.get(srv.url + "/models").json()["models"][0]
         assert m["image"] == {"width": 12, "height": 16, "channels": 3} and m["latent_shape"] == [4, 8, 6]
         assert m["dtype"] == "float32" and m["classes"] == NAMES and m["decoder"] == "vae"
+        # streamed previews through the linear latent -> RGB map fitted at import (latent resolution)
+        lin = ad["decoder"]["preview"]
+        assert lin["kind"] == "linear" and np.array(lin["weight"]).shape == (4, 3) and len(lin["bias"]) == 3
+        body = {"steps": 4, "class_label": "owl", "seed": 3, "preview": True}
+        with httpx.stream("POST", srv.url + "/generate/stream", json=body, timeout=60) as r:
+            shots = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ") and '"k":' in line
+                     and '"data":' in line]
+        assert [d["k"] for d in shots] == [1, 2, 3]
+        assert all(images.decode(base64.b64decode(d["data"])).shape == (8, 6, 3) for d in shots)
     finally:
         srv.stop()
 
@@ -91,6 +101,14 @@ def test_imported_dit_serves_decoded_rgb_and_auto_pick_without_eval(tmp_path):
         m = httpx.get(srv.url + "/models").json()["models"][0]
         assert m["dtype"] == "bfloat16" and m["decoder_dtype"] == "bfloat16" and m["classes"] == NAMES
         assert m["image"] == {"width": 16, "height": 16, "channels": 3}
+        # the folder's own scheduler is a sampler; /solvers shows every sampler's grid
+        sol = httpx.get(srv.url + "/solvers").json()["models"]["dit"]
+        assert "pipeline" in sol["available"] and sol["grids"]["dpmpp-2m"] == "uniform"
+        assert sol["grids"]["pipeline"] == "DDIMScheduler: leading, steps_offset=1, final sigma_min"
+        assert set(sol["grids"]) == set(sol["available"]) - {"auto"}
+        r = httpx.post(srv.url + "/generate?steps=4", json={"class_label": 3, "solver": "pipeline", "format": "json"},
+                       timeout=60)
+        assert r.status_code == 200 and r.json()["solver"] == "pipeline"
     finally:
         srv.stop()
 
@@ -292,3 +310,45 @@ def test_imported_artifact_is_world_readable_under_a_strict_umask(tmp_path):
     assert out.stat().st_mode & 0o777 == 0o755
     files = list(out.iterdir())
     assert files and all(f.stat().st_mode & 0o777 == 0o644 for f in files), [(f.name, oct(f.stat().st_mode)) for f in files]
+
+
+def test_scheduler_options_stride_cannot_honour_are_refused_or_warned(tmp_path, capsys):
+    """clip_sample / thresholding: exit 2 naming the option and the fix; an SDE variant: imported with
+    a warning saying what `pipeline` runs instead; the whole config and its class are recorded."""
+    import diffusers
+    dit_pipeline(tmp_path / "pipe")
+    sc = tmp_path / "pipe" / "scheduler" / "scheduler_config.json"
+    good = json.loads(sc.read_text())
+    sc.write_text(json.dumps({**good, "clip_sample": True, "thresholding": True}))
+    assert run("diffusers", tmp_path / "pipe", "--name", "x", "--out", tmp_path / "x") == 2
+    err = capsys.readouterr().err
+    assert "clip_sample=true" in err and "thresholding=true" in err and "set it to false" in err
+    assert no_leftovers(tmp_path, "x")
+    sde = diffusers.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", timestep_spacing="trailing")
+    sc.write_text(json.dumps({**dict(sde.config), "_class_name": "DPMSolverMultistepScheduler"}))
+    assert run("diffusers", tmp_path / "pipe", "--name", "sde", "--out", tmp_path / "sde") == 0
+    err = capsys.readouterr().err
+    assert "WARNING" in err and "algorithm_type='sde-dpmsolver++'" in err and "runs 'dpmsolver++'" in err
+    src = json.loads((tmp_path / "sde" / "model.json").read_text())["data"]["source"]
+    assert src["scheduler_class"] == "DPMSolverMultistepScheduler" and src["scheduler"]["timestep_spacing"] == "trailing"
+    assert any("sde-dpmsolver++" in n for n in src["scheduler_notes"])
+
+
+def test_no_labels_warns_and_class_names_take_imagenet_style_json(tmp_path, capsys):
+    dit_pipeline(tmp_path / "pipe")
+    assert run("diffusers", tmp_path / "pipe", "--name", "a", "--out", tmp_path / "a") == 0
+    err = capsys.readouterr().err
+    assert "no class names" in err and "--class-names" in err and "0..9" in err
+    # ImageNet's class index ({"0": ["n01440764", "tench"]}) and a model_index.json-style {"id2label": ...}
+    (tmp_path / "index.json").write_text(json.dumps({str(i): [f"n{i:08d}", n] for i, n in enumerate(NAMES)}))
+    (tmp_path / "mi.json").write_text(json.dumps({"id2label": {str(i): n for i, n in enumerate(NAMES)}}))
+    for f, out in (("index.json", "b"), ("mi.json", "c")):
+        assert run("diffusers", tmp_path / "pipe", "--name", out, "--out", tmp_path / out,
+                   "--class-names", tmp_path / f) == 0
+        assert "no class names" not in capsys.readouterr().err
+        meta = json.loads((tmp_path / out / "model.json").read_text())
+        assert meta["data"]["class_names"] == NAMES and meta["adapter"]["class_names"] == f"file {f}"
+    (tmp_path / "gap.json").write_text(json.dumps({"0": "a", "2": "b"}))
+    assert run("diffusers", tmp_path / "pipe", "--name", "d", "--out", tmp_path / "d",
+               "--class-names", tmp_path / "gap.json") == 2
+    assert "id2label has no entry" in capsys.readouterr().err

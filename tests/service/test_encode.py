@@ -1,5 +1,6 @@
 """Encoding in the API process: formats, grids, upscaling, JSON, and the worker's raw-pixel Result."""
 import base64
+import io
 import json
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from stride_diffusion.service import images
-from stride_diffusion.service.encode import encode, image_bytes
+from stride_diffusion.service.encode import encode, image_bytes, png_bytes
 from stride_diffusion.service.jobs import Outcome, Result
 
 
@@ -49,6 +50,23 @@ def test_encoding_is_deterministic():
     px = ramp(2, 3)
     for fmt in ("png", "jpeg", "webp", "json"):
         assert encode(px, fmt) == encode(px.copy(), fmt)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (5, 7), (16, 16, 1), (9, 4, 2), (33, 17, 3), (8, 8, 4), (64, 48, 3)])
+def test_png_writer_is_lossless_at_every_level(shape):
+    """`png_bytes` (Up filter, one zlib stream) read back by PIL: the same pixels, every channel count
+    and zlib level; strided input too; level 0 stores, higher levels shrink a compressible image."""
+    from PIL import Image
+
+    g = np.random.default_rng(sum(shape))
+    a = g.integers(0, 256, shape, dtype=np.uint8)
+    for level in range(10):
+        back = np.asarray(Image.open(io.BytesIO(png_bytes(a, level))))
+        assert np.array_equal(back.reshape(a.shape), a), level
+    wide = g.integers(0, 256, (shape[0], 2 * shape[1], *shape[2:]), dtype=np.uint8)[:, ::2]
+    assert np.array_equal(images.decode(png_bytes(wide)).reshape(wide.shape), wide)
+    smooth = np.broadcast_to(np.arange(64, dtype=np.uint8)[:, None, None], (64, 64, 3))
+    assert len(png_bytes(smooth, 1)) < len(png_bytes(smooth, 0)) // 20 < 64 * 64 * 3
 
 
 def test_unknown_format_names_the_allowed():
@@ -110,3 +128,57 @@ def test_encode_pool_defaults_to_the_cores_and_png_level_is_a_setting():
     svc = create_app(Settings(test_model="gmm")).state.service
     assert svc.encoder.threads == default_threads()
     svc.encoder.close()
+
+
+# -- the worker encodes /generate's image bodies; the API forwards them ---------------------------------
+
+def test_encoded_result_round_trip_and_the_previous_versions_format():
+    """A Result holding a body says so (`encoded`); one holding pixels writes no `encoded` key, so an
+    API of the previous version (which knows no such field) still reads it."""
+    body = b"\x89PNG\r\n\x1a\n..."
+    r = Result.loads(Result("j", Outcome.OK, pixels=body, encoded="png").dumps())
+    assert r.encoded == "png" and r.pixels == body
+    with pytest.raises(ValueError, match="png body, not pixels"):
+        r.images()
+    raw = Result.of_images("j", np.zeros((1, 2, 2, 1), np.uint8)).dumps()
+    assert b"encoded" not in raw.partition(b"\n")[0] and Result.loads(raw).encoded == ""
+
+
+def test_the_encode_wish_travels_beside_the_job():
+    """Job.encode goes in the watch field (a worker of the previous version reads the job alone and
+    answers with pixels, which the API then encodes)."""
+    from stride_diffusion.service.jobs import Job
+
+    j = Job("j", "m", 2, "euler", 1, 1, 0, 1.0, "png", 1e18, 0.0, encode=True)
+    assert "encode" not in json.loads(j.dumps()) and json.loads(j.watch()) == {"encode": True}
+    assert Job.loads(j.dumps(), j.watch()).encode and not Job.loads(j.dumps()).encode
+
+
+def test_redis_worker_encodes_generate_images(tmp_path):
+    """Redis mode: /generate's PNG is encoded in the worker process (its encode metric counts it, the
+    API's does not) and is the PNG the API would have made; json stays the API's."""
+    import httpx
+    from service_fixtures import ApiServer, RedisServer, WorkerProc, metric_value
+
+    from stride_diffusion.service.settings import Settings
+
+    rs = RedisServer()
+    wp = WorkerProc(rs.url, "w-enc", prefix="enc", metrics=True).wait_ready()
+    api = ApiServer(Settings(role="api", redis_url=rs.url, key_prefix="enc", test_model="gmm", steps=[2]))
+    try:
+        def counts():
+            return [metric_value(t, "stride_encode_seconds_count", format=f) for t in
+                    (wp.metrics_text(), httpx.get(api.url + "/metrics").text) for f in ("png", "json")]
+
+        png = httpx.post(api.url + "/generate", json={"class_label": 1, "steps": 2, "seed": 3, "format": "png"}, timeout=60)
+        assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+        assert counts() == [1, 0, 0, 0]  # worker png, worker json, API png, API json
+        js = httpx.post(api.url + "/generate", json={"class_label": 1, "steps": 2, "seed": 3, "format": "json"}, timeout=60)
+        assert js.status_code == 200 and counts() == [1, 0, 0, 1]
+        px = images.decode(base64.b64decode(js.json()["images"][0]))
+        assert np.array_equal(images.decode(png.content), px)
+        assert png.content == encode(px[None, ..., None] if px.ndim == 2 else px[None], "png")  # byte for byte
+    finally:
+        api.stop()
+        wp.stop()
+        rs.stop()

@@ -35,7 +35,7 @@ def test_env_names_and_shown_defaults():
     acts = actions()
     assert "default 1,2,3,4,5,6,8,10,12,16]" in acts["steps"].help
     assert "default <hostname>-<pid>]" in acts["worker_id"].help
-    assert acts["dtype"].choices == ["fp32", "bf16", "fp16"]
+    assert acts["dtype"].choices == ["fp32", "bf16", "fp16", "fp8"]  # fp8: refused off sm_89+ (tests/solvers/test_fp8.py)
     assert acts["artifacts"].nargs == "+" and acts["port"].type is int and acts["max_wait_ms"].type is float
 
 

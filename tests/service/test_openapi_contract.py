@@ -53,3 +53,25 @@ def test_schemathesis_every_check_finds_no_failure(api, tmp_path):
     assert m and int(m.group(1)) >= 100 and m.group(1) == m.group(2), r.stdout[-3000:]
 
 
+
+
+def test_with_an_api_key_the_open_document_names_no_class_model_or_sampler():
+    """/models and /solvers need the key; /openapi.json stays open (Swagger UI reads it), so it keeps
+    each field's type and bounds but none of the served names."""
+    from fastapi.testclient import TestClient
+
+    from stride_diffusion.service.app import create_app
+    from stride_diffusion.service.models import Registry
+    from stride_diffusion.service.openapi import served_names
+
+    registry = Registry([guided_entry()])
+    app = create_app(settings(api_key="k3y", warmup=False), registry)
+    with TestClient(app) as c:
+        text = c.get("/openapi.json").text
+        assert c.get("/models").status_code == 401
+    names = served_names(registry)
+    assert {"secant-test", "euler", "gmm"} <= names and len(names) > 20
+    assert [n for n in sorted(names) if f'"{n}"' in text] == []
+    body = app.openapi()["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body["properties"]["n"]["maximum"] == 8 and "anyOf" not in body
+    assert "enum" not in body["properties"]["solver"] and body["properties"]["steps"]["anyOf"][0]["enum"] == STEPS

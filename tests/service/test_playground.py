@@ -1,7 +1,8 @@
 """The playground page (GET /) in a real headless Chromium, driven by selenium through Debian's
-chromedriver: it loads from the embedded server, generates digits from the keyboard, runs compare
-mode, draws both charts, shows the API's own error message, stays within a phone's width, and
-logs no console errors. STRIDE_SCREENSHOT=path also writes the screenshot there (the README's is
+chromedriver: it loads from the embedded server, generates digits from the keyboard over the
+stream (previews before the images), cancels a streamed generation (counted in /metrics), runs
+compare mode, draws both charts, shows the API's own error message, stays within a phone's width,
+and logs no console errors. STRIDE_SCREENSHOT=path also writes the screenshot there (the README's is
 docs/playground.png)."""
 import base64
 import os
@@ -10,7 +11,7 @@ import shutil
 
 import httpx
 import pytest
-from service_fixtures import ROOT, ApiServer
+from service_fixtures import ROOT, ApiServer, metric_value, wait_for
 
 from stride_diffusion.service.settings import Settings
 
@@ -87,15 +88,29 @@ def test_playground_in_a_browser(api, browser, tmp_path):
         re.match(r"secant-tan-pu — 1\.\d\d× reference FD", t) for t in labels), labels
     assert float(d.find_element(By.ID, "guidance").get_attribute("max")) == hi  # the pick's guidance range
 
-    # generate from the keyboard: type the class, the seed, Enter
+    # generate from the keyboard: type the class, the seed, Enter; the page reads the stream and shows
+    # previews (small: the estimate at 16 x 16) in each image's place before the image itself
+    d.execute_script(WATCH_IMAGES)
     cls = d.find_element(By.ID, "class")
     cls.clear()
     cls.send_keys("3")
     seed = d.find_element(By.ID, "seed")
     seed.send_keys("12")
     seed.send_keys(Keys.ENTER)
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#images img:not(.preview)")) == 4)
     widths = decoded(d, "#images img")
     assert widths == [128] * 4
+    shown = d.execute_script("return window.shown")
+    assert [kind for kind, _ in shown].count("image") == 4
+    first_image = [kind for kind, _ in shown].index("image")
+    assert first_image > 0 and {kind for kind, _ in shown[:first_image]} == {"preview"}, shown
+    assert d.execute_script("return performance.getEntriesByType('resource').filter("
+                            "e => e.name.endsWith('/generate/stream')).length") == 1
+    assert d.find_element(By.ID, "step-bar").get_attribute("value") == "1"
+    assert "4 of 4 steps" in d.find_element(By.ID, "progress-text").text
+    text = httpx.get(api.url + "/metrics").text
+    assert metric_value(text, "stride_stream_requests_total") == 1
+    assert metric_value(text, "stride_stream_preview_frames_total") == 4 * 3  # 4 images, steps 1..3
     status = wait.until(lambda d: (t := d.find_element(By.ID, "status").text) and "NFE" in t and t)
     assert re.search(rf"“3” · {re.escape(pick)} · NFE 4 · queue [\d.]+ ms · compute [\d.]+ ms · round trip [\d.]+ ms",
                      status), status
@@ -140,6 +155,53 @@ def test_playground_in_a_browser(api, browser, tmp_path):
     screenshot(d, tmp_path / "playground-phone.png")
 
 
+# Records, in order, every image the page puts in #images: ("preview" | "image", naturalWidth once loaded).
+WATCH_IMAGES = """
+window.shown = [];
+new MutationObserver((records) => {
+  for (const r of records) {
+    const imgs = r.type === "attributes" ? [r.target] : [...r.addedNodes].filter((n) => n.tagName === "IMG");
+    for (const im of imgs) if (r.type === "childList" || r.attributeName === "src")
+      window.shown.push([im.classList.contains("preview") ? "preview" : "image", im.src.length]);
+  }
+}).observe(document.getElementById("images"), {subtree: true, childList: true, attributes: true,
+                                               attributeFilter: ["src"]});
+"""
+
+
+def test_cancel_closes_the_stream_and_the_server_stops_the_work(browser):
+    srv = ApiServer(Settings(test_model="gmm:delay_ms=120", steps=[1, 2, 4, 8, 16], threads=1, max_wait_ms=0))
+    d, wait = browser, WebDriverWait(browser, 30)
+    try:
+        d.get(srv.url + "/")
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#class-names option")) == 10)
+        Select(d.find_element(By.ID, "steps")).select_by_value("16")
+        assert not d.find_element(By.ID, "cancel").is_enabled()
+        d.find_element(By.ID, "generate").click()
+        WebDriverWait(d, 30, poll_frequency=0.02).until(  # 16 steps of 120 ms: cancel well before the end
+            lambda d: float(d.find_element(By.ID, "step-bar").get_attribute("value") or 0) > 0)
+        assert "of 16" in d.find_element(By.ID, "progress-text").text
+        assert d.find_elements(By.CSS_SELECTOR, "#images figure")  # the images' places, before any image
+        d.find_element(By.ID, "cancel").click()
+        wait.until(lambda d: "Cancelled" in d.find_element(By.ID, "status").text)
+        assert d.find_element(By.ID, "generate").is_enabled() and not d.find_element(By.ID, "cancel").is_enabled()
+
+        def counted():
+            text = httpx.get(srv.url + "/metrics").text
+            return (metric_value(text, "stride_rejected_total", reason="cancelled") == 1
+                    and metric_value(text, "stride_worker_results_total", outcome="cancelled") == 1)
+
+        wait_for(counted, 20, "the cancel in /metrics")
+        w = srv.service.worker
+        wait_for(lambda: w.engine.rows == 0 and not w.tasks, 20, "the rows to leave the batch")
+        assert metric_value(httpx.get(srv.url + "/metrics").text, "stride_model_evaluations_total",
+                            model="gmm") < 4 * 16
+        assert d.find_elements(By.CSS_SELECTOR, "#images img:not(.preview)") == []
+        assert errors(d) == []
+    finally:
+        srv.stop()
+
+
 def test_with_an_api_key_the_page_asks_for_it(browser):
     """A keyed server: the page shows the 401 in the API's words, opens the key field, and works once
     the key is typed; a model without eval.json says so instead of drawing an empty chart."""
@@ -156,7 +218,8 @@ def test_with_an_api_key_the_page_asks_for_it(browser):
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#class-names option")) == 10)
         assert not d.find_element(By.ID, "error").is_displayed()
         assert "no measured quality" in d.find_element(By.ID, "quality-chart").text
-        d.find_element(By.ID, "generate").click()
+        d.find_element(By.ID, "generate").click()  # the stream, with the key
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#images img:not(.preview)")) == 4)
         assert decoded(d, "#images img") == [64] * 4
     finally:
         srv.stop()

@@ -288,7 +288,8 @@ def test_tls_and_password(tmp_path):
 
 
 def test_redis_restart_under_load(fast, rs):
-    """Clean 503s while Redis is down (answers, not hangs), 200s again after it restarts empty;
+    """Clean 503s for new requests while Redis is down (answers, not hangs); the requests in flight
+    wait for it and, as it restarts empty, are answered 503 (lost, retry); 200s again after it;
     every 200 carries the right image. Runs last: it restarts the module's Redis under every worker."""
     api = ApiServer(api_settings(rs.url, "fast", deadline_s=10))
     results, stop = [], threading.Event()
@@ -312,7 +313,11 @@ def test_redis_restart_under_load(fast, rs):
         time.sleep(1.0)
         rs.stop()
         down = time.monotonic()
-        time.sleep(3.5)  # longer than the API's grace (2 s) for an unreachable Redis while a request waits
+        # the clients' requests in flight wait for Redis; a new one is refused at once
+        probe = wait_for(lambda: (r := httpx.post(api.url + "/generate", params={"class_label": 1, "steps": 4},
+                                                  timeout=20)).status_code == 503 and r, 3, "a 503 while down")
+        results.append((down, time.monotonic(), 0, 1, probe))
+        time.sleep(max(0.0, 3.5 - (time.monotonic() - down)))
         rs.start()
         up = time.monotonic()
         wait_for(lambda: any(s > up and r.status_code == 200 for s, _, _, _, r in results), 20, "recovery")

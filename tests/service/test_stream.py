@@ -1,6 +1,7 @@
 """POST /generate/stream (and Accept: text/event-stream): Server-Sent Events in embedded mode."""
 import base64
 import json
+import time
 
 import httpx
 import numpy as np
@@ -67,6 +68,60 @@ def test_accept_header_on_generate_streams_the_same_events(api):
     assert [e for e, _ in events] == ["queued", "started", "step", "step", "image", "done"]
     d = events[-2][1]
     assert np.array_equal(images.decode(base64.b64decode(d["data"])), reference(1, 5, 2))
+
+
+def expected_previews(label, seed, steps, every) -> dict:
+    """(index 0, k) -> the preview pixels the executor's own estimate gives, for one image alone."""
+    from stride_diffusion.service.models import Registry, analytic_entry
+    from stride_diffusion.service.previews import Previews
+    from stride_diffusion.solvers.executor import Stepper, seeded_noise
+
+    e = analytic_entry("gmm")
+    tab = e.samplers.resolve(steps).table(steps)
+    st = Stepper(e.model, tab.window)
+    st.add([tab], seeded_noise([seed], e.shape), [label], [1.0], ids=[("j", 0)])
+    pv, out = Previews(Registry([e]), {"gmm": "gmm"}), {}
+    pv.want("j", every)
+    for _ in range(steps):
+        pending = pv.before("gmm", st, {"j"})
+        st.step()
+        if pending is not None:
+            pv.after(pending, st)
+    for _, index, k, _, px in pv.take():
+        out[index, k] = px[..., 0]
+    return out
+
+
+@pytest.mark.parametrize("steps,n,every", [(4, 1, 1), (8, 3, 2)])
+def test_previews_arrive_every_k_steps_before_the_images(api, steps, n, every):
+    before = metric_value(metrics(api), "stride_stream_preview_frames_total")
+    _, events = stream(api, {"class_label": 4, "n": n, "seed": 9, "steps": steps, "preview": True,
+                             "preview_every": every})
+    names = [e for e, _ in events]
+    ks = list(range(every, steps, every))  # never the last step: the image comes then
+    assert names.index("image") > max(i for i, e in enumerate(names) if e == "preview")
+    previews = [d for e, d in events if e == "preview"]
+    assert sorted((d["k"], d["index"]) for d in previews) == [(k, i) for k in ks for i in range(n)]
+    assert all(d["n"] == steps and d["media_type"] == "image/png" for d in previews)
+    step_at = {d["k"]: i for i, (e, d) in enumerate(events) if e == "step"}
+    assert all(step_at[d["k"]] < events.index(("preview", d)) for d in previews)
+    want = expected_previews(4, 9, steps, every)
+    for d in previews:
+        if d["index"] == 0:
+            got = images.decode(base64.b64decode(d["data"]))
+            assert got.shape == (8, 8) and d["width"] == d["height"] == 8
+            assert np.abs(got.astype(int) - want[0, d["k"]]).max() <= 1  # batch order may round differently
+    assert metric_value(metrics(api), "stride_stream_preview_frames_total") - before == len(previews)
+    # the query form: preview=1
+    _, q = stream(api, None, params={"class_label": "4", "steps": "4", "seed": "9", "preview": "1"})
+    assert [d["k"] for e, d in q if e == "preview"] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("body,field", [({"preview": "yes"}, "preview"), ({"preview": 1}, "preview"),
+                                        ({"preview_every": 0}, "preview_every")])
+def test_bad_preview_values_are_refused_naming_the_field(api, body, field):
+    r, err = stream(api, {"class_label": 1, "steps": 4, **body})
+    assert r.status_code == 422 and err["field"] == field, err
 
 
 def test_the_queued_event_counts_the_requests_ahead_and_the_wait_from_the_measured_rate():
@@ -163,14 +218,18 @@ def redis_api():
 
 def test_redis_mode_streams_progress_from_a_worker_process_and_a_close_cancels_it(redis_api):
     api, wp = redis_api
-    for steps, n in [(1, 1), (4, 3), (8, 1)]:
-        _, events = stream(api, {"class_label": 3, "n": n, "seed": 7, "steps": steps})
-        names = [e for e, _ in events]
-        assert names[:2] == ["queued", "started"] and names[-n - 1:] == ["image"] * n + ["done"], names
-        ks = [d["k"] for e, d in events if e == "step"]
-        assert ks and ks == sorted(set(ks)) and set(ks) <= set(range(1, steps + 1)), ks
-        for i, (_, d) in enumerate(e for e in events if e[0] == "image"):
-            assert np.array_equal(images.decode(base64.b64decode(d["data"])), reference(3, 7 + i, steps))
+    for steps in (1, 4, 8):
+        for n in (1, 3):
+            _, events = stream(api, {"class_label": 3, "n": n, "seed": 7, "steps": steps, "preview": True})
+            names = [e for e, _ in events]
+            assert names[:2] == ["queued", "started"] and names[-n - 1:] == ["image"] * n + ["done"], names
+            assert events[0][1]["position"] == 0
+            ks = [d["k"] for e, d in events if e == "step"]
+            assert ks and ks == sorted(set(ks)) and set(ks) <= set(range(1, steps + 1)), ks
+            pk = sorted((d["k"], d["index"]) for e, d in events if e == "preview")  # pub/sub: at most once
+            assert set(pk) <= {(k, i) for k in range(1, steps) for i in range(n)} and (steps == 1 or pk), pk
+            for i, (_, d) in enumerate(e for e in events if e[0] == "image"):
+                assert np.array_equal(images.decode(base64.b64decode(d["data"])), reference(3, 7 + i, steps))
     with httpx.stream("POST", api.url + "/generate/stream", json={"class_label": 1, "n": 4, "steps": 16},
                       timeout=60) as r:
         assert [e for e, _ in read_events(r, stop=lambda e: e == "step")][-1] == "step"
@@ -184,10 +243,102 @@ def test_redis_mode_streams_progress_from_a_worker_process_and_a_close_cancels_i
     assert not api.service.queue.watchers
 
 
-def test_a_streamed_job_says_so_on_the_wire_and_a_plain_one_is_unchanged():
+# the job fields a worker of the previous version accepts (its Job(**json) refuses any other key)
+PREVIOUS_JOB_FIELDS = {"id", "model", "steps", "solver", "label", "n", "seed", "guidance", "format", "deadline",
+                       "enqueued", "reply", "quality", "decoder"}
+
+
+def test_a_streamed_jobs_wishes_travel_beside_the_job_which_a_previous_worker_reads_unchanged():
     from stride_diffusion.service.jobs import Job
 
     job = Job("j", "gmm", 4, "euler", 1, 1, 0, 1.0, "png", 1.0, 0.0)
-    assert "progress" not in json.loads(job.dumps())  # a worker of the previous version reads it
-    job.progress = True
-    assert Job.loads(job.dumps()).progress is True
+    assert job.watch() == ""
+    job.progress, job.preview = True, 2
+    assert set(json.loads(job.dumps())) <= PREVIOUS_JOB_FIELDS
+    back = Job.loads(job.dumps(), job.watch().encode())
+    assert back.progress is True and back.preview == 2 and back == job
+    assert Job.loads(job.dumps()).progress is False  # read without the wishes: a plain job
+
+
+def test_the_queued_event_in_redis_mode_counts_the_entries_ahead_and_the_wait_from_the_rate(redis_api):
+    import threading
+
+    import redis
+
+    api, wp = redis_api
+    for _ in range(2):  # a measured rate (the API samples the streams every 0.5 s)
+        assert httpx.post(api.url + "/generate", json={"class_label": 1, "steps": 16}, timeout=60).status_code == 200
+    time.sleep(0.6)
+    body = {"class_label": 1, "steps": 16, "n": 1}
+    plain = [threading.Thread(target=httpx.post, args=(api.url + "/generate",), kwargs={"json": body, "timeout": 60})
+             for _ in range(3)]
+    for t in plain:
+        t.start()
+    rc = redis.Redis.from_url(wp.redis_url)
+    wait_for(lambda: rc.xlen("stream:requests:gmm") >= 3, 20, "three entries in the stream")
+    _, events = stream(api, {"class_label": 2, "steps": 1})
+    for t in plain:
+        t.join()
+    q = events[0][1]
+    assert events[0][0] == "queued" and q["position"] == 3, q
+    assert q["expected_wait_s"] is not None and q["expected_wait_s"] > 0
+    assert [e for e, _ in events][-2:] == ["image", "done"]
+
+
+class PreviousWorkerTransport:
+    """What a worker of the previous version offers the worker loop: no progress hooks."""
+
+    watched = None
+    progress = None
+
+
+def test_a_worker_that_publishes_no_progress_still_finishes_the_stream():
+    import asyncio
+    import threading
+
+    from service_fixtures import RedisServer
+
+    from stride_diffusion.service.metrics import Metrics
+    from stride_diffusion.service.models import load_registry
+    from stride_diffusion.service.redis_queue import RedisWorkerTransport
+    from stride_diffusion.service.settings import Settings
+    from stride_diffusion.service.worker import Worker
+
+    class Transport(PreviousWorkerTransport, RedisWorkerTransport):
+        pass
+
+    rs = RedisServer()
+    ws = Settings(role="worker", redis_url=rs.url, key_prefix="old", test_model="gmm", steps=[1, 2, 4, 8, 16],
+                  heartbeat_s=0.2, worker_id="w-old", threads=1, max_wait_ms=0)
+    loop = asyncio.new_event_loop()
+    holder = {}
+
+    async def main():
+        reg, m = load_registry(ws), Metrics(process=False)
+        tr = Transport(ws, reg.names(), m)
+        holder["worker"] = w = Worker(reg, ws, tr, m, name="w-old")
+        await tr.start()
+        try:
+            await w.run()
+        finally:
+            await tr.close()
+
+    th = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    th.start()
+    api = None
+    try:
+        wait_for(lambda: "worker" in holder and holder["worker"].ready, 60, "the worker to warm up")
+        api = ApiServer(Settings(role="api", redis_url=rs.url, key_prefix="old", test_model="gmm",
+                                 steps=[1, 2, 4, 8, 16], max_images=8, heartbeat_s=0.2))
+        _, events = stream(api, {"class_label": 5, "n": 3, "seed": 11, "steps": 4, "preview": True})
+        assert [e for e, _ in events] == ["queued", "image", "image", "image", "done"], events
+        for i, (_, d) in enumerate(events[1:4]):
+            assert np.array_equal(images.decode(base64.b64decode(d["data"])), reference(5, 11 + i, 4))
+        assert not api.service.queue.watchers
+    finally:
+        if api is not None:
+            api.stop()
+        if "worker" in holder:
+            loop.call_soon_threadsafe(holder["worker"].stop)
+        th.join(30)
+        rs.stop()

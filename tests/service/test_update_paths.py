@@ -123,13 +123,17 @@ def tables(model):
             for name in ("dpmpp-3m:4", "euler:1", "unipc:3", "ipndm:2", "dpmpp-2m:3")}
 
 
-def run_stepper(model, update: str, dtype, static: bool):
+def run_stepper(model, update: str, dtype, static: bool, step_graph: bool = False):
     """Mixed step counts and solvers, guided (w != 1) and unguided samples in one call, two samples
     joining after the first step, one leaving mid-run, finished samples collected only every other
     step (so that steps also run on a subset of the rows: the index_select / index_copy_ path)."""
     net = Network(model, dtype, BUCKETS if static else (), static=static)
     tabs = tables(model)
-    st = Stepper(net, window=max(t.window for t in tabs.values()), update=update)
+    st = Stepper(net, window=max(t.window for t in tabs.values()), update=update, step_graph=step_graph)
+    if step_graph:  # count the steps the step graph ran
+        graph_step = st.graph.step
+        spy_steps = st.graph.steps = []
+        st.graph.step = lambda b, *a: (spy_steps.append(b), graph_step(b, *a))
     assert st.update is {"triton": fused_update_triton, "torch": fused_update_torch}[update]
     spy = st.update = Spy(st.update, net, st)
     shape = model.shape
@@ -149,7 +153,7 @@ def run_stepper(model, update: str, dtype, static: bool):
                 done.update(st.pop_done())
     done.update(st.pop_done())
     assert len(st) == 0 and set(done) == set("bcdef")
-    return done, spy
+    return done, (st.graph.steps if step_graph else spy)
 
 
 def scaled_err(a, b) -> float:
@@ -175,6 +179,41 @@ def test_stepper_triton_matches_torch(models, kind, dtype, static):
         assert all(not c["contiguous"] and c["row"] == 2 * c["D"] for c in calls if c["rows"] > 1), calls
     else:
         assert all(c["contiguous"] for c in calls)
+
+
+@pytest.mark.parametrize("update", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_step_graph_is_the_plain_step_bit_for_bit(models, kind, dtype, update):
+    """The whole step on the static bucket buffers (solvers/step_graph.py: what a CUDA graph
+    captures, run eagerly) gives the plain step's samples through the same static Network exactly:
+    mixed steps and solvers, CFG rows beside unguided samples, samples joining and leaving; the
+    steps on a subset of the samples take the plain path, the others the graph's."""
+    model = models(kind, "bf16" if dtype == torch.bfloat16 else "fp32")
+    got, buckets = run_stepper(model, update, dtype, static=True, step_graph=True)
+    want, spy = run_stepper(model, update, dtype, static=True)
+    assert set(got) == set(want) == set("bcdef")
+    assert all(torch.equal(got[i], want[i]) for i in want), {i: scaled_err(got[i], want[i]) for i in want}
+    assert buckets and set(buckets) <= set(BUCKETS) and len(buckets) < len(spy.calls)  # both paths ran
+    assert len({b for b in buckets}) > 1  # samples joining and leaving changed the bucket
+
+
+def test_step_graph_keeps_the_state_in_its_store(models):
+    """The state lives in the store the graph reads (views, so nothing is copied in a step), and
+    leaves it only for more samples than the largest bucket (then the plain step runs)."""
+    model = models("flow", "fp32")
+    tab = tables(model)["euler:1"]
+    st = Stepper(Network(model, None, (2, 4), static=True), window=1, update="torch", step_graph=True)
+    st.add([tab] * 3, seeded_noise(range(3), model.shape), 1, 1.0)
+    assert st.graph.holds(st.y) and st.graph.holds(st.hist)
+    assert st.y.data_ptr() == st.graph.y.data_ptr() and st.hist.data_ptr() == st.graph.hist.data_ptr()
+    assert st.graph.bucket(3, st.y) == 4 and st.graph.bucket(5, st.y) is None
+    st.add([tab] * 2, seeded_noise(range(3, 5), model.shape), 1, 1.0)  # 5 > cap 4: plain tensors
+    assert not st.graph.holds(st.y) and st.graph.bucket(5, st.y) is None
+    with torch.inference_mode():
+        st.step()
+    out = st.pop_done()
+    assert len(out) == 5 and len(st) == 0 and st.graph.holds(st.y) and st.graph.holds(st.hist)  # back in the store
 
 
 def test_learned_sigma_output_reaches_the_kernel_strided(models):
@@ -226,8 +265,11 @@ def job(id, entry, steps, solver, label, n, seed, guidance):
     return Job(id, entry.name, steps, solver, label, n, seed, guidance, "png", 1e18, 0.0)
 
 
-def run_engine(reg: Registry, update: str, static: bool, dtype):
+def run_engine(reg: Registry, update: str, static: bool, dtype, step_graph: bool = True):
     eng = Engine(reg, STEPS, dtype=dtype, buckets=BUCKETS if static else (), update=update, static=static)
+    assert all((st.graph is not None) == static for st in eng.steppers.values())  # static buckets: step graphs
+    for st in eng.steppers.values():
+        st.graph = st.graph if step_graph else None
     want = {"triton": fused_update_triton, "torch": fused_update_torch}[update]
     assert eng.steppers and all(st.update is want for st in eng.steppers.values())
     assert all(isinstance(st.model, Network) and st.model.static for st in eng.steppers.values()) if static else True
@@ -280,6 +322,15 @@ def test_engine_images_triton_match_torch(registries, static, dtype):
     shapes = {jid.split("/")[0]: px.shape for (jid, _), px in want.items()}
     assert shapes["dit"] == shapes["sit"] == (16, 16, 3)  # the VAE decoded them
     assert shapes["unet-v"] == (8, 8, 3) and shapes["digits"] == (16, 16, 1)
+
+
+@pytest.mark.parametrize("dtype", [None, "bf16"], ids=["fp32", "bf16"])
+def test_engine_step_graph_images_are_the_plain_steps(registries, dtype):
+    reg = registries(dtype)
+    got = run_engine(reg, "torch", True, dtype)
+    want = run_engine(reg, "torch", True, dtype, step_graph=False)
+    assert set(got) == set(want) and len(want) == len(KINDS) * 4 + 2
+    assert all(np.array_equal(got[k], want[k]) for k in want)
 
 
 # -- 3. one embedded `stride serve` request per adapter kind -------------------------------------------

@@ -27,8 +27,9 @@ def rs():
 class Load:
     """Clients posting requests back to back until stopped; every response is kept."""
 
-    def __init__(self, api, clients=4, steps=8):
+    def __init__(self, api, clients=4, steps=8, extra=None):
         self.api, self.steps, self.codes, self.stopped = api, steps, [], threading.Event()
+        self.extra = extra or {}
         self.threads = [threading.Thread(target=self._client, args=(k,)) for k in range(clients)]
         for t in self.threads:
             t.start()
@@ -38,7 +39,7 @@ class Load:
             i = 0
             while not self.stopped.is_set():
                 r = c.post(self.api.url + "/generate", params={"class_label": k, "seed": 1000 * k + i,
-                                                               "steps": self.steps})
+                                                               "steps": self.steps, **self.extra})
                 self.codes.append((r.status_code, r.text[:200] if r.status_code != 200 else ""))
                 i += 1
 
@@ -121,3 +122,26 @@ def test_cut_drain_leaves_its_requests_to_other_workers(rs, how):
         b.stop()
     failed = [c for c in load.codes if c[0] != 200]
     assert load.codes and not failed, failed
+
+
+def test_drain_with_heavy_requests_ends_within_its_budget(rs):
+    """n 16 at guidance is 32 rows: a worker claims by rows (about two such requests for 64 free rows),
+    so its drain finishes them well inside a 5 s budget (it used to hoard some thirty: 504s, cut drains)."""
+    a, b, api = start(rs, delay_ms=30, drain_timeout_s=5)
+    load = Load(api, clients=6, steps=8, extra={"n": 16, "guidance": 2})
+    try:
+        wait_for(lambda: busy(a) and busy(b), 30, "both workers running requests")
+        assert consumers(rs)["drain-a"] <= 3  # what a holds: what it can start, one more at most
+        a.kill(signal.SIGTERM, wait=False)
+        assert a.proc.wait(20) == 0, a.proc.stderr.read().decode()[-2000:]  # drained, not cut by the budget
+        done_b = metric_value(b.metrics_text(), "stride_worker_results_total", outcome="ok")
+        wait_for(lambda: metric_value(b.metrics_text(), "stride_worker_results_total", outcome="ok") > done_b + 4,
+                 30, "worker b to carry on alone")
+        redelivered = metric_value(b.metrics_text(), "stride_redelivered_total")
+    finally:
+        load.stop()
+        api.stop()
+        b.stop()
+    failed = [c for c in load.codes if c[0] != 200]
+    assert load.codes and not failed, failed  # no 504 among them
+    assert redelivered == 0

@@ -1,4 +1,7 @@
 // The stride playground: plain DOM + fetch against the public API, charts drawn as SVG by hand.
+// Generate streams (POST /generate/stream, Server-Sent Events read from fetch): the queue position,
+// a step bar, previews as they arrive, then the images; Cancel aborts the fetch, which closes the
+// stream, and the server cancels the work.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -7,7 +10,7 @@ const COMPARE_STEPS = [1, 2, 4, 8];
 const PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22"];
 const DASHES = ["", "5 3", "2 2", "8 3 2 3"];
 
-const state = { models: [], solvers: {}, observed: {}, hidden: {}, busy: false };
+const state = { models: [], solvers: {}, observed: {}, hidden: {}, busy: false, abort: null };
 
 // -- talking to the API ------------------------------------------------------------------------
 
@@ -38,6 +41,7 @@ async function api(path, options = {}) {
   try {
     r = await fetch(path, { ...options, headers: { ...(options.headers || {}), ...authHeaders() } });
   } catch (e) {
+    if (e.name === "AbortError") throw e;  // Cancel
     throw new ApiFailure(0, `cannot reach the server (${path}): ${e.message}`);
   }
   if (!r.ok) throw await failure(r);
@@ -212,25 +216,127 @@ function setBusy(busy) {
   document.querySelector(".output").setAttribute("aria-busy", String(busy));
 }
 
+// Server-Sent Events from a fetch response: [event, data] pairs as they arrive.
+async function* sseEvents(response) {
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buf = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buf += value;
+    for (let end = buf.indexOf("\n\n"); end >= 0; end = buf.indexOf("\n\n")) {
+      const block = buf.slice(0, end);
+      buf = buf.slice(end + 2);
+      let name = "message";
+      const data = [];
+      for (const line of block.split("\n")) {
+        if (line.startsWith("event: ")) name = line.slice(7);
+        else if (line.startsWith("data: ")) data.push(line.slice(6));
+      }
+      if (data.length) yield [name, JSON.parse(data.join("\n"))];
+    }
+  }
+}
+
+function showProgress(text, value) {
+  $("progress").hidden = false;
+  $("progress-text").textContent = text;
+  if (value === null) $("step-bar").removeAttribute("value");  // indeterminate while queued
+  else $("step-bar").value = value;
+}
+
+// One figure per image: a dark square until the first preview, previews as they come, then the image.
+function slots(n, seed) {
+  const figs = [];
+  for (let i = 0; i < n; i++) {
+    const f = document.createElement("figure");
+    const box = document.createElement("div");
+    box.className = "pending";
+    const c = document.createElement("figcaption");
+    c.textContent = `seed ${seed + i} · waiting`;
+    f.append(box, c);
+    figs.push(f);
+  }
+  $("images").replaceChildren(...figs);
+  return figs;
+}
+
+function show(fig, src, alt, caption, preview) {
+  let img = fig.querySelector("img");
+  if (!img) {
+    img = document.createElement("img");
+    fig.querySelector(".pending").replaceWith(img);
+  }
+  img.src = src;
+  img.alt = alt;
+  img.classList.toggle("preview", preview);
+  fig.querySelector("figcaption").textContent = caption;
+}
+
 async function generate(event) {
   event.preventDefault();
   if (state.busy) return;
   clearError();
   setBusy(true);
+  const controller = new AbortController();
+  state.abort = controller;
+  $("cancel").disabled = false;
+  const t0 = performance.now(), m = model();
+  let figs = [], seed = 0, steps = 0;
+  showProgress("sending", null);
   try {
-    const { data, t } = await post(requestBody());
-    $("images").replaceChildren(...data.images.map((b64, i) => figure(
-      "data:image/png;base64," + b64, `${data.class_name}, seed ${data.seeds[i]}, ${t.nfe} steps`,
-      [`seed ${data.seeds[i]}`])));
-    $("status").textContent = `“${data.class_name}” · ${t.solver} · NFE ${t.nfe} · queue ${ms(t.queue)} · ` +
-      `compute ${ms(t.compute)} · round trip ${ms(t.total)} · guidance ${data.guidance}`;
+    const r = await api("/generate/stream", {
+      method: "POST", headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
+      body: JSON.stringify(requestBody({ format: "png", preview: true })), signal: controller.signal,
+    });
+    for await (const [name, d] of sseEvents(r)) {
+      if (name === "queued") {
+        seed = d.seed;
+        steps = d.steps;
+        figs = slots(d.n, d.seed);
+        const wait = d.expected_wait_s ? `, about ${d.expected_wait_s.toFixed(1)} s` : "";
+        showProgress(d.position ? `queued: ${d.position} ahead${wait}` : "queued: next", null);
+      } else if (name === "started") {
+        showProgress(`step 0 of ${steps}`, 0);
+      } else if (name === "step") {
+        showProgress(`step ${d.k} of ${d.n} · ${ms(d.elapsed_ms)}`, d.k / d.n);
+      } else if (name === "preview") {
+        show(figs[d.index], `data:${d.media_type};base64,${d.data}`, `preview of seed ${seed + d.index} at step ${d.k}`,
+             `seed ${seed + d.index} · step ${d.k} of ${d.n}`, true);
+      } else if (name === "image") {
+        show(figs[d.index], `data:${d.media_type};base64,${d.data}`, `${m.classes[requestLabel(m)] ?? ""}, seed ${d.seed}, ${steps} steps`,
+             `seed ${d.seed}`, false);
+      } else if (name === "done") {
+        const t = { solver: d.solver, nfe: d.nfe, queue: d.queue_ms, compute: d.compute_ms, seed: String(d.seeds[0]),
+                    total: performance.now() - t0 };
+        (state.observed[d.model] ||= []).push(t);
+        showProgress(`done: ${steps} of ${steps} steps`, 1);
+        $("status").textContent = `“${m.classes[d.class_label]}” · ${t.solver} · NFE ${t.nfe} · queue ${ms(t.queue)} · ` +
+          `compute ${ms(t.compute)} · round trip ${ms(t.total)} · guidance ${d.guidance}`;
+      } else if (name === "error") {
+        throw new ApiFailure(d.status, `${d.status}: ${d.detail}`);
+      }
+    }
   } catch (e) {
-    showError(e.message);
+    if (e.name === "AbortError") {
+      showProgress("cancelled", $("step-bar").value);
+      $("status").textContent = "Cancelled: the server stopped the work.";
+    } else {
+      $("progress").hidden = true;
+      showError(e.message);
+    }
   } finally {
+    state.abort = null;
+    $("cancel").disabled = true;
     setBusy(false);
   }
   drawLatency();
   refreshLatency();
+}
+
+function requestLabel(m) {  // the class typed, as the index the API resolves it to (name or number)
+  const v = $("class").value.trim();
+  return m.classes.includes(v) ? m.classes.indexOf(v) : Number(v);
 }
 
 // One request per step count, one after another, so that each latency is its own.
@@ -452,6 +558,7 @@ function drawLatency() {
 document.addEventListener("DOMContentLoaded", () => {
   $("controls").addEventListener("submit", generate);
   $("compare").addEventListener("click", compare);
+  $("cancel").addEventListener("click", () => { if (state.abort) state.abort.abort(); });
   $("model").addEventListener("change", selectModel);
   $("steps").addEventListener("change", fillSolvers);
   $("solver").addEventListener("change", () => { fillGuidance(); markSelected(); });

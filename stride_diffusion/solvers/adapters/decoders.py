@@ -17,6 +17,7 @@ dynamic (one graph for batch 1, one for every batch >= 2: decoded batches vary w
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .base import dtype_name, to_dtype
 
@@ -96,3 +97,26 @@ class TinyDecoder(VAEDecoder):
     @staticmethod
     def upscale(config) -> int:
         return int(config.upsampling_scaling_factor) ** (len(config.num_decoder_blocks) - 1)
+
+
+FIT_SIDE = 32  # latents decoded per side when fitting the linear map (a latent 256x256 image at factor 8)
+
+
+@torch.no_grad()
+def fit_latent_rgb(decoder, latent_shape, count: int = 2, seed: int = 0) -> dict:
+    """A linear latent -> RGB map for previews, fitted once per VAE: decode `count` standard normal
+    latents (the model's latent scale; at most FIT_SIDE a side), average-pool the images to the
+    latents' size, and solve least squares [z, 1] @ [W; b] = rgb. Returns the decoder record's
+    'preview' entry (images in [-1, 1]) with the fit's RMS error."""
+    C = latent_shape[0]
+    h, w = min(latent_shape[1], FIT_SIDE), min(latent_shape[2], FIT_SIDE)
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(count, C, h, w, generator=g)
+    img = decoder.decode(z).float().cpu()
+    img = F.adaptive_avg_pool2d(img, (h, w))
+    X = torch.cat([z.permute(0, 2, 3, 1).reshape(-1, C), torch.ones(count * h * w, 1)], 1).double()
+    Y = img.permute(0, 2, 3, 1).reshape(-1, img.shape[1]).double()
+    sol = torch.linalg.lstsq(X, Y).solution
+    rms = float((X @ sol - Y).pow(2).mean().sqrt())
+    return {"kind": "linear", "weight": [[round(float(v), 6) for v in r] for r in sol[:C]],
+            "bias": [round(float(v), 6) for v in sol[C]], "fit_rms": round(rms, 4)}

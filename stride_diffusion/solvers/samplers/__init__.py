@@ -13,7 +13,7 @@ import os
 from importlib import import_module
 
 from ..artifact import Artifact, load_artifact
-from ..grids import GRIDS
+from ..grids import grids_for
 from .base import Sampler, SolverError, best_row, rows_per_image
 from .classic import default_solver
 
@@ -26,6 +26,7 @@ FAMILIES = {name: import_module(f".{name}", __name__).load for name in (
     "classic",
     "learned",
     "secant",
+    "pipeline",
 )}
 
 
@@ -52,7 +53,7 @@ class SamplerSet:
         s = self._by_name.get(name)
         if s is None:
             raise SolverError(f"unknown solver {name!r}; allowed: 'auto', {self.names()} "
-                              f"(classic ones may add a grid: name/{'|'.join(GRIDS)})")
+                              f"(classic ones may add a grid: name/{'|'.join(grids_for(self.model.schedule))})")
         return s
 
     def get(self, name: str) -> Sampler | None:

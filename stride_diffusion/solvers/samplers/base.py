@@ -56,6 +56,7 @@ class Sampler:
                 network in the service). Such a sampler's `model` may stay None until `load`.
       steps     the step counts it serves (None: every n >= 1); `serves(n)` asks
       listed    named in /models and /solvers (False: accepted, not advertised; a classic grid)
+      grid      its time grid in words (/solvers shows it): a grid name, 'fitted', or a scheduler's
       quality   its measured rows (eval.json and its own file's), filled in by the SamplerSet
     """
 
@@ -63,6 +64,7 @@ class Sampler:
     network = ""
     steps: tuple[int, ...] | None = None
     listed = True
+    grid = ""
 
     def __init__(self, name: str, model=None):
         self.name, self.model = name, model

@@ -2,8 +2,8 @@
 its default grid ('dpmpp-2m') or a named one ('dpmpp-2m/logsnr', accepted but not listed)."""
 from __future__ import annotations
 
-from ..builders import SOLVERS, make_table
-from ..grids import GRIDS
+from ..builders import SOLVERS, default_grid, make_table
+from ..grids import grids_for
 from .base import Sampler
 
 
@@ -14,6 +14,7 @@ class ClassicSampler(Sampler):
         super().__init__(name, model)
         self.plain = plain  # for a named grid: the same solver on its default grid
         self.listed = plain is None
+        self.grid = name.split("/", 1)[1] if plain else default_grid(model.schedule, name)
 
     def build(self, n: int):
         return make_table(self.name, self.model.schedule, self.model.param, n)
@@ -33,4 +34,4 @@ def default_solver(schedule, steps: int) -> str:
 
 def load(model, art=None) -> list[Sampler]:
     plain = [ClassicSampler(s, model) for s in SOLVERS]
-    return plain + [ClassicSampler(f"{p.name}/{g}", model, p) for p in plain for g in GRIDS]
+    return plain + [ClassicSampler(f"{p.name}/{g}", model, p) for p in plain for g in grids_for(model.schedule)]

@@ -9,6 +9,7 @@ from .base import Sampler
 
 class LearnedSampler(Sampler):
     family = "learned"
+    grid = "fitted"
 
     def __init__(self, name: str, table: Table, model):
         super().__init__(name, model)

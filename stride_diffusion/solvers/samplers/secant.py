@@ -10,6 +10,7 @@ from .base import Sampler
 
 class SecantSampler(Sampler):
     family = "secant"
+    grid = "uniform"
 
     def __init__(self, name: str, model=None, path=None, teacher_sha256: str | None = None):
         super().__init__(name, model)
