@@ -13,9 +13,16 @@ term on the final sample, as the paper's 1000 * Huber(1e-3). CFG is off while se
 paper; `--guidance` searches at a CFG scale instead, the per-scale fit of the paper's guided
 tables); metrics are also reported with CFG on. The iterate kept is the one with the lowest
 held-out trajectory error: RMSE of the final sample to a converged reference, on the selection
-seeds (offline/seeds.py: disjoint from evaluation and from every fitting stream). The search stops
-when that error has not improved by `--min-delta` (relative) for `--patience` iterations, or at
-`--iters` (a cap), and records how many it ran.
+seeds (offline/seeds.py: disjoint from evaluation and from every fitting stream).
+
+The NFEs are searched in increasing order on one training stream, whose teacher trajectories are
+kept for the later ones. NFE n starts from `--init` or from the next smaller NFE's result extended to
+n steps (`extended`: the step whose log-SNR midpoint cut helps most, repeatedly), whichever has the
+lower selection error, and it is held to that smaller result padded to n steps (`padded`: the same
+samples); so the selection-set RMSE never rises with NFE. The plateau rule: once the selection RMSE
+has not improved by `--min-delta` (relative) for `--patience` iterations, the NFE restarts from its
+best iterate at `--lr-decay` x the learning rate, `--decays` times, and the next plateau stops it
+(not before `--min-iters`); `--iters` caps it. Each file records how it ran.
 """
 from __future__ import annotations
 
@@ -64,7 +71,7 @@ from .fitting import (
 from .progress import Progress
 from .seeds import stream_seed
 
-# --- the search -------------------------------------------------------------------------------------
+# --- the learnable solver, the teacher and the loss ---------------------------------------------------
 
 
 class Lion:
@@ -102,6 +109,9 @@ class Student:
         self.lower = (torch.tril(torch.as_tensor(M, dtype=F64), -1) * self.mask).clone().requires_grad_(True)
         self.opt = Lion([self.logits] if m_of_grid else [self.logits, self.lower], lr=lr)
         self.best = (math.inf, None, -1)  # (held-out rmse, (grid, M), iteration)
+        self.best_raw = None  # (logits, lower) of the best iterate: where a learning-rate decay restarts
+        self.progress = 0  # last iteration that improved by min_delta, or restarted
+        self.decays = 0
         self.curve, self.cpu, self.init_rmse = [], 0.0, math.nan
         self.iters_run, self.stopped = 0, False
 
@@ -120,7 +130,47 @@ class Student:
     def snapshot(self):
         with torch.no_grad():
             g, M = self.params()
+        self.best_raw = (self.logits.detach().clone(), self.lower.detach().clone())
         return g.detach().clone(), M.detach().clone()
+
+    @torch.no_grad()
+    def restart(self, decay, it):
+        """Back to the best iterate with the learning rate times `decay` and a fresh momentum: a sign
+        optimiser's constant step is what sets the floor the error plateaus on."""
+        self.logits.copy_(self.best_raw[0])
+        self.lower.copy_(self.best_raw[1])
+        self.opt.lr *= decay
+        self.opt.m = [torch.zeros_like(p) for p in self.opt.params]
+        self.decays += 1
+        self.progress = it
+
+
+class Teacher:
+    """The training stream and the fine teacher's trajectories on it, iteration by iteration. Every
+    NFE searched reads the same batches in the same order, so the trajectories are kept (up to
+    `cache_mb`) and only the first search pays for the teacher; beyond the budget they are re-run."""
+
+    def __init__(self, model, solver, nfe, batch, seed, guidance=1.0, cache_mb=1024):
+        self.model, self.batch, self.guidance = model, batch, guidance
+        self.table = make_table(solver, model.schedule, model.param, nfe)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.drawn, self.trajs, self.left = [], {}, cache_mb * 2 ** 20
+
+    def __call__(self, it):
+        """(noise, labels, T, X) of iteration `it` (from 1)."""
+        model = self.model
+        while len(self.drawn) < it:
+            noise = torch.randn(self.batch, *model.shape, generator=self.gen).to(device_of(model))
+            labels = torch.randint(0, model.num_classes, (self.batch,), generator=self.gen).to(device_of(model))
+            self.drawn.append((noise, labels))
+        noise, labels = self.drawn[it - 1]
+        if it not in self.trajs:
+            T, X = trajectory(model, self.table, noise, labels, self.guidance)
+            if X.numel() * X.element_size() > self.left:
+                return noise, labels, T, X
+            self.left -= X.numel() * X.element_size()
+            self.trajs[it] = (T, X)
+        return (noise, labels, *self.trajs[it])
 
 
 def loss_fn(ys, co, T, X, final_weight, delta):
@@ -155,39 +205,103 @@ def classic_rmse(model, n, noise, labels, ref, names=None, guidance=1.0):
     return {s: rmse(sample(model, t, noise, labels, guidance), ref) for s, t in tabs.items()}
 
 
-def initial_students(model, nfes, form, init, restrict, lr, vn, vl, ref, guidance=1.0) -> dict:
-    """One Student per NFE, started from Euler/DDIM on a uniform grid (the paper) or from the
-    classic table of this form with the lowest error on the selection set."""
-    sch, students = model.schedule, {}
-    for n in nfes:
-        t0 = cpu_s()
-        if init == "euler":  # the paper: M = I on a uniform grid in t (Euler / DDIM)
-            grid = torch.linspace(sch.t_max, sch.t_min, n + 1, dtype=F64)
-            M, name = torch.eye(n, dtype=F64), ("euler" if form == "velocity" else "ddim") + "/uniform"
-        elif init == "best":  # the classic table of this form with the lowest held-out error
-            cands = candidate_tables(model, n, form)
-            errs = {k: rmse(sample(model, tab, vn, vl, guidance), ref) for k, (tab, _) in cands.items()}
-            name = min(errs, key=errs.get)
-            grid, M = cands[name][1]
-        else:
-            raise ValueError(f"unknown init {init!r}; allowed: 'euler', 'best'")
-        st = Student(model, n, form, grid, M, restrict, name, lr)
-        st.cpu += cpu_s() - t0
-        students[n] = st
-    return students
+# --- warm start: a table of n - 1 steps as the start of n ---------------------------------------------
 
 
-def optimise(model, students: dict, vn, vl, ref, *, iters=300, patience=40, min_delta=1e-3, batch=12,
-             final_weight=1.0, delta=1e-3, teacher="dpmpp-2m/logsnr", teacher_nfe=64, val_every=10,
-             guidance=1.0, seed=None, log=None) -> dict:
+PAD = 1e-6  # the inserted step of a padded table, relative to the step it is cut from
+
+
+def split(grid, M, k, t_new):
+    """(grid, M) with n + 1 steps: step k cut at t_new. Its first part keeps row k; its second keeps
+    row k's history and puts the diagonal weight (rows sum to one) on the new evaluation; later rows
+    read the evaluation at t_k where they did and give the new one weight 0."""
+    grid, M = torch.as_tensor(grid, dtype=F64), torch.as_tensor(M, dtype=F64)
+    n = len(M)
+    new = [j if j <= k else j + 1 for j in range(n)]  # old step/evaluation index -> new
+    L, old = torch.zeros(n + 1, n + 1, dtype=F64), torch.tril(M, -1)
+    L[torch.tensor(new)[:, None], torch.tensor(new)[None]] = old
+    L[k + 1, :k] = old[k, :k]
+    g = torch.cat([grid[: k + 1], torch.as_tensor([float(t_new)], dtype=F64), grid[k + 1:]])
+    return g, coef_matrix(L)
+
+
+def lam_mid(schedule, a, b) -> float:
+    """The midpoint of [a, b] in log-SNR (in t where log-SNR is not finite)."""
+    lam = schedule.lam(torch.tensor([a, b], dtype=F64))
+    t = float(schedule.t_of_lam(lam.mean())) if bool(torch.isfinite(lam).all()) else (a + b) / 2
+    return t if b < t < a else (a + b) / 2
+
+
+def extended(grid, M, n, err):
+    """Cut the step whose midpoint split (in log-SNR) gives the lowest error `err(grid, M)`, until
+    there are n steps: the warm start from a smaller NFE's solution."""
+    while len(M) < n:
+        cands = [split(grid, M, k, lam_mid(err.schedule, float(grid[k]), float(grid[k + 1])))
+                 for k in range(len(M))]
+        grid, M = min(cands, key=lambda c: err(*c))
+    return grid, M
+
+
+def padded(grid, M, n):
+    """A table of n steps that samples as the smaller one: steps of PAD x their length inserted
+    after its first nodes, each evaluation repeated at (nearly) the same point. The floor a
+    search at n is held to, so the error never rises with NFE."""
+    grid, M = torch.as_tensor(grid, dtype=F64), torch.as_tensor(M, dtype=F64)
+    for k in range(n - len(M)):
+        grid, M = split(grid, M, k, float(grid[k] - PAD * (grid[k] - grid[k + 1])))
+    return grid, M
+
+
+class SelectionError:
+    """Selection-set RMSE of a searched-form (grid, M)."""
+
+    def __init__(self, model, form, mask_of, vn, vl, ref, guidance):
+        self.model, self.form, self.mask_of, self.schedule = model, form, mask_of, model.schedule
+        self.vn, self.vl, self.ref, self.guidance = vn, vl, ref, guidance
+
+    def masked(self, M):
+        return coef_matrix(torch.tril(M, -1), self.mask_of(len(M)))
+
+    def __call__(self, grid, M) -> float:
+        tab = searched_table(self.schedule, self.model.param, self.form, grid, self.masked(M))
+        return rmse(sample(self.model, tab, self.vn, self.vl, self.guidance), self.ref)
+
+
+def starts(model, n, form, init, err, prev=None) -> dict:
+    """{name: (grid, M)}, NFE n's candidate starts: Euler/DDIM on a uniform grid in t (the paper) or
+    the classic table of this form with the lowest selection error (`best`), and with `prev` (a
+    smaller NFE's result) its extension to n steps."""
+    sch = model.schedule
+    if init == "euler":  # the paper: M = I on a uniform grid in t (Euler / DDIM)
+        grid = torch.linspace(sch.t_max, sch.t_min, n + 1, dtype=F64)
+        out = {("euler" if form == "velocity" else "ddim") + "/uniform": (grid, torch.eye(n, dtype=F64))}
+    elif init == "best":  # the classic table of this form with the lowest selection error
+        cands = {k: gm for k, (_, gm) in candidate_tables(model, n, form).items()}
+        errs = {k: err(*gm) for k, gm in cands.items()}
+        name = min(errs, key=errs.get)
+        out = {name: cands[name]}
+    else:
+        raise ValueError(f"unknown init {init!r}; allowed: 'euler', 'best'")
+    if prev is not None:
+        out[f"searched-nfe{len(prev[1])} extended"] = extended(*prev, n, err)
+    return out
+
+
+# --- the search -------------------------------------------------------------------------------------
+
+
+def optimise(model, students: dict, vn, vl, ref, *, iters=300, patience=40, min_delta=1e-3, min_iters=0,
+             lr_decay=0.3, decays=0, batch=12, final_weight=1.0, delta=1e-3, teacher="dpmpp-2m/logsnr",
+             teacher_nfe=64, val_every=10, guidance=1.0, seed=None, teach=None, log=None) -> dict:
     """Lion on every student at once (one teacher run per iteration serves all), keeping each
-    student's iterate with the lowest selection-set RMSE. A student stops once that RMSE has not
-    fallen by a relative `min_delta` for `patience` iterations; `iters` caps the run."""
+    student's iterate with the lowest selection-set RMSE. The plateau rule: once that RMSE has not
+    fallen by a relative `min_delta` for `patience` iterations, a student restarts from its best
+    iterate with the learning rate times `lr_decay` (at most `decays` times), and the next plateau
+    stops it, never before `min_iters`; `iters` caps the run. `teach` (a Teacher) shares the
+    training stream's teacher trajectories between calls."""
     seed = stream_seed("search") if seed is None else seed
     log = log or Progress("search", iters)
-    teach = make_table(teacher, model.schedule, model.param, teacher_nfe)
-    gen = torch.Generator().manual_seed(seed)
-    t_share = 0.0
+    teach = teach or Teacher(model, teacher, teacher_nfe, batch, seed, guidance)
 
     def validate(it):
         msg = []
@@ -197,13 +311,17 @@ def optimise(model, students: dict, vn, vl, ref, *, iters=300, patience=40, min_
             t0 = cpu_s()
             e = rmse(sample(model, st.table(), vn, vl, guidance), ref)
             if e < st.best[0] * (1 - min_delta):
+                st.progress = it
+            if e < st.best[0]:  # lower but not by min_delta: kept, but it does not reset the clock
                 st.best = (e, st.snapshot(), it)
-            elif e < st.best[0]:  # lower but not by enough to count as progress: keep it, not the clock
-                st.best = (e, st.snapshot(), st.best[2])
             st.curve.append((it, e))
             st.cpu += cpu_s() - t0
             st.iters_run = it
-            st.stopped = it - st.best[2] >= patience
+            if it - st.progress >= patience:
+                if st.decays < decays:
+                    st.restart(lr_decay, it)
+                elif it >= min_iters:
+                    st.stopped = True
             msg.append(f"{n}:{e:.4f}")
         return " ".join(msg)
 
@@ -216,10 +334,8 @@ def optimise(model, students: dict, vn, vl, ref, *, iters=300, patience=40, min_
         if not active:
             break
         t0 = cpu_s()
-        noise = torch.randn(batch, *model.shape, generator=gen).to(device_of(model))
-        labels = torch.randint(0, model.num_classes, (batch,), generator=gen).to(device_of(model))
-        T, X = trajectory(model, teach, noise, labels, guidance)
-        t_share += (cpu_s() - t0) / len(active)
+        noise, labels, T, X = teach(it)
+        t_share = (cpu_s() - t0) / len(active)
         losses = []
         for n, st in active.items():
             t0 = cpu_s()
@@ -229,7 +345,7 @@ def optimise(model, students: dict, vn, vl, ref, *, iters=300, patience=40, min_
             st.opt.zero_grad()
             loss.backward()
             st.opt.step()
-            st.cpu += cpu_s() - t0
+            st.cpu += cpu_s() - t0 + t_share
             losses.append(f"{n}:{loss.item():.3g}")
         lmsg = " ".join(losses)
         if it % val_every == 0 or it == iters:
@@ -241,24 +357,52 @@ def optimise(model, students: dict, vn, vl, ref, *, iters=300, patience=40, min_
         e, (grid, M), it = st.best
         out[n] = {"grid": grid, "M": M, "form": st.form, "init": st.init, "best_rmse": e, "best_iter": it,
                   "iters_run": st.iters_run, "stopped_on_plateau": st.stopped, "init_rmse": st.init_rmse,
-                  "curve": st.curve, "cpu_s": st.cpu + t_share}
+                  "lr_decays": st.decays, "lr_final": st.opt.lr, "curve": st.curve, "cpu_s": st.cpu}
     return out
 
 
-def search(model, nfes, *, form=None, init="euler", restrict=False, iters=300, patience=40, min_delta=1e-3,
-           batch=12, lr=1e-2, final_weight=1.0, delta=1e-3, teacher="dpmpp-2m/logsnr", teacher_nfe=64, val=64,
-           val_every=10, ref=None, guidance=1.0, seed=None, log=None):
-    """Search every NFE in `nfes` jointly. Returns {n: dict(grid, M, form, init, best_rmse, best_iter,
-    iters_run, init_rmse, curve, cpu_s)}."""
+def search(model, nfes, *, form=None, init="euler", warm=True, restrict=False, iters=600, patience=40,
+           min_delta=1e-3, min_iters=0, lr_decay=0.3, decays=3, batch=12, lr=1e-2, final_weight=1.0,
+           delta=1e-3, teacher="dpmpp-2m/logsnr", teacher_nfe=64, val=64, val_every=10, ref=None,
+           guidance=1.0, seed=None, log=None):
+    """Search the NFEs in increasing order. With `warm`, NFE n starts from `init` or from the smaller
+    NFE's result extended to n steps, whichever has the lower selection error (`starts`: each
+    start's error), and a result worse than that smaller table padded to n steps (`padded`, the
+    same samples) is replaced by the padded table, so the selection-set RMSE never rises with NFE.
+    Returns {n: dict(grid, M, form, init, best_rmse, best_iter, iters_run, init_rmse, lr_decays,
+    starts, padded_from, curve, cpu_s, wall_s)}."""
     form = form or default_form(model.schedule)
     if form not in FORMS:
         raise ValueError(f"unknown form {form!r}; allowed: {list(FORMS)}")
     vn, vl = heldout(model, val)
     ref = reference(model, vn, vl, guidance) if ref is None else ref
-    students = initial_students(model, nfes, form, init, restrict, lr, vn, vl, ref, guidance)
-    return optimise(model, students, vn, vl, ref, iters=iters, patience=patience, min_delta=min_delta,
-                    batch=batch, final_weight=final_weight, delta=delta, teacher=teacher,
-                    teacher_nfe=teacher_nfe, val_every=val_every, guidance=guidance, seed=seed, log=log)
+    err = SelectionError(model, form, lambda k: restriction_mask(k, restrict), vn, vl, ref, guidance)
+    teach = Teacher(model, teacher, teacher_nfe, batch, stream_seed("search") if seed is None else seed, guidance)
+    out, prev = {}, None
+    for n in sorted(nfes):
+        t0, w0 = cpu_s(), time.time()
+        cands = starts(model, n, form, init, err, prev if warm else None)
+        errs = {k: err(*gm) for k, gm in cands.items()}
+        name = min(errs, key=errs.get)
+        st = Student(model, n, form, *cands[name], restrict, name, lr)
+        st.cpu += cpu_s() - t0
+        r = optimise(model, {n: st}, vn, vl, ref, iters=iters, patience=patience, min_delta=min_delta,
+                     min_iters=min_iters, lr_decay=lr_decay, decays=decays, final_weight=final_weight,
+                     delta=delta, val_every=val_every, guidance=guidance, teach=teach, log=log)[n]
+        r["starts"] = errs
+        r["padded_from"] = None
+        if warm and prev is not None:
+            t0 = cpu_s()
+            pg, pM = padded(*prev, n)
+            pM = err.masked(pM)
+            pe = err(pg, pM)
+            if pe < r["best_rmse"]:
+                r.update(grid=pg, M=pM, best_rmse=pe, padded_from=len(prev[1]))
+            r["cpu_s"] += cpu_s() - t0
+        r["wall_s"] = time.time() - w0
+        out[n] = r
+        prev = (r["grid"], r["M"])
+    return out
 
 
 # --- CLI --------------------------------------------------------------------------------------------
@@ -276,9 +420,19 @@ def add_parser(subparsers):
                         "with the lowest held-out error")
     p.add_argument("--restrict", action="store_true",
                    help="the paper's rule for NFE <= 6: the last two steps only use the previous output")
-    p.add_argument("--iters", type=int, default=300, help="cap on iterations (the search stops on a plateau)")
+    p.add_argument("--cold", action="store_true",
+                   help="start every NFE from --init (default: a larger NFE also tries the next smaller "
+                        "one's result, extended, and is never worse than it padded)")
+    p.add_argument("--iters", type=int, default=600, help="cap on iterations per NFE (the search stops on a plateau)")
     p.add_argument("--patience", type=int, default=40,
-                   help="stop an NFE once its selection-set RMSE has not improved for this many iterations")
+                   help="a plateau: the selection-set RMSE has not improved for this many iterations")
+    p.add_argument("--decays", type=int, default=3,
+                   help="on a plateau, restart from the best iterate at --lr-decay x the learning rate, this "
+                        "many times; the next plateau stops the NFE")
+    p.add_argument("--lr-decay", type=float, default=0.3, help="learning-rate factor of each restart")
+    p.add_argument("--min-iters", type=int, default=0,
+                   help="no plateau stops an NFE before this many iterations (the decays alone make the "
+                        "earliest stop (decays + 1) x patience)")
     p.add_argument("--min-delta", type=float, default=1e-3, help="relative improvement that counts")
     p.add_argument("--guidance", type=float, default=1.0,
                    help="CFG scale to search at (default 1: CFG off, the paper); >1 fits a per-scale solver")
@@ -317,12 +471,13 @@ def run(args, command=None) -> int:
     t_wall, t_cpu = time.time(), cpu_s()
     vn, vl, ref, ref_cfg, conv = references(model, args)
     ref_cpu = (cpu_s() - t_cpu) / len(args.nfe)
-    res = search(model, args.nfe, form=args.form, init=args.init, restrict=args.restrict, iters=args.iters,
-                 patience=args.patience, min_delta=args.min_delta, batch=args.batch, lr=args.lr,
+    res = search(model, args.nfe, form=args.form, init=args.init, warm=not args.cold, restrict=args.restrict,
+                 iters=args.iters, patience=args.patience, decays=args.decays, lr_decay=args.lr_decay,
+                 min_iters=args.min_iters, min_delta=args.min_delta, batch=args.batch, lr=args.lr,
                  final_weight=args.final_weight, delta=args.delta, teacher=args.teacher,
                  teacher_nfe=args.teacher_nfe, val=args.val, val_every=args.val_every,
                  ref=ref if args.guidance == 1 else ref_cfg, guidance=args.guidance, seed=seed,
-                 log=Progress(f"search {Path(args.artifact).name}", args.iters))
+                 log=Progress(f"search {Path(args.artifact).name}", args.iters * len(args.nfe)))
     files = {}
     for n, r in res.items():
         t0 = cpu_s()
@@ -334,11 +489,14 @@ def run(args, command=None) -> int:
         classic_cfg = classic_rmse(model, n, vn, vl, ref_cfg, top, guidance=args.cfg)
         met = metrics_for(model, tab, vn, vl, ref, ref_cfg, args.cfg, classic, classic_cfg)
         met.update(init_rmse=r["init_rmse"], best_iter=r["best_iter"], iters_run=r["iters_run"],
-                   stopped_on_plateau=r["stopped_on_plateau"], curve=r["curve"])
+                   stopped_on_plateau=r["stopped_on_plateau"], lr_decays=r["lr_decays"],
+                   padded_from=r["padded_from"], curve=r["curve"])
         fit = {"method": "differentiable solver search (arXiv 2505.21114)", "form": r["form"],
                "init": r["init"],
                "restrict_nfe_le_6": args.restrict, "iters_cap": args.iters, "iters_run": r["iters_run"],
-               "patience": args.patience, "min_delta": args.min_delta, "batch": args.batch,
+               "patience": args.patience, "min_delta": args.min_delta, "lr_decay": args.lr_decay,
+               "decays": args.decays, "min_iters": args.min_iters, "warm_start": not args.cold,
+               "batch": args.batch,
                "optimizer": f"lion lr {args.lr:g}", "final_weight": args.final_weight,
                "huber_delta": args.delta,
                "teacher": f"{args.teacher} x{args.teacher_nfe}, interpolated at the student's times",
@@ -346,11 +504,14 @@ def run(args, command=None) -> int:
                "guidance": args.guidance, "train_stream_seed": seed,
                "selection": "lowest selection-set rmse (at the search's guidance)",
                "cpu_minutes": round((r["cpu_s"] + ref_cpu + cpu_s() - t0) / 60, 3),
-               "cpu_minutes_note": "this NFE's share of one joint run (teacher and references split evenly)",
+               "cpu_minutes_note": "this NFE's search, with the teacher runs it made (later NFEs reuse "
+                                   "them) and its share of the references",
+               "wall_seconds_nfe": round(r["wall_s"], 1),
                "torch_threads": torch.get_num_threads(), "nfes_in_run": list(args.nfe)}
         files[name] = solver_to_json(spec, sha, name, fit, met)
         cf = met[f"classic_cfg{args.cfg:g}"]
         print(f"nfe {n:>2}: searched {met['heldout_rmse']:.4f} (init {r['init']} {r['init_rmse']:.4f}; "
+              f"{r['iters_run']} iterations, {r['lr_decays']} lr decays, {r['wall_s']:.0f} s; "
               f"best classic {met['best_classic']} {met['best_classic_rmse']:.4f}) | cfg {args.cfg:g}: "
               f"{met[f'heldout_rmse_cfg{args.cfg:g}']:.4f} (best classic {min(cf.values()):.4f})")
     wall = time.time() - t_wall
