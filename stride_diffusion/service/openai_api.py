@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 
 from .labels import class_index, closest
 from .openapi import RESULT_HEADERS, RETRY_AFTER, sampler_branches
-from .params import JSON_TYPES, SEED_MAX, ApiError, _show, parse
+from .params import JSON_TYPES, SEED_MAX, ApiError, parse, quoted
 
 EXTRA_FIELDS = ("steps", "seed", "guidance", "solver")  # stride's, beside OpenAI's
 
@@ -138,7 +138,7 @@ def match_class(prompt, names: list[str]) -> int:
     try:
         return class_index(names, prompt)
     except ValueError:
-        raise OpenAIError(400, f"prompt {_show(prompt)} is no class name of this model; closest: {closest(names, prompt)} "
+        raise OpenAIError(400, f"prompt {quoted(prompt)} is no class name of this model; closest: {closest(names, prompt)} "
                                "(GET /models lists them all)", "prompt", "unknown_class") from None
 
 
@@ -149,17 +149,17 @@ def to_generate(body: dict, registry) -> dict:
         raise OpenAIError(400, f"unsupported field(s) {[u[:100] for u in unknown[:5]]}; allowed: {list(FIELDS)}", unknown[0])
     name = registry.default if body.get("model") is None else body["model"]  # null = the default; {} or 0 is no name
     if not isinstance(name, str) or name not in registry:
-        raise OpenAIError(404, f"unknown model {_show(name)}; available: {registry.names()}", "model")
+        raise OpenAIError(404, f"unknown model {quoted(name)}; available: {registry.names()}", "model")
     e = registry[name]
     if body.get("user") is not None and not isinstance(body["user"], str):
         raise OpenAIError(400, "user must be a string (it is accepted and ignored)", "user")
     fmt = "b64_json" if body.get("response_format") is None else body["response_format"]
     if fmt != "b64_json":
         why = "stride keeps no image store to serve URLs from; " if fmt == "url" else ""
-        raise OpenAIError(400, f"response_format {_show(fmt)} is not supported: {why}use 'b64_json'", "response_format")
+        raise OpenAIError(400, f"response_format {quoted(fmt)} is not supported: {why}use 'b64_json'", "response_format")
     size, want = body.get("size"), e.image_size()
     if size not in (None, "auto", want):
-        raise OpenAIError(400, f"size {_show(size)} is not offered by model {name!r}: its images are {want} "
+        raise OpenAIError(400, f"size {quoted(size)} is not offered by model {name!r}: its images are {want} "
                                f"(allowed: ['{want}', 'auto'])", "size")
     out = {"model": name, "class_label": match_class(body.get("prompt"), e.class_names), "format": "json"}
     for k in ("n", *EXTRA_FIELDS):

@@ -89,7 +89,7 @@ def _no_duplicates(pairs):
     out = {}
     for k, v in pairs:
         if k in out:
-            raise ApiError(422, f"body gives {_show(k)} more than once", k)
+            raise ApiError(422, f"body gives {quoted(k)} more than once", k)
         out[k] = v
     return out
 
@@ -112,13 +112,13 @@ def merge(query_items, body: bytes, content_type: str | None = None) -> dict:
     out = {}
     for k, v in query_items:
         if k in out:
-            raise ApiError(422, f"query parameter {_show(k)} given more than once", k)
+            raise ApiError(422, f"query parameter {quoted(k)} given more than once", k)
         out[k] = _query_value(k, v)
     if body.strip():
         media = (content_type or "").split(";")[0].strip().lower()
         if media not in JSON_TYPES:
             raise ApiError(415, f"the body must be JSON sent as 'Content-Type: application/json' (got "
-                                f"{_show(content_type)})", "content-type", list(JSON_TYPES))
+                                f"{quoted(content_type)})", "content-type", list(JSON_TYPES))
         try:
             data = json.loads(body, object_pairs_hook=_no_duplicates)
         except (ValueError, UnicodeDecodeError, RecursionError) as e:
@@ -127,7 +127,7 @@ def merge(query_items, body: bytes, content_type: str | None = None) -> dict:
             raise ApiError(422, f"body must be a JSON object with fields {list(FIELDS)}, got {type(data).__name__}")
         for k, v in data.items():
             if k in out:
-                raise ApiError(422, f"{_show(k)} given both as a query parameter and in the body", k)
+                raise ApiError(422, f"{quoted(k)} given both as a query parameter and in the body", k)
             out[k] = v
     unknown = sorted(set(out) - set(FIELDS))
     if unknown:
@@ -146,7 +146,7 @@ def _int(name: str, v, hint: str, allowed=None) -> int:
         return v
     if isinstance(v, float) and v.is_integer():
         return int(v)
-    raise ApiError(422, f"{name} must be an integer, {hint} (got {_show(v)})", name, allowed)
+    raise ApiError(422, f"{name} must be an integer, {hint} (got {quoted(v)})", name, allowed)
 
 
 def _float(name: str, v, lo: float, hi: float) -> float:
@@ -158,11 +158,11 @@ def _float(name: str, v, lo: float, hi: float) -> float:
         except OverflowError:  # a JSON integer beyond any float
             x = None
     if x is None or not math.isfinite(x) or not lo <= x <= hi:
-        raise ApiError(422, f"{name} must be {hint} (got {_show(v)})", name, [lo, hi])
+        raise ApiError(422, f"{name} must be {hint} (got {quoted(v)})", name, [lo, hi])
     return x
 
 
-def _show(v) -> str:
+def quoted(v) -> str:
     r = repr(v)
     return r if len(r) <= 60 else r[:40] + f"... ({len(r)} characters)"
 
@@ -171,10 +171,10 @@ def parse(raw: dict, registry: Registry, settings) -> GenerateParams:
     """`raw` from `merge`: JSON types, null already dropped. Strict: a JSON string is never a number."""
     name = raw.get("model", registry.default)
     if not isinstance(name, str):
-        raise ApiError(422, f"model must be a string naming a served model: {registry.names()} (got {_show(name)})",
+        raise ApiError(422, f"model must be a string naming a served model: {registry.names()} (got {quoted(name)})",
                        "model", registry.names())
     if name not in registry:
-        raise ApiError(404, f"unknown model {_show(name)}; available: {registry.names()}", "model", registry.names())
+        raise ApiError(404, f"unknown model {quoted(name)}; available: {registry.names()}", "model", registry.names())
     e = registry[name]
 
     if "class_label" not in raw:
@@ -183,7 +183,7 @@ def parse(raw: dict, registry: Registry, settings) -> GenerateParams:
     try:
         label = class_index(e.class_names, raw["class_label"])
     except ValueError as err:
-        raise ApiError(422, f"{err} (got {_show(raw['class_label'])})", "class_label", e.class_names) from None
+        raise ApiError(422, f"{err} (got {quoted(raw['class_label'])})", "class_label", e.class_names) from None
 
     n = _int("n", raw.get("n", 1), f"in 1..{settings.max_images}", [1, settings.max_images])
     if not 1 <= n <= settings.max_images:
@@ -202,7 +202,7 @@ def parse(raw: dict, registry: Registry, settings) -> GenerateParams:
     solvers = ["auto", *e.samplers.names()]
     solver = raw.get("solver", "auto")
     if not isinstance(solver, str) or not solver:
-        raise ApiError(422, f"solver must be 'auto' or one of {e.samplers.names()} (got {_show(solver)})", "solver",
+        raise ApiError(422, f"solver must be 'auto' or one of {e.samplers.names()} (got {quoted(solver)})", "solver",
                        solvers)
     offered = settings.steps
     if "steps" not in raw:
@@ -214,12 +214,12 @@ def parse(raw: dict, registry: Registry, settings) -> GenerateParams:
     try:
         solver = e.samplers.resolve(steps, solver, guidance).name
     except SolverError as err:
-        msg = str(err).replace(repr(solver), _show(solver))  # a long unknown name is not echoed whole
+        msg = str(err).replace(repr(solver), quoted(solver))  # a long unknown name is not echoed whole
         raise ApiError(422, msg, err.field, solvers if err.allowed is None else err.allowed) from None
 
     fmt = raw.get("format", "png")
     if fmt not in FORMATS:
-        raise ApiError(422, f"format must be one of {list(FORMATS)} (got {_show(fmt)})", "format", list(FORMATS))
+        raise ApiError(422, f"format must be one of {list(FORMATS)} (got {quoted(fmt)})", "format", list(FORMATS))
     quality = raw.get("quality")
     if quality is not None:
         quality = _int("quality", quality, "in 1..100", [1, 100])
@@ -227,13 +227,13 @@ def parse(raw: dict, registry: Registry, settings) -> GenerateParams:
             raise ApiError(422, f"quality must be in 1..100 (got {quality})", "quality", [1, 100])
     decoder = raw.get("decoder")
     if decoder is not None and (not isinstance(decoder, str) or decoder not in e.decoders):
-        raise ApiError(422, f"decoder must be one of {list(e.decoders)} for model {e.name} (got {_show(decoder)})",
+        raise ApiError(422, f"decoder must be one of {list(e.decoders)} for model {e.name} (got {quoted(decoder)})",
                        "decoder", list(e.decoders))
     if decoder == e.decoder.kind:
         decoder = None  # the model's own, named
     preview = raw.get("preview", False)
     if not isinstance(preview, bool):
-        raise ApiError(422, f"preview must be true or false (1 or 0 in the query) (got {_show(preview)})", "preview",
+        raise ApiError(422, f"preview must be true or false (1 or 0 in the query) (got {quoted(preview)})", "preview",
                        [True, False])
     every = raw.get("preview_every")
     if every is not None:

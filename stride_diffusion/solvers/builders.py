@@ -17,7 +17,7 @@ from .schedules import F64, Schedule
 from .table import Table
 
 
-class _Ctx:
+class Ctx:
     """A grid of n + 1 times and the (alpha, sigma) the solver uses at each: the schedule's, or given
     (`alpha`, `sigma`: a diffusers scheduler's own noise levels at the times it feeds the network,
     sigma = 0 allowed at the end). `land`: (alpha, sigma) of each step's landing point where it is
@@ -45,7 +45,7 @@ class _Ctx:
         return float(A), float(B)
 
 
-def _table(ctx: _Ctx, name, tau, s, basis, c, B, **meta) -> Table:
+def _table(ctx: Ctx, name, tau, s, basis, c, B, **meta) -> Table:
     """Absolute-index coefficients B[k, j] (j <= k) -> windowed b[k, k - j]."""
     n = len(tau)
     B = torch.as_tensor(B, dtype=F64)
@@ -60,7 +60,7 @@ def _table(ctx: _Ctx, name, tau, s, basis, c, B, **meta) -> Table:
     return Table(tau, s, hx, hd, c, b, float(ctx.sigma[0]), name, meta)
 
 
-def euler(ctx: _Ctx) -> Table:
+def euler(ctx: Ctx) -> Table:
     n, t = ctx.n, ctx.t
     B = torch.zeros(n, n, dtype=F64)
     for k in range(n):
@@ -68,7 +68,7 @@ def euler(ctx: _Ctx) -> Table:
     return _table(ctx, "euler", t[:-1], t[1:], ["velocity"] * n, [1.0] * n, B)
 
 
-def heun(ctx: _Ctx, n_heun: int | None = None) -> Table:
+def heun(ctx: Ctx, n_heun: int | None = None) -> Table:
     """EDM's Heun: two evaluations per interval for the first n_heun intervals (default all but the
     last), Euler after; NFE = n + n_heun."""
     n, t = ctx.n, ctx.t
@@ -90,7 +90,7 @@ def heun(ctx: _Ctx, n_heun: int | None = None) -> Table:
     return _table(ctx, "heun", tau, s, ["velocity"] * m, c, B)
 
 
-def ddim(ctx: _Ctx) -> Table:
+def ddim(ctx: Ctx) -> Table:
     n, a, sg, la, ls = ctx.n, ctx.alpha, ctx.sigma, ctx.land_alpha, ctx.land_sigma
     B = torch.zeros(n, n, dtype=F64)
     c = []
@@ -109,7 +109,7 @@ def _final_order(q: int, k: int, n: int, first_order_final: bool) -> int:
     return 1 if first_order_final and k == n - 1 else q
 
 
-def dpmpp(ctx: _Ctx, order: int = 2, lower_order_final: bool | None = None, published_d2: bool = False,
+def dpmpp(ctx: Ctx, order: int = 2, lower_order_final: bool | None = None, published_d2: bool = False,
           first_order_final: bool = False) -> Table:
     """DPM-Solver++ multistep (data prediction), orders 1-3, as in Lu et al. 2022.
 
@@ -151,7 +151,7 @@ def dpmpp(ctx: _Ctx, order: int = 2, lower_order_final: bool | None = None, publ
     return _table(ctx, name, ctx.t[:-1], ctx.t[1:], ["x0"] * n, c, B, order=order, lower_order_final=lof)
 
 
-def unipc(ctx: _Ctx, order: int = 2, lower_order_final: bool | None = None, variant: str = "bh2",
+def unipc(ctx: Ctx, order: int = 2, lower_order_final: bool | None = None, variant: str = "bh2",
           disable_corrector=(), first_order_final: bool = False) -> Table:
     """UniPC with B(h) = expm1(h) ('bh2', or h: 'bh1'), data prediction (Zhao et al. 2023).
 
@@ -207,7 +207,7 @@ def unipc(ctx: _Ctx, order: int = 2, lower_order_final: bool | None = None, vari
                   variant=variant, lower_order_final=lof)
 
 
-def ipndm(ctx: _Ctx, order: int = 4) -> Table:
+def ipndm(ctx: Ctx, order: int = 4) -> Table:
     """iPNDM: Adams-Bashforth with lower-order warm start on d(x/alpha)/d(sigma/alpha) = eps.
 
     Coefficients come from integrating the Lagrange polynomial through the actual past times
@@ -263,7 +263,7 @@ def build(solver: str, schedule: Schedule, param: str, grid) -> Table:
     """A classic solver's table on an explicit grid of n + 1 times (Heun: EDM's 2n - 1 NFE)."""
     if solver not in BUILDERS:
         raise ValueError(f"unknown solver {solver!r}; allowed: {list(SOLVERS)}")
-    return BUILDERS[solver][0](_Ctx(schedule, param, grid))
+    return BUILDERS[solver][0](Ctx(schedule, param, grid))
 
 
 def make_table(solver: str, schedule: Schedule, param: str, nfe: int, grid: str | None = None, **grid_kw) -> Table:
@@ -283,7 +283,7 @@ def make_table(solver: str, schedule: Schedule, param: str, nfe: int, grid: str 
     grid = grid or default_grid(schedule, solver)
     if solver == "heun":
         n = nfe // 2 + 1
-        ctx = _Ctx(schedule, param, make_grid(grid, schedule, n, **grid_kw))
+        ctx = Ctx(schedule, param, make_grid(grid, schedule, n, **grid_kw))
         tab = heun(ctx, n_heun=nfe - n)
     else:
         tab = build(solver, schedule, param, make_grid(grid, schedule, nfe, **grid_kw))

@@ -12,7 +12,7 @@ from stride_diffusion.offline.fitting import coeffs_of, heldout, rmse, targets_a
 from stride_diffusion.offline.search import search
 from stride_diffusion.solvers import GaussianMixture, make_table, sample, seeded_noise
 from stride_diffusion.solvers.artifact import load_solvers
-from stride_diffusion.solvers.builders import _Ctx, ddim, euler
+from stride_diffusion.solvers.builders import Ctx, ddim, euler
 from stride_diffusion.solvers.grids import make_grid
 from stride_diffusion.solvers.learned import (
     DODE_BASES,
@@ -58,7 +58,7 @@ def same_table(a, b):
 def test_identity_coefficients_are_euler_or_ddim(schedule, param, form, classic):
     grid = make_grid("uniform", schedule, 5)
     tab = searched_table(schedule, param, form, grid, torch.eye(5, dtype=F64))
-    assert same_table(tab, classic(_Ctx(schedule, param, grid)))
+    assert same_table(tab, classic(Ctx(schedule, param, grid)))
 
 
 @pytest.mark.parametrize("schedule,param,form,classic", CASES, ids=IDS)

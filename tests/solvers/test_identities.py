@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from stride_diffusion.solvers import GaussianMixture, make_table, sample, seeded_noise
-from stride_diffusion.solvers.builders import _Ctx, ddim, dpmpp
+from stride_diffusion.solvers.builders import Ctx, ddim, dpmpp
 from stride_diffusion.solvers.grids import make_grid
 from stride_diffusion.solvers.param import PARAMS, convert
 from stride_diffusion.solvers.schedules import EDMSchedule, FlowSchedule, VPLinearSchedule, VPSchedule
@@ -50,7 +50,7 @@ def test_lambda_inverse(sched):
 @pytest.mark.parametrize("sched", SCHEDULES, ids=lambda s: s.name + getattr(s, "betas_kind", ""))
 def test_first_order_dpmpp_is_ddim(sched):
     grid = make_grid("logsnr", sched, 7)
-    a, b = dpmpp(_Ctx(sched, "eps", grid), order=1), ddim(_Ctx(sched, "eps", grid))
+    a, b = dpmpp(Ctx(sched, "eps", grid), order=1), ddim(Ctx(sched, "eps", grid))
     for k in ("tau", "hx", "hd", "c", "b"):
         torch.testing.assert_close(getattr(a, k), getattr(b, k), rtol=1e-12, atol=1e-14)
 

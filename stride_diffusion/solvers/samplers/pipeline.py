@@ -25,7 +25,7 @@ import math
 import numpy as np
 import torch
 
-from ..builders import _Ctx, ddim, dpmpp, unipc
+from ..builders import Ctx, ddim, dpmpp, unipc
 from ..grids import karras_sigmas, sigma_to_t, spaced_timesteps, train_abar
 from ..schedules import F64
 from ..table import Table
@@ -176,7 +176,7 @@ def scheduler_table(cfg: dict, schedule, param: str, n: int) -> Table:
             build = ddim
             init = float(sigma[0]) if spacing in ("linspace", "trailing") else 1.0  # init_noise_sigma / sqrt(s^2+1)
             out_scale = 1 / float(alpha[-1])  # the scheduler's state is x / alpha
-    tab = build(_Ctx(schedule, param, grid, alpha, sigma, land), **kw)
+    tab = build(Ctx(schedule, param, grid, alpha, sigma, land), **kw)
     c, b = tab.c.clone(), tab.b.clone()
     c[-1], b[-1] = c[-1] * out_scale, b[-1] * out_scale
     meta = {**tab.meta, "scheduler": cls, "timesteps": [float(t) for t in ts], "grid": describe_grid(cfg)}
