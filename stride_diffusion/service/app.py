@@ -191,7 +191,7 @@ class Service:
         return f"{self.id_prefix}{next(self.counter):x}"
 
     def count_invalid(self, e: ApiError):
-        self.metrics.rejected.labels({404: "unknown_model", 413: "too_large"}.get(e.status, "invalid")).inc()
+        self.metrics.rejected.labels({404: "unknown_model", 408: "slow_client", 413: "too_large"}.get(e.status, "invalid")).inc()
 
     def count_error(self):
         self.metrics.responses.labels("500").inc()

@@ -88,5 +88,5 @@ class Metrics:
             self.rejected.labels(reason)
 
 
-REASONS = ("invalid", "too_large", "unknown_model", "unauthorized", "queue_full", "no_worker", "queue_unavailable", "deadline",
+REASONS = ("invalid", "slow_client", "too_large", "unknown_model", "unauthorized", "queue_full", "no_worker", "queue_unavailable", "deadline",
            "lost", "dead_letter", "cancelled", "error")

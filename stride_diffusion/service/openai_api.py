@@ -114,7 +114,7 @@ def operation(registry, settings, auth: bool) -> dict:
 class OpenAIError(ApiError):
     """An ApiError whose body has OpenAI's shape; invalid values are 400 there, not 422."""
 
-    CODES: ClassVar[dict[int, str]] = {401: "invalid_api_key", 404: "model_not_found", 413: "request_too_large", 415: "unsupported_media_type", 503: "unavailable",
+    CODES: ClassVar[dict[int, str]] = {401: "invalid_api_key", 404: "model_not_found", 408: "request_timeout", 413: "request_too_large", 415: "unsupported_media_type", 503: "unavailable",
              504: "timeout"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None, headers=None):

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import uvicorn
 from hostile_api import settings
-from service_fixtures import free_port, wait_for
+from service_fixtures import free_port, metric_value, wait_for
 
 from stride_diffusion.service import cli
 from stride_diffusion.service.app import create_app
@@ -161,6 +161,7 @@ def test_a_body_sent_a_byte_per_second_is_408_and_nothing_is_queued(srv, monkeyp
     assert status(reply) == 408, reply
     assert b"connection: close" in reply.lower() and "too slowly" in detail(reply)
     assert queued == []
+    assert metric_value(httpx.get(srv.url + "/metrics").text, "stride_rejected_total", reason="slow_client") == 1
     assert httpx.post(srv.url + "/generate", content=BODY, headers={"Content-Type": "application/json"}).status_code == 200
     assert len(queued) == 1
 
@@ -191,6 +192,7 @@ def test_the_rate_floor_cuts_a_slow_body_long_before_its_deadline():
         s.sendall(head("/v1/images/generations"))
         reply = trickle(s, BODY, limit=SLACK_S)  # the 60 s deadline alone would hold it past this
         assert status(reply) == 408 and "100 bytes/s" in detail(reply), reply
+        assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
     finally:
         srv.stop()
 
