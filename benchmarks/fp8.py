@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 from functools import partial
@@ -24,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import load
 import realsize
+from report import publish  # benchmarks/report.py
 
 from stride_diffusion.solvers import make_table, sample, seeded_noise
 from stride_diffusion.solvers.fp8 import fp8_refusal, to_fp8
@@ -107,13 +107,7 @@ def main(argv=None):
               "gflop_per_image": flops / 1e9, "samples": a.samples, "steps": a.steps, "guidance": a.guidance,
               "network": rows, "latents_rel_rms": latents}
     text = render(report)
-    print(text)
-    if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            f.write(text)
-        with open(os.path.splitext(a.out)[0] + ".json", "w") as f:
-            json.dump(report, f, indent=1)
+    publish(text, report, a.out)
     return 1 if refusal and not a.allow_refusal else 0
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
-import json
 import os
 import platform
 import random
@@ -46,6 +45,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from report import publish  # benchmarks/report.py
+
 from stride_diffusion.service.engine import Engine
 from stride_diffusion.service.jobs import Job
 from stride_diffusion.service.models import ModelEntry, Registry, analytic_entry
@@ -533,16 +534,10 @@ def main(argv=None):
             srv.stop()
 
     report = render(rows, what, threads, load_avg, a)
-    print(report)
-    if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            f.write(report)
-        with open(os.path.splitext(a.out)[0] + ".json", "w") as f:
-            json.dump({"model": what, "machine": machine(), "threads": threads, "rows": rows,
-                       "ceiling": {f"steps {s} guidance {g} batch {b} threads {t}": v
-                                   for (s, g, b, t), v in ceil_by.items()},
-                       "args": vars(a)}, f, indent=1)
+    publish(report, {"model": what, "machine": machine(), "threads": threads, "rows": rows,
+                   "ceiling": {f"steps {s} guidance {g} batch {b} threads {t}": v
+                               for (s, g, b, t), v in ceil_by.items()},
+                   "args": vars(a)}, a.out)
     return rows
 
 

@@ -47,6 +47,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import load  # benchmarks/load.py: the load generator
 import realsize  # the networks (DIT, SD_VAE, dit) of the real-size benchmark
+from report import publish  # benchmarks/report.py
 
 from stride_diffusion.solvers.adapters import dtype_name
 from stride_diffusion.solvers.adapters.base import DTYPE_ALIASES
@@ -263,13 +264,7 @@ def main(argv=None):
     for r in report["peers"]:
         r["stride_over_peer"] = best / r["images_per_s"] if r["images_per_s"] else math.nan
     text = render(report)
-    print(text)
-    if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            f.write(text)
-        with open(os.path.splitext(a.out)[0] + ".json", "w") as f:
-            json.dump(report, f, indent=1, default=str)
+    publish(text, report, a.out)
     return report
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import io
-import json
 import os
 import platform
 import sys
@@ -24,6 +23,8 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from report import publish  # benchmarks/report.py
+
 from stride_diffusion.service.encode import image_bytes
 
 
@@ -88,13 +89,7 @@ def main(argv=None):
               "filter on every row). `pil N`: PIL at level N (a filter chosen per row), what the service used "
               "before; `pil 1 rle`: with zlib's Z_RLE strategy. For comparison, not settings.", ""]
     text = "\n".join(lines)
-    print(text)
-    if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            f.write(text)
-        with open(os.path.splitext(a.out)[0] + ".json", "w") as f:
-            json.dump({"size": a.size, "rows": rows}, f, indent=1)
+    publish(text, {"size": a.size, "rows": rows}, a.out)
     return rows
 
 

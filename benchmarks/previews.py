@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -31,6 +30,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from report import publish  # benchmarks/report.py
+
 from stride_diffusion.service import previews as pv_mod
 from stride_diffusion.service.engine import Engine
 from stride_diffusion.service.jobs import Job
@@ -149,13 +150,8 @@ def main(argv=None):
               "base64 of the frames, on the worker's event loop (not in images/s). `off` is the engine as every plain "
               "request runs it."]
     text = "\n".join(lines) + "\n"
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text)
-        with open(os.path.splitext(a.out)[0] + ".json", "w") as f:
-            json.dump({"date": when, "machine": machine(), "command": cmd.strip(), "model": entry.name,
-                       "steps": a.steps, "batch": a.batch, "rounds": rows, "median": med}, f, indent=1)
+    publish(text, {"date": when, "machine": machine(), "command": cmd.strip(), "model": entry.name,
+                   "steps": a.steps, "batch": a.batch, "rounds": rows, "median": med}, a.out)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import load  # benchmarks/load.py: the load generator and the ceiling
+from report import publish  # benchmarks/report.py
 
 from stride_diffusion.service.encode import encode
 from stride_diffusion.solvers.adapters import DiscreteIndex, dtype_name
@@ -526,13 +527,7 @@ def main(argv=None):
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     text = render(report)
-    print(text)
-    if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            f.write(text)
-        with open(os.path.splitext(a.out)[0] + ".json", "w") as f:
-            json.dump(report, f, indent=1)
+    publish(text, report, a.out)
     bad = [r for r in report.get("network", []) if r.get("compile_ok") is False]
     if bad:
         sys.exit(f"the compiled network differs from eager beyond {COMPILE_TOL}: "

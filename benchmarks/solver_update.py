@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
@@ -24,6 +23,8 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.benchmark import Timer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from report import publish  # benchmarks/report.py
+
 from stride_diffusion.solvers.update import fused_update_torch, update_fn
 
 aten = torch.ops.aten
@@ -197,13 +198,7 @@ def main(argv=None):
     lines += [f"| {r['shape']} | {r['batch']} | {r['impl']} | {r['s'] * 1e6:.1f} | {r['bytes'] / 1e6:.2f} | "
               f"{r['bytes'] / r['min_bytes']:.2f} | {r['GBps']:.1f} | {r['vs_copy']:.2f} |" for r in rows]
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text)
-        with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-            json.dump({"machine": m, "args": vars(args), "rows": rows}, f, indent=1)
+    publish(text, {"machine": m, "args": vars(args), "rows": rows}, args.out)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
-import json
 import os
 import platform
 import socket
@@ -31,6 +30,7 @@ import sys
 import time
 
 import httpx
+from report import publish  # benchmarks/report.py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("plain", "stream", "preview")
@@ -140,13 +140,7 @@ def main(argv=None):
         x = med[m]
         lines.append(f"| {names[m]} | {x['plain_per_s']:.1f} | {x['plain_per_s'] / base:.2f} | {x['other_per_s']:.1f} |")
     text = "\n".join(lines) + "\n"
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text)
-        with open(os.path.splitext(a.out)[0] + ".json", "w") as f:
-            json.dump({"date": when, "machine": machine(), "command": command.strip(), "rounds": rows, "median": med},
-                      f, indent=1)
+    publish(text, {"date": when, "machine": machine(), "command": command.strip(), "rounds": rows, "median": med}, a.out)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ random decoders agree on nothing).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -30,6 +29,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from report import publish  # benchmarks/report.py
+
 from stride_diffusion.service.models import ModelEntry
 from stride_diffusion.solvers import sample, seeded_noise
 
@@ -119,13 +120,7 @@ def main(argv=None):
         f"| tiny | {ms['tiny']:.2f} | {report['rmse_mean']:.4f} / {report['rmse_worst']:.4f} | "
         f"{report['psnr_mean_db']:.1f} / {report['psnr_worst_db']:.1f} |", "",
         "Images in [0, 1]; PSNR = 20 log10(1 / RMSE) per image.", ""])
-    print(text)
-    if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            f.write(text)
-        with open(os.path.splitext(a.out)[0] + ".json", "w") as f:
-            json.dump(report, f, indent=1)
+    publish(text, report, a.out)
     return report
 
 

@@ -35,6 +35,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def read_response(s: socket.socket) -> bytes:
+    """One HTTP response read off a raw socket: the head, then Content-Length bytes of body (they may
+    arrive in separate packets); the connection stays open."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += s.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    n = int(next(v for k, _, v in (ln.partition(b":") for ln in head.split(b"\r\n")) if k.lower() == b"content-length"))
+    while len(body) < n:
+        body += s.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
 def wait_for(cond, timeout: float, what: str, interval: float = 0.05):
     end = time.monotonic() + timeout
     while time.monotonic() < end:

@@ -89,3 +89,19 @@ def diffusers_to_dit(sd: dict, depth: int) -> dict:
             out[f"{b}mlp.fc2.{p}"] = sd[f"{n}ff.net.2.{p}"]
             out[f"{b}adaLN_modulation.1.{p}"] = sd[f"{n}norm1.linear.{p}"]
     return out
+
+
+def sit_checkpoint(d, seed=3):
+    """A tiny SiT as its authors save it: a DiT-layout .pt (one shared class embedder) in d/SiT-tiny.pt,
+    with a tiny VAE folder in d/vae. The weights are perturbed: diffusers zero-initialises DiT's output
+    layers, and a network that outputs zeros tests nothing."""
+    net = tiny_dit(seed=seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    net.transformer_blocks[1].norm1.emb.load_state_dict(net.transformer_blocks[0].norm1.emb.state_dict())
+    sd = diffusers_to_dit(net.state_dict(), 2)
+    sd["pos_embed"] = net.pos_embed.pos_embed.clone()
+    torch.save(sd, d / "SiT-tiny.pt")
+    tiny_vae().save_pretrained(d / "vae")
+    return d / "SiT-tiny.pt"

@@ -9,7 +9,7 @@ import httpx
 import pytest
 import torch
 from service_fixtures import ApiServer
-from tiny_models import diffusers_to_dit, dit_pipeline, tiny_dit, tiny_vae
+from tiny_models import dit_pipeline, sit_checkpoint
 
 from stride_diffusion.offline import cli
 from stride_diffusion.service import images
@@ -39,15 +39,7 @@ def pipe(tmp_path_factory):
 def sit_ckpt(tmp_path_factory):
     """A DiT-layout .pt (one shared embedder, as DiT saves it) and a VAE folder."""
     d = tmp_path_factory.mktemp("sit")
-    net = tiny_dit(seed=3)
-    with torch.no_grad():  # diffusers zero-initialises DiT's output layers; make it a non-trivial function
-        for p in net.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    net.transformer_blocks[1].norm1.emb.load_state_dict(net.transformer_blocks[0].norm1.emb.state_dict())
-    sd = diffusers_to_dit(net.state_dict(), 2)
-    sd["pos_embed"] = net.pos_embed.pos_embed.clone()
-    torch.save(sd, d / "SiT-tiny.pt")
-    tiny_vae().save_pretrained(d / "vae")
+    sit_checkpoint(d)
     return d
 
 

@@ -5,6 +5,7 @@ import socket
 
 import httpx
 from hostile_api import STEPS, metrics, post, settings  # noqa: F401
+from service_fixtures import read_response
 
 from stride_diffusion.service.limits import MAX_BODY
 
@@ -14,18 +15,6 @@ def _raw(api, head: bytes) -> socket.socket:
     s = socket.create_connection(("127.0.0.1", api.port), timeout=10)
     s.sendall(head)
     return s
-
-
-def _response(s: socket.socket) -> bytes:
-    """Headers and the whole body (by Content-Length): they may arrive in separate packets."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += s.recv(65536)
-    head, _, body = data.partition(b"\r\n\r\n")
-    n = int(next(v for k, _, v in (ln.partition(b":") for ln in head.split(b"\r\n")) if k.lower() == b"content-length"))
-    while len(body) < n:
-        body += s.recv(65536)
-    return head + b"\r\n\r\n" + body
 
 
 def _status(data: bytes) -> int:
@@ -64,7 +53,7 @@ def test_chunked_body_past_the_limit_is_413_without_reading_the_rest(api):
 def test_declared_length_past_the_limit_is_413_before_any_body(api):
     s = _raw(api, b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   b"Content-Length: %d\r\n\r\n" % (100 * 2 ** 20))
-    reply = _response(s)  # answered although not one byte of the body was sent
+    reply = read_response(s)  # answered although not one byte of the body was sent
     s.close()
     assert _status(reply) == 413 and str(MAX_BODY).encode() in reply
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import uvicorn
 from hostile_api import settings
-from service_fixtures import free_port, metric_value, wait_for
+from service_fixtures import free_port, metric_value, read_response, wait_for
 
 from stride_diffusion.service import cli
 from stride_diffusion.service.app import create_app
@@ -76,18 +76,6 @@ def read_until_closed(s: socket.socket, timeout: float) -> bytes:
     except ConnectionResetError:
         pass
     return data
-
-
-def read_response(s: socket.socket) -> bytes:
-    """One response on a kept-alive connection: the head, then Content-Length bytes of body."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += s.recv(65536)
-    head, _, body = data.partition(b"\r\n\r\n")
-    n = int(next(v for k, _, v in (ln.partition(b":") for ln in head.split(b"\r\n")) if k.lower() == b"content-length"))
-    while len(body) < n:
-        body += s.recv(65536)
-    return head + b"\r\n\r\n" + body
 
 
 def trickle(s: socket.socket, data: bytes, interval: float = 1.0, limit: float = 30.0) -> bytes:

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 import torch
 from service_fixtures import ROOT, ApiServer
-from tiny_models import ddim, dit_pipeline, tiny_dit, tiny_vae, unet_pipeline
+from tiny_models import ddim, dit_pipeline, sit_checkpoint, unet_pipeline
 
 pytest.importorskip("triton")
 
@@ -64,18 +64,7 @@ def arts(tmp_path_factory) -> dict:
     # a class-conditional pixel UNet with v-prediction (the scheduler config says so)
     unet_pipeline(d / "unet-pipe", scheduler=ddim(prediction_type="v_prediction"))
     assert cli.main(["import", "diffusers", str(d / "unet-pipe"), "--name", "unet-v", "--out", str(d / "unet-v")]) == 0
-    # SiT: a DiT-layout checkpoint on the flow schedule (as tests/offline/test_offline_imported.py builds it)
-    from tiny_models import diffusers_to_dit
-
-    net = tiny_dit(seed=3)
-    with torch.no_grad():  # a non-trivial function of its inputs
-        for p in net.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    net.transformer_blocks[1].norm1.emb.load_state_dict(net.transformer_blocks[0].norm1.emb.state_dict())
-    sd = diffusers_to_dit(net.state_dict(), 2)
-    sd["pos_embed"] = net.pos_embed.pos_embed.clone()
-    torch.save(sd, d / "SiT-tiny.pt")
-    tiny_vae().save_pretrained(d / "vae")
+    sit_checkpoint(d)  # SiT: a DiT-layout checkpoint on the flow schedule
     assert cli.main(["import", "dit-checkpoint", str(d / "SiT-tiny.pt"), "--vae", str(d / "vae"), "--schedule", "flow",
                      "--heads", "2", "--name", "sit", "--out", str(d / "sit")]) == 0
     out = {"flow": f"{ROOT}/artifacts/digits", "vp": f"{ROOT}/artifacts/digits-vp", "dit": str(d / "dit"),

@@ -68,6 +68,16 @@ def consumers(rs):
     return {c["name"].decode(): c["pending"] for c in rs.client().xinfo_consumers(stream, GROUP)}
 
 
+def drained_and_carried_on(a, b, more: int) -> float:
+    """a, sent SIGTERM, exits 0 within its --drain-timeout-s (drained, not cut); b then finishes `more`
+    requests alone. Returns b's re-claim count."""
+    assert a.proc.wait(20) == 0, a.proc.stderr.read().decode()[-2000:]
+    done_b = metric_value(b.metrics_text(), "stride_worker_results_total", outcome="ok")
+    wait_for(lambda: metric_value(b.metrics_text(), "stride_worker_results_total", outcome="ok") > done_b + more,
+             30, "worker b to carry on alone")
+    return metric_value(b.metrics_text(), "stride_redelivered_total")
+
+
 def test_sigterm_drains_under_load(rs):
     a, b, api = start(rs, delay_ms=80)
     load = Load(api)
@@ -78,11 +88,7 @@ def test_sigterm_drains_under_load(rs):
         text = wait_for(lambda: next((t for t in [a.metrics_text()] if metric_value(t, "stride_worker_draining")),
                                      None), 10, "worker a to report draining")
         assert metric_value(text, "stride_worker_ready") == 0
-        assert a.proc.wait(20) == 0, a.proc.stderr.read().decode()[-2000:]  # within --drain-timeout-s
-        done_b = metric_value(b.metrics_text(), "stride_worker_results_total", outcome="ok")
-        wait_for(lambda: metric_value(b.metrics_text(), "stride_worker_results_total", outcome="ok") > done_b + 8,
-                 30, "worker b to carry on alone")
-        redelivered = metric_value(b.metrics_text(), "stride_redelivered_total")
+        redelivered = drained_and_carried_on(a, b, more=8)
     finally:
         load.stop()
         api.stop()
@@ -133,11 +139,7 @@ def test_drain_with_heavy_requests_ends_within_its_budget(rs):
         wait_for(lambda: busy(a) and busy(b), 30, "both workers running requests")
         assert consumers(rs)["drain-a"] <= 3  # what a holds: what it can start, one more at most
         a.kill(signal.SIGTERM, wait=False)
-        assert a.proc.wait(20) == 0, a.proc.stderr.read().decode()[-2000:]  # drained, not cut by the budget
-        done_b = metric_value(b.metrics_text(), "stride_worker_results_total", outcome="ok")
-        wait_for(lambda: metric_value(b.metrics_text(), "stride_worker_results_total", outcome="ok") > done_b + 4,
-                 30, "worker b to carry on alone")
-        redelivered = metric_value(b.metrics_text(), "stride_redelivered_total")
+        redelivered = drained_and_carried_on(a, b, more=4)
     finally:
         load.stop()
         api.stop()
