@@ -31,7 +31,8 @@ RULES = {  # name -> search() keywords
     "p40-d2-cold": dict(iters=300, patience=40, decays=2, warm=False),
     "p20-d2-warm": dict(iters=300, patience=20, decays=2),
     "p40-d2-warm": dict(iters=300, patience=40, decays=2),
-    "default": dict(),  # patience 40, 3 decays of 0.3, cap 600, warm
+    "no-pool": dict(pool=None),  # the default with a fresh teacher batch every iteration
+    "default": dict(),  # patience 40, 3 decays of 0.3, cap 600, warm starts racing, 100 teacher batches
 }
 
 

@@ -98,9 +98,10 @@ class Lion:
 class Student:
     """One NFE's learnable solver: step logits and the free strictly-lower coefficients."""
 
-    def __init__(self, model, n, form, grid, M, restrict=False, init="", lr=1e-2, m_of_grid=None):
+    def __init__(self, model, n, form, grid, M, restrict=False, init="", lr=1e-2, m_of_grid=None, race=None):
         """m_of_grid: grid -> M (differentiable) fixes the coefficients to a classic solver's on the
-        learned grid, so only the grid is searched (the LD3-style baseline, offline/grid_search.py)."""
+        learned grid, so only the grid is searched (the LD3-style baseline, offline/grid_search.py).
+        race: a key shared by the starts of one NFE that race to their first plateau (`optimise`)."""
         self.model, self.n, self.form, self.init, self.sch = model, n, form, init, model.schedule
         self.m_of_grid = m_of_grid
         self.t_max, self.t_min = float(grid[0]), float(grid[-1])
@@ -113,7 +114,8 @@ class Student:
         self.progress = 0  # last iteration that improved by min_delta, or restarted
         self.decays = 0
         self.curve, self.cpu, self.init_rmse = [], 0.0, math.nan
-        self.iters_run, self.stopped = 0, False
+        self.iters_run, self.stopped = 0, False  # training steps taken
+        self.race, self.racing, self.parked, self.lost = race, race is not None, False, False
 
     def params(self):
         grid = grid_from_logits(self.logits, self.t_max, self.t_min)
@@ -145,13 +147,19 @@ class Student:
         self.progress = it
 
 
-class Teacher:
-    """The training stream and the fine teacher's trajectories on it, iteration by iteration. Every
-    NFE searched reads the same batches in the same order, so the trajectories are kept (up to
-    `cache_mb`) and only the first search pays for the teacher; beyond the budget they are re-run."""
+POOL = 100  # training batches the search cycles through (Teacher); measured in docs/offline.md
 
-    def __init__(self, model, solver, nfe, batch, seed, guidance=1.0, cache_mb=1024):
-        self.model, self.batch, self.guidance = model, batch, guidance
+
+class Teacher:
+    """The training stream and the fine teacher's trajectories on it: `pool` batches, read in turn
+    (iteration it reads batch (it - 1) mod pool). Every start and NFE reads the same batches in the
+    same order, so the trajectories are kept (up to `cache_mb`; beyond it they are re-run) and the
+    teacher, 64 evaluations a sample against the student's 3 to 10, is paid for `pool` batches once
+    rather than for every iteration of the longest search. A few dozen numbers are learned from
+    pool x batch samples of the whole trajectory, and the iterate kept is chosen on held-out seeds."""
+
+    def __init__(self, model, solver, nfe, batch, seed, guidance=1.0, cache_mb=1024, pool=None):
+        self.model, self.batch, self.guidance, self.pool = model, batch, guidance, pool
         self.table = make_table(solver, model.schedule, model.param, nfe)
         self.gen = torch.Generator().manual_seed(seed)
         self.drawn, self.trajs, self.left = [], {}, cache_mb * 2 ** 20
@@ -159,6 +167,7 @@ class Teacher:
     def __call__(self, it):
         """(noise, labels, T, X) of iteration `it` (from 1)."""
         model = self.model
+        it = (it - 1) % self.pool + 1 if self.pool else it
         while len(self.drawn) < it:
             noise = torch.randn(self.batch, *model.shape, generator=self.gen).to(device_of(model))
             labels = torch.randint(0, model.num_classes, (self.batch,), generator=self.gen).to(device_of(model))
@@ -292,21 +301,38 @@ def starts(model, n, form, init, err, prev=None) -> dict:
 
 def optimise(model, students: dict, vn, vl, ref, *, iters=300, patience=40, min_delta=1e-3, min_iters=0,
              lr_decay=0.3, decays=0, batch=12, final_weight=1.0, delta=1e-3, teacher="dpmpp-2m/logsnr",
-             teacher_nfe=64, val_every=10, guidance=1.0, seed=None, teach=None, log=None) -> dict:
+             teacher_nfe=64, val_every=10, guidance=1.0, seed=None, pool=None, teach=None, log=None) -> dict:
     """Lion on every student at once (one teacher run per iteration serves all), keeping each
     student's iterate with the lowest selection-set RMSE. The plateau rule: once that RMSE has not
     fallen by a relative `min_delta` for `patience` iterations, a student restarts from its best
     iterate with the learning rate times `lr_decay` (at most `decays` times), and the next plateau
-    stops it, never before `min_iters`; `iters` caps the run. `teach` (a Teacher) shares the
-    training stream's teacher trajectories between calls."""
+    stops it, never before `min_iters` of its own steps; `iters` caps the run. Students that share
+    a `race` key (the starts of one NFE) each run to their first plateau and wait there; when the
+    last one arrives, the one with the lowest error goes on with the decays and the others stop.
+    `teach` (a Teacher) shares the training stream's teacher trajectories between calls."""
     seed = stream_seed("search") if seed is None else seed
     log = log or Progress("search", iters)
-    teach = teach or Teacher(model, teacher, teacher_nfe, batch, seed, guidance)
+    teach = teach or Teacher(model, teacher, teacher_nfe, batch, seed, guidance, pool=pool)
+
+    def plateau(st, it):
+        if st.racing:  # its first plateau: wait for the other starts of its NFE
+            st.racing, st.parked = False, True
+            rivals = [r for r in students.values() if r.race == st.race]
+            if any(r.racing for r in rivals):
+                return
+            win = min(rivals, key=lambda r: r.best[0])
+            for r in rivals:
+                r.parked, r.lost, r.stopped = False, r is not win, r is not win
+            st = win
+        if st.decays < decays:
+            st.restart(lr_decay, it)
+        elif st.iters_run >= min_iters:
+            st.stopped = True
 
     def validate(it):
         msg = []
         for n, st in students.items():
-            if st.stopped:
+            if st.stopped or st.parked:
                 continue
             t0 = cpu_s()
             e = rmse(sample(model, st.table(), vn, vl, guidance), ref)
@@ -316,13 +342,9 @@ def optimise(model, students: dict, vn, vl, ref, *, iters=300, patience=40, min_
                 st.best = (e, st.snapshot(), it)
             st.curve.append((it, e))
             st.cpu += cpu_s() - t0
-            st.iters_run = it
-            if it - st.progress >= patience:
-                if st.decays < decays:
-                    st.restart(lr_decay, it)
-                elif it >= min_iters:
-                    st.stopped = True
             msg.append(f"{n}:{e:.4f}")
+            if it - st.progress >= patience:
+                plateau(st, it)
         return " ".join(msg)
 
     vmsg = validate(0)
@@ -330,7 +352,7 @@ def optimise(model, students: dict, vn, vl, ref, *, iters=300, patience=40, min_
         st.init_rmse = st.best[0]
     lmsg = ""
     for it in range(1, iters + 1):
-        active = {n: st for n, st in students.items() if not st.stopped}
+        active = {n: st for n, st in students.items() if not (st.stopped or st.parked)}
         if not active:
             break
         t0 = cpu_s()
@@ -345,6 +367,7 @@ def optimise(model, students: dict, vn, vl, ref, *, iters=300, patience=40, min_
             st.opt.zero_grad()
             loss.backward()
             st.opt.step()
+            st.iters_run += 1
             st.cpu += cpu_s() - t0 + t_share
             losses.append(f"{n}:{loss.item():.3g}")
         lmsg = " ".join(losses)
@@ -356,40 +379,46 @@ def optimise(model, students: dict, vn, vl, ref, *, iters=300, patience=40, min_
     for n, st in students.items():
         e, (grid, M), it = st.best
         out[n] = {"grid": grid, "M": M, "form": st.form, "init": st.init, "best_rmse": e, "best_iter": it,
-                  "iters_run": st.iters_run, "stopped_on_plateau": st.stopped, "init_rmse": st.init_rmse,
-                  "lr_decays": st.decays, "lr_final": st.opt.lr, "curve": st.curve, "cpu_s": st.cpu}
+                  "iters_run": st.iters_run, "stopped_on_plateau": st.stopped and not st.lost,
+                  "lost_race": st.lost, "init_rmse": st.init_rmse, "lr_decays": st.decays,
+                  "lr_final": st.opt.lr, "curve": st.curve, "cpu_s": st.cpu}
     return out
 
 
 def search(model, nfes, *, form=None, init="euler", warm=True, restrict=False, iters=600, patience=40,
            min_delta=1e-3, min_iters=0, lr_decay=0.3, decays=3, batch=12, lr=1e-2, final_weight=1.0,
-           delta=1e-3, teacher="dpmpp-2m/logsnr", teacher_nfe=64, val=64, val_every=10, ref=None,
+           delta=1e-3, teacher="dpmpp-2m/logsnr", teacher_nfe=64, val=64, val_every=10, pool=POOL, ref=None,
            guidance=1.0, seed=None, log=None):
-    """Search the NFEs in increasing order. With `warm`, NFE n starts from `init` or from the smaller
-    NFE's result extended to n steps, whichever has the lower selection error (`starts`: each
-    start's error), and a result worse than that smaller table padded to n steps (`padded`, the
-    same samples) is replaced by the padded table, so the selection-set RMSE never rises with NFE.
-    Returns {n: dict(grid, M, form, init, best_rmse, best_iter, iters_run, init_rmse, lr_decays,
-    starts, padded_from, curve, cpu_s, wall_s)}."""
+    """Search the NFEs in increasing order. With `warm`, NFE n has two starts, `init` and the smaller
+    NFE's result extended to n steps (`starts`), which race on the same batches to their first
+    plateau; the better goes on (`optimise`). A result worse than that smaller table padded to n
+    steps (`padded`, the same samples) is replaced by the padded table, so the selection-set RMSE
+    never rises with NFE. Returns {n: dict(grid, M, form, init, best_rmse, best_iter, iters_run,
+    init_rmse, lr_decays, starts, race, padded_from, curve, cpu_s, wall_s)}."""
     form = form or default_form(model.schedule)
     if form not in FORMS:
         raise ValueError(f"unknown form {form!r}; allowed: {list(FORMS)}")
     vn, vl = heldout(model, val)
     ref = reference(model, vn, vl, guidance) if ref is None else ref
     err = SelectionError(model, form, lambda k: restriction_mask(k, restrict), vn, vl, ref, guidance)
-    teach = Teacher(model, teacher, teacher_nfe, batch, stream_seed("search") if seed is None else seed, guidance)
+    teach = Teacher(model, teacher, teacher_nfe, batch, stream_seed("search") if seed is None else seed,
+                    guidance, pool=pool)
     out, prev = {}, None
     for n in sorted(nfes):
         t0, w0 = cpu_s(), time.time()
         cands = starts(model, n, form, init, err, prev if warm else None)
-        errs = {k: err(*gm) for k, gm in cands.items()}
-        name = min(errs, key=errs.get)
-        st = Student(model, n, form, *cands[name], restrict, name, lr)
-        st.cpu += cpu_s() - t0
-        r = optimise(model, {n: st}, vn, vl, ref, iters=iters, patience=patience, min_delta=min_delta,
-                     min_iters=min_iters, lr_decay=lr_decay, decays=decays, final_weight=final_weight,
-                     delta=delta, val_every=val_every, guidance=guidance, teach=teach, log=log)[n]
-        r["starts"] = errs
+        race = n if len(cands) > 1 else None
+        sts = {k: Student(model, n, form, *gm, restrict, k, lr, race=race) for k, gm in cands.items()}
+        setup = cpu_s() - t0
+        res = optimise(model, sts, vn, vl, ref, iters=iters, patience=patience, min_delta=min_delta,
+                       min_iters=min_iters, lr_decay=lr_decay, decays=decays, final_weight=final_weight,
+                       delta=delta, val_every=val_every, guidance=guidance, teach=teach, log=log)
+        r = min(res.values(), key=lambda x: x["best_rmse"])
+        r["starts"] = {k: x["init_rmse"] for k, x in res.items()}
+        r["race"] = {k: {"start_rmse": x["init_rmse"], "best_rmse": x["best_rmse"], "iters_run": x["iters_run"],
+                         "won": x is r} for k, x in res.items()}
+        r["cpu_s"] = setup + sum(x["cpu_s"] for x in res.values())
+        r["iters_total"] = sum(x["iters_run"] for x in res.values())
         r["padded_from"] = None
         if warm and prev is not None:
             t0 = cpu_s()
@@ -421,8 +450,9 @@ def add_parser(subparsers):
     p.add_argument("--restrict", action="store_true",
                    help="the paper's rule for NFE <= 6: the last two steps only use the previous output")
     p.add_argument("--cold", action="store_true",
-                   help="start every NFE from --init (default: a larger NFE also tries the next smaller "
-                        "one's result, extended, and is never worse than it padded)")
+                   help="start every NFE from --init (default: a larger NFE also starts from the next "
+                        "smaller one's result, extended; the two race to their first plateau, and the "
+                        "result is never worse than the smaller one padded)")
     p.add_argument("--iters", type=int, default=600, help="cap on iterations per NFE (the search stops on a plateau)")
     p.add_argument("--patience", type=int, default=40,
                    help="a plateau: the selection-set RMSE has not improved for this many iterations")
@@ -437,7 +467,10 @@ def add_parser(subparsers):
     p.add_argument("--guidance", type=float, default=1.0,
                    help="CFG scale to search at (default 1: CFG off, the paper); >1 fits a per-scale solver")
     p.add_argument("--out", default=None, help="solver directory (default ARTIFACT/solvers)")
-    p.add_argument("--batch", type=int, default=12, help="fresh noise samples per iteration")
+    p.add_argument("--batch", type=int, default=12, help="noise samples per iteration")
+    p.add_argument("--pool", type=int, default=POOL,
+                   help=f"training batches cycled through (default {POOL}; 0: a fresh batch every iteration); "
+                        "the teacher runs once per batch")
     p.add_argument("--lr", type=float, default=None,
                    help="Lion learning rate (default 1e-2 as the paper; 2e-3 with --init best, whose tuned "
                         "start 1e-2 sign steps were measured to throw away)")
@@ -475,7 +508,7 @@ def run(args, command=None) -> int:
                  iters=args.iters, patience=args.patience, decays=args.decays, lr_decay=args.lr_decay,
                  min_iters=args.min_iters, min_delta=args.min_delta, batch=args.batch, lr=args.lr,
                  final_weight=args.final_weight, delta=args.delta, teacher=args.teacher,
-                 teacher_nfe=args.teacher_nfe, val=args.val, val_every=args.val_every,
+                 teacher_nfe=args.teacher_nfe, val=args.val, val_every=args.val_every, pool=args.pool or None,
                  ref=ref if args.guidance == 1 else ref_cfg, guidance=args.guidance, seed=seed,
                  log=Progress(f"search {Path(args.artifact).name}", args.iters * len(args.nfe)))
     files = {}
@@ -496,7 +529,7 @@ def run(args, command=None) -> int:
                "restrict_nfe_le_6": args.restrict, "iters_cap": args.iters, "iters_run": r["iters_run"],
                "patience": args.patience, "min_delta": args.min_delta, "lr_decay": args.lr_decay,
                "decays": args.decays, "min_iters": args.min_iters, "warm_start": not args.cold,
-               "batch": args.batch,
+               "batch": args.batch, "pool": args.pool or None, "starts": r["race"],
                "optimizer": f"lion lr {args.lr:g}", "final_weight": args.final_weight,
                "huber_delta": args.delta,
                "teacher": f"{args.teacher} x{args.teacher_nfe}, interpolated at the student's times",
@@ -511,7 +544,7 @@ def run(args, command=None) -> int:
         files[name] = solver_to_json(spec, sha, name, fit, met)
         cf = met[f"classic_cfg{args.cfg:g}"]
         print(f"nfe {n:>2}: searched {met['heldout_rmse']:.4f} (init {r['init']} {r['init_rmse']:.4f}; "
-              f"{r['iters_run']} iterations, {r['lr_decays']} lr decays, {r['wall_s']:.0f} s; "
+              f"{r['iters_run']} iterations ({r['iters_total']} with the other start), {r['lr_decays']} lr decays, {r['wall_s']:.0f} s; "
               f"best classic {met['best_classic']} {met['best_classic_rmse']:.4f}) | cfg {args.cfg:g}: "
               f"{met[f'heldout_rmse_cfg{args.cfg:g}']:.4f} (best classic {min(cf.values()):.4f})")
     wall = time.time() - t_wall

@@ -12,6 +12,7 @@ from stride_diffusion.offline.search import (
     PAD,
     SelectionError,
     Student,
+    Teacher,
     extended,
     optimise,
     padded,
@@ -172,3 +173,65 @@ def test_a_cut_step_keeps_the_rows_history_and_rows_sum_to_one(schedule, param, 
     m = mixture(schedule, param)
     vn, vl = heldout(m, 4)
     assert torch.isfinite(sample(m, tab, vn, vl)).all() and rmse(sample(m, tab, vn, vl), vn) > 0
+
+
+def test_a_larger_nfe_races_its_two_starts_and_keeps_the_winner():
+    m = mixture()
+    res = search(m, [3, 5], iters=60, patience=10, **FAST)
+    race = res[5]["race"]
+    assert set(race) == {"euler/uniform", "searched-nfe3 extended"} and sum(r["won"] for r in race.values()) == 1
+    won = next(k for k, r in race.items() if r["won"])
+    assert res[5]["init"] == won and race[won]["best_rmse"] == min(r["best_rmse"] for r in race.values())
+    assert res[5]["iters_total"] == sum(r["iters_run"] for r in race.values())
+    assert list(res[3]["race"]) == ["euler/uniform"]  # the first NFE has one start
+
+
+def test_the_starts_wait_at_their_first_plateau_and_the_loser_stops_there():
+    """Two starts with lr 0 never improve: both reach their first plateau at `patience`; the one that
+    started lower goes on with every decay, the other has taken exactly `patience` steps."""
+    m = mixture()
+    vn, vl = heldout(m, 8)
+    t = m.schedule
+    good = torch.linspace(t.t_max, t.t_min, 4, dtype=F64)
+    bad = torch.tensor([t.t_max, 0.99, 0.98, t.t_min], dtype=F64)
+    sts = {k: Student(m, 3, "velocity", g, torch.eye(3, dtype=F64), init=k, lr=0.0, race=3)
+           for k, g in (("bad", bad), ("good", good))}
+    r = optimise(m, sts, vn, vl, reference(m, vn, vl), iters=200, patience=10, decays=2, batch=4,
+                 teacher_nfe=16, val_every=5, log=QUIET)
+    assert r["bad"]["lost_race"] and r["bad"]["iters_run"] == 10 and r["bad"]["lr_decays"] == 0
+    assert not r["good"]["lost_race"] and r["good"]["stopped_on_plateau"]
+    assert r["good"]["lr_decays"] == 2 and r["good"]["iters_run"] == 30
+
+
+def test_a_start_that_plateaus_first_waits_without_training():
+    """lr 0 plateaus at 10 and waits; the start with a working rate trains until its own plateau."""
+    m = mixture()
+    vn, vl = heldout(m, 8)
+    g = torch.linspace(m.schedule.t_max, m.schedule.t_min, 4, dtype=F64)
+    sts = {k: Student(m, 3, "velocity", g, torch.eye(3, dtype=F64), init=k, lr=lr, race=3)
+           for k, lr in (("still", 0.0), ("moving", 1e-2))}
+    r = optimise(m, sts, vn, vl, reference(m, vn, vl), iters=300, patience=10, decays=0, batch=4,
+                 teacher_nfe=16, val_every=5, log=QUIET)
+    assert r["moving"]["iters_run"] > 10 and r["moving"]["best_rmse"] < r["still"]["best_rmse"]
+    assert r["still"]["iters_run"] == 10 and r["still"]["lost_race"]
+    assert r["still"]["curve"][-1][0] == 10  # not validated while it waited
+
+
+def test_the_teacher_cycles_through_its_pool_of_batches(monkeypatch):
+    """Iteration pool + k reads batch k, and the teacher runs once per batch of the pool."""
+    import stride_diffusion.offline.search as S
+
+    calls = []
+    real = S.trajectory
+    monkeypatch.setattr(S, "trajectory", lambda *a, **k: calls.append(1) or real(*a, **k))
+    m = mixture()
+    teach = Teacher(m, "dpmpp-2m/logsnr", 8, 3, seed=5, pool=4)
+    first = [teach(it) for it in range(1, 5)]
+    again = [teach(it) for it in range(5, 13)]
+    assert len(calls) == 4
+    for k, b in enumerate(again):
+        for x, y in zip(b, first[k % 4]):
+            assert torch.equal(x, y)
+    assert not torch.equal(first[0][0], first[1][0])
+    fresh = Teacher(m, "dpmpp-2m/logsnr", 8, 3, seed=5)  # no pool: a new batch every iteration
+    assert not torch.equal(fresh(5)[0], fresh(1)[0]) and torch.equal(fresh(1)[0], first[0][0])
