@@ -2,8 +2,9 @@
 
 Per NFE the learned parameters are step logits r (steps = softmax(r) * (t_max - t_min)) and the
 strictly-lower part of a coefficient matrix whose rows sum to one (solvers.learned). Each iteration
-draws fresh noise and classes, runs a fine teacher once (shared by every NFE searched), unrolls each
-student through the frozen network and back-propagates into r and M:
+reads a batch of noise and classes with a fine teacher's trajectories on it (run once per batch,
+shared by every start and NFE), unrolls each student through the frozen network and
+back-propagates into r and M:
 
     loss = sum_i mean |x_i - X(t_i)|^2  +  w * huber_delta(x_N - X(t_min)) / delta
 
@@ -15,14 +16,15 @@ tables); metrics are also reported with CFG on. The iterate kept is the one with
 held-out trajectory error: RMSE of the final sample to a converged reference, on the selection
 seeds (offline/seeds.py: disjoint from evaluation and from every fitting stream).
 
-The NFEs are searched in increasing order on one training stream, whose teacher trajectories are
-kept for the later ones. NFE n starts from `--init` or from the next smaller NFE's result extended to
-n steps (`extended`: the step whose log-SNR midpoint cut helps most, repeatedly), whichever has the
-lower selection error, and it is held to that smaller result padded to n steps (`padded`: the same
-samples); so the selection-set RMSE never rises with NFE. The plateau rule: once the selection RMSE
-has not improved by `--min-delta` (relative) for `--patience` iterations, the NFE restarts from its
-best iterate at `--lr-decay` x the learning rate, `--decays` times, and the next plateau stops it
-(not before `--min-iters`); `--iters` caps it. Each file records how it ran.
+The NFEs are searched in increasing order on one training stream of `--pool` batches read in turn,
+whose teacher trajectories are computed once. NFE n has two starts, `--init` and the next smaller
+NFE's result extended to n steps (`extended`: the step whose log-SNR midpoint cut helps most,
+repeatedly); they race on the same batches to their first plateau and the better goes on. The
+result is held to that smaller result padded to n steps (`padded`: the same samples), so the
+selection-set RMSE never rises with NFE. The plateau rule: once the selection RMSE has not improved
+by `--min-delta` (relative) for `--patience` iterations, the NFE restarts from its best iterate at
+`--lr-decay` x the learning rate, `--decays` times, and the next plateau stops it (not before
+`--min-iters`); `--iters` caps it. Each file records how it ran.
 """
 from __future__ import annotations
 
@@ -480,8 +482,9 @@ def add_parser(subparsers):
     p.add_argument("--teacher-nfe", type=int, default=64)
     p.add_argument("--ref", default="dpmpp-3m/logsnr", help="converged reference solver (as offline eval's)")
     p.add_argument("--ref-nfe", type=int, default=128)
-    p.add_argument("--val", type=int, default=64, help="held-out samples (the selection seeds)")
-    p.add_argument("--val-every", type=int, default=10)
+    p.add_argument("--val", type=int, default=64,
+                   help="selection seeds every choice is made on (the kept iterate, the race, the padding)")
+    p.add_argument("--val-every", type=int, default=10, help="iterations between validations")
     p.add_argument("--cfg", type=float, default=None,
                    help="guidance of the CFG-on metrics (default: the artifact's, else 2); search: CFG off")
     p.add_argument("--seed", type=int, default=0, help="training noise stream: offset into the search range")

@@ -102,7 +102,8 @@ def operation(registry, settings, auth: bool) -> dict:
                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
         "500": {"description": "failed or an internal error", "content": {"application/json": {"schema": {
             "anyOf": [OPENAI_ERROR, {"$ref": "#/components/schemas/Error"}]}}}},
-        "503": err("queue full, no live worker, or the queue unreachable", RETRY_AFTER),
+        "503": err("queue full (in requests, or in work that would not finish before the deadline), no live "
+                   "worker, or the queue unreachable", RETRY_AFTER),
         "504": err("the deadline passed before the images were done"),
     }
     if auth:
