@@ -492,7 +492,8 @@ def add_parser(subparsers):
     p.add_argument("--device", default="cpu", help="torch device of the model, e.g. cuda")
     p.add_argument("--dry-run", action="store_true", help="do not write solver files")
     p.add_argument("--keep-better", action="store_true",
-                   help="keep an existing file whose held-out error (same seeds, same reference) is lower")
+                   help="keep an existing file whose held-out error (same seeds, same reference) is lower, "
+                        "where keeping it leaves the error non-increasing in NFE")
     p.set_defaults(func=run)
     return p
 
@@ -551,30 +552,45 @@ def run(args, command=None) -> int:
               f"best classic {met['best_classic']} {met['best_classic_rmse']:.4f}) | cfg {args.cfg:g}: "
               f"{met[f'heldout_rmse_cfg{args.cfg:g}']:.4f} (best classic {min(cf.values()):.4f})")
     wall = time.time() - t_wall
+    out = Path(args.out or Path(args.artifact) / "solvers")
+    kept = kept_on_disk({n: (out / f"searched-nfe{n}.json", files[f"searched-nfe{n}"]) for n in res}) \
+        if args.keep_better else set()
     written = []
-    for name, d in files.items():
+    for n in res:
+        name, d = f"searched-nfe{n}", files[f"searched-nfe{n}"]
         d["fit"]["wall_seconds_run"] = round(wall, 1)
-        path = Path(args.out or Path(args.artifact) / "solvers") / f"{name}.json"
-        if args.dry_run or (args.keep_better and _better_on_disk(path, d)):
+        if args.dry_run or n in kept:
             continue
-        write_solver(path, d)
+        write_solver(out / f"{name}.json", d)
         written.append(name)
     print(json.dumps({"cpu_minutes_total": round((cpu_s() - t_cpu) / 60, 2), "wall_seconds": round(wall, 1),
                       "written": sorted(written)}))
     return 0
 
 
-def _better_on_disk(path: Path, new: dict) -> bool:
-    """An existing file for the same model, held-out seeds and reference with a lower held-out error."""
+def kept_on_disk(files: dict) -> set:
+    """{n: (path, new file dict)} -> the NFEs whose existing file (same model, selection seeds and
+    reference) has the lower selection error *and* keeps the error non-increasing in NFE. Largest NFE
+    first, an old file is kept only if it is not below what a larger NFE keeps; the new files of a
+    warm run fall with NFE, so the set on disk does too."""
+    keep, floor = set(), 0.0  # floor: the error kept at the next larger NFE
+    for n in sorted(files, reverse=True):
+        path, new = files[n]
+        e_new, e_old = new["metrics"]["heldout_rmse"], _error_on_disk(path, new)
+        if floor <= e_old <= e_new:
+            keep.add(n)
+            print(f"kept {path} (held-out rmse {e_old:.4f} <= {e_new:.4f})")
+        floor = e_old if n in keep else e_new
+    return keep
+
+
+def _error_on_disk(path: Path, new: dict) -> float:
+    """The held-out error of an existing file for the same model, held-out seeds and reference (else inf)."""
     try:
         old = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
-        return False
+        return math.inf
     same = (old.get("model_sha256") == new["model_sha256"]
             and old.get("metrics", {}).get("heldout_seeds") == new["metrics"]["heldout_seeds"]
             and old.get("fit", {}).get("reference") == new["fit"]["reference"])
-    keep = same and old["metrics"].get("heldout_rmse", float("inf")) <= new["metrics"]["heldout_rmse"]
-    if keep:
-        print(f"kept {path} (held-out rmse {old['metrics']['heldout_rmse']:.4f} <= "
-              f"{new['metrics']['heldout_rmse']:.4f})")
-    return keep
+    return old["metrics"].get("heldout_rmse", math.inf) if same else math.inf

@@ -14,6 +14,7 @@ from stride_diffusion.offline.search import (
     Student,
     Teacher,
     extended,
+    kept_on_disk,
     optimise,
     padded,
     search,
@@ -235,3 +236,25 @@ def test_the_teacher_cycles_through_its_pool_of_batches(monkeypatch):
     assert not torch.equal(first[0][0], first[1][0])
     fresh = Teacher(m, "dpmpp-2m/logsnr", 8, 3, seed=5)  # no pool: a new batch every iteration
     assert not torch.equal(fresh(5)[0], fresh(1)[0]) and torch.equal(fresh(1)[0], first[0][0])
+
+
+def test_keep_better_keeps_an_old_file_only_where_the_error_still_falls_with_nfe(tmp_path):
+    """Old NFE 3 is better and kept; old NFE 4 is better but below the NFE 5 that is written, so it
+    would make the error rise with NFE: the new one is written; old NFE 5 is worse; another seed
+    set is never compared."""
+    import json
+
+    def doc(e, seeds="s"):
+        return {"model_sha256": "m", "metrics": {"heldout_rmse": e, "heldout_seeds": seeds},
+                "fit": {"reference": "r"}}
+
+    new = {3: 0.05, 4: 0.03, 5: 0.02, 6: 0.015}
+    old = {3: 0.04, 4: 0.01, 5: 0.025}
+    for n, e in old.items():
+        (tmp_path / f"{n}.json").write_text(json.dumps(doc(e)))
+    (tmp_path / "6.json").write_text(json.dumps(doc(0.001, seeds="other")))
+    files = {n: (tmp_path / f"{n}.json", doc(e)) for n, e in new.items()}
+    kept = kept_on_disk(files)
+    assert kept == {3}
+    on_disk = [old[n] if n in kept else new[n] for n in sorted(new)]
+    assert on_disk == sorted(on_disk, reverse=True)
