@@ -45,23 +45,16 @@ class Split:
     def __init__(self, previews):
         self.before = self.after = self.encode = 0.0
         self.frames = 0
-        b, a = previews.before, previews.after
+        previews.before, previews.after = self.timed(previews.before, "before"), self.timed(previews.after, "after")
 
-        def before(*args):
+    def timed(self, fn, field: str):
+        def call(*args):
             t0 = time.perf_counter()
             try:
-                return b(*args)
+                return fn(*args)
             finally:
-                self.before += time.perf_counter() - t0
-
-        def after(*args):
-            t0 = time.perf_counter()
-            try:
-                return a(*args)
-            finally:
-                self.after += time.perf_counter() - t0
-
-        previews.before, previews.after = before, after
+                setattr(self, field, getattr(self, field) + time.perf_counter() - t0)
+        return call
 
 
 def run(engine: Engine, entry, steps: int, batch: int, every: int, round_: int) -> dict:

@@ -176,6 +176,15 @@ class WorkerProc:
         self.kill(signal.SIGTERM)
 
 
+def stop_all(api: ApiServer, workers) -> None:
+    """Stop the API, then SIGTERM every worker at once (they drain in parallel) and wait for each."""
+    api.stop()
+    for w in workers:
+        w.kill(signal.SIGTERM, wait=False)
+    for w in workers:
+        w.kill(signal.SIGTERM)
+
+
 class GuidedGMM:
     """The analytic model behind a guidance input trained on [lo, hi], clamped there like a secant
     model's net: a stand-in secant variant (its own network, one evaluation per guided step)."""

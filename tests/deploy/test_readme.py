@@ -365,15 +365,20 @@ def test_http_api_commands_run_against_the_demo_server(demo, tmp_path):
     assert ran >= 6
 
 
+def run_python_example(marker: str, port: int, cwd) -> subprocess.CompletedProcess:
+    """The README's one live Python block containing `marker`, run against the demo server on `port`."""
+    (code,) = [body for section, lang, body in readme_blocks() if section in LIVE_SECTIONS and lang == "python"
+               and marker in body]
+    r = subprocess.run([sys.executable, "-c", code.replace(DEMO_PORT, f"127.0.0.1:{port}")], cwd=cwd,
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
 def test_openai_example_runs_against_the_demo_server(demo, tmp_path):
     pytest.importorskip("openai")
     port = demo[0]
-    (code,) = [body for section, lang, body in readme_blocks() if section in LIVE_SECTIONS and lang == "python"
-               and "import base64, openai" in body]
-    code = code.replace(DEMO_PORT, f"127.0.0.1:{port}")
-    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                       check=False)
-    assert r.returncode == 0, r.stderr
+    run_python_example("import base64, openai", port, tmp_path)
     from PIL import Image
 
     for i in range(4):
@@ -383,12 +388,7 @@ def test_openai_example_runs_against_the_demo_server(demo, tmp_path):
 
 def test_stream_client_example_prints_progress_and_saves_the_image(demo, tmp_path):
     port = demo[0]
-    (code,) = [body for section, lang, body in readme_blocks() if section in LIVE_SECTIONS and lang == "python"
-               and "/generate/stream" in body]
-    code = code.replace(DEMO_PORT, f"127.0.0.1:{port}")
-    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                       check=False)
-    assert r.returncode == 0, r.stderr
+    r = run_python_example("/generate/stream", port, tmp_path)
     printed = [line.split(" ", 1)[0] for line in r.stdout.splitlines()]
     assert printed[0] == "queued" and printed[-1] == "done" and {"step", "preview"} <= set(printed), r.stdout
     from PIL import Image

@@ -4,7 +4,7 @@ import signal
 
 import httpx
 import pytest
-from service_fixtures import ApiServer, RedisServer, WorkerProc, metric_value
+from service_fixtures import ApiServer, RedisServer, WorkerProc, metric_value, stop_all
 
 from stride_diffusion.service.redis_queue import connect, pool_size
 from stride_diffusion.service.settings import Settings
@@ -93,8 +93,4 @@ def test_workers_claim_by_rows_so_heavy_work_spreads(rs):
         assert set(held) == {"rows-1", "rows-2"}, held  # the work spread over both workers
         assert max(held.values()) <= 3, held  # 64 free rows start two 32-row requests (one more at most)
     finally:
-        api.stop()
-        for w in workers:
-            w.kill(signal.SIGTERM, wait=False)
-        for w in workers:
-            w.kill(signal.SIGTERM)
+        stop_all(api, workers)

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
-from service_fixtures import ApiServer, RedisServer, WorkerProc, metric_value, reference, wait_for
+from service_fixtures import ApiServer, RedisServer, WorkerProc, metric_value, reference, stop_all, wait_for
 
 from stride_diffusion.service import images
 from stride_diffusion.service.settings import Settings
@@ -55,9 +55,5 @@ def test_accepted_requests_survive_a_10_s_redis_outage(tmp_path):
         wait_for(lambda: httpx.get(api.url + "/readyz").status_code == 200, 10, "ready again")
         assert httpx.post(api.url + "/generate", json={"class_label": 1, "steps": 1}, timeout=30).status_code == 200
     finally:
-        api.stop()
-        for w in workers:
-            w.kill(signal.SIGTERM, wait=False)
-        for w in workers:
-            w.kill(signal.SIGTERM)
+        stop_all(api, workers)
         rs.stop()
